@@ -1,0 +1,53 @@
+"""Shared test set-up: temporary data/outputs roots, the Europarl sample, one prepared
+dataset per test session (later fixtures add tiny trained checkpoints the same way)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Before anything imports backpack_nb: every test writes under one temporary folder, never
+# into the checkout's data/ or outputs/ (../shared is read-only in CI).
+_SESSION_TMP = Path(tempfile.mkdtemp(prefix="backpack_nb_tests_"))
+os.environ["BACKPACK_NB_DATA"] = str(_SESSION_TMP / "data")
+os.environ["BACKPACK_NB_OUTPUTS"] = str(_SESSION_TMP / "outputs")
+# One torch.compile cache for the whole session (and across runs on one machine).
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".cache" / "torchinductor"))
+os.environ.setdefault("EUROPARL_SOURCE", str(ROOT.parent / "shared" / "europarl"))
+os.environ.setdefault("MULTISIMLEX_SOURCE", str(ROOT.parent / "shared" / "multisimlex"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_SESSION_TMP, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def session_tmp() -> Path:
+    return _SESSION_TMP
+
+
+@pytest.fixture(scope="session")
+def europarl_source() -> Path:
+    """The read-only Europarl sample (raw day files and aligned pairs)."""
+    path = Path(os.environ["EUROPARL_SOURCE"])
+    if not (path / "raw" / "txt" / "en").is_dir():
+        pytest.fail(f"the Europarl sample is not at {path}; set EUROPARL_SOURCE to ../shared/europarl")
+    return path
+
+
+PREPARED_BLOCK_SIZE = 64
+
+
+@pytest.fixture(scope="session")
+def prepared_europarl(europarl_source) -> Path:
+    """The raw en+fr sample prepared once per session (block_size 64 floors)."""
+    from backpack_nb import data
+
+    cfg = data.PrepareConfig(langs=("en", "fr"), form="raw", block_size=PREPARED_BLOCK_SIZE)
+    return data.prepare(europarl_source, _SESSION_TMP / "data" / "europarl_sample", cfg, progress=False)
