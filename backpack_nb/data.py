@@ -54,8 +54,9 @@ OFFICIAL_BASE_URL = "https://www.statmt.org/europarl/v7/"
 FORMS = ("raw", "aligned")
 META_VERSION = 1
 
-_MARKUP = re.compile(r"^<(CHAPTER|SPEAKER|P)\b[^>]*>\s*$")
-_CHAPTER = re.compile(r"^<CHAPTER\s+ID=\"?([^\s\">]+)\"?[^>]*>\s*$")
+_CHAPTER_LINE = re.compile(r"^<CHAPTER\s+ID=\"?([^\s\">]+)\"?[^>]*>[ \t\r]*\n", re.MULTILINE)
+# Lines to drop inside a chapter: SPEAKER/P markup (a stray CHAPTER too), and empty lines.
+_DROP_LINES = re.compile(r"^(?:<(?:CHAPTER|SPEAKER|P)\b[^>\n]*>)?[ \t\r]*\n", re.MULTILINE)
 _RAW_NAME = re.compile(r"(?:^|/)txt/([a-z]{2})/(ep-[^/]+)\.txt$")
 _ALIGNED_NAME = re.compile(r"(?:^|/)europarl-v7\.([a-z]{2})-en\.([a-z]{2})$")
 
@@ -273,18 +274,16 @@ def parse_raw_day(text: str) -> dict[str, str]:
     """Chapter id -> chapter text of one day file: markup lines and empty lines dropped,
     one line per sentence, each ending in a newline. Text before the first ``<CHAPTER>``
     (some day files start mid-chapter) is its own chapter, id ``0``."""
-    chapters: dict[str, list[str]] = {}
-    current = "0"
-    for line in text.splitlines():
-        m = _CHAPTER.match(line)
-        if m:
-            current = m.group(1)
-            chapters.setdefault(current, [])
-            continue
-        if _MARKUP.match(line) or not line.strip():
-            continue
-        chapters.setdefault(current, []).append(line + "\n")
-    return {cid: "".join(lines) for cid, lines in chapters.items() if lines}
+    if not text.endswith("\n"):
+        text += "\n"
+    chapters: dict[str, str] = {}
+    starts = [(0, 0, "0")] + [(m.start(), m.end(), m.group(1)) for m in _CHAPTER_LINE.finditer(text)]
+    for (_, body_start, cid), (next_start, _, _) in zip(starts, starts[1:] + [(len(text), 0, "")]):
+        # one regex pass per chapter instead of a Python loop over its lines
+        body = _DROP_LINES.sub("", text[body_start:next_start])
+        if body:
+            chapters[cid] = chapters.get(cid, "") + body
+    return chapters
 
 
 def parse_aligned(text: str, block_lines: int) -> dict[str, str]:
@@ -413,7 +412,8 @@ def prepare(
     roots = resolve_source(source, cfg.form, cfg.langs)
     files = read_source(roots, cfg.form, cfg.langs)
     units = collect_units(files, cfg)
-    n_bytes = sum(len(t.encode("utf-8")) for u in units for t in u.texts.values())
+    nbytes = {(u.uid, lang): len(t.encode("utf-8")) for u in units for lang, t in u.texts.items()}
+    n_bytes = sum(nbytes.values())
 
     # Encode in large batches on all cores: one call per batch of documents, not per line.
     jobs = [(u, lang) for u in units for lang in cfg.langs if lang in u.texts]
@@ -426,7 +426,7 @@ def prepare(
         while i < len(jobs) and (not batch or size < batch_bytes):
             u, lang = jobs[i]
             batch.append((u, lang))
-            size += len(u.texts[lang].encode("utf-8"))
+            size += nbytes[u.uid, lang]
             i += 1
         encoded = enc.encode_ordinary_batch([u.texts[l] for u, l in batch], num_threads=threads)
         for (u, lang), ids in zip(batch, encoded):
@@ -459,7 +459,7 @@ def prepare(
                 arr = np.concatenate(docs[lang]) if docs[lang] else np.zeros(0, dtype=np.int64)
                 per_lang[lang] = {
                     "tokens": int(len(arr)),
-                    "bytes": sum(len(u.texts[lang].encode("utf-8")) for u in members if lang in u.texts),
+                    "bytes": sum(nbytes[u.uid, lang] for u in members if lang in u.texts),
                     "documents": len(docs[lang]),
                 }
                 if split != "train":

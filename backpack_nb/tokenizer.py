@@ -120,9 +120,12 @@ def byte_token_ids(enc: tiktoken.Encoding) -> np.ndarray:
 
 def build_compact_vocab(enc: tiktoken.Encoding, train_ids: Iterable[np.ndarray]) -> np.ndarray:
     """Sorted tiktoken ids kept by the compact vocabulary (see the module docstring)."""
-    parts = [byte_token_ids(enc), np.fromiter(enc._special_tokens.values(), dtype=np.int64)]
-    parts += [np.unique(np.asarray(a, dtype=np.int64)) for a in train_ids]
-    return np.unique(np.concatenate(parts))
+    used = np.zeros(enc.n_vocab, dtype=bool)
+    used[byte_token_ids(enc)] = True
+    used[list(enc._special_tokens.values())] = True
+    for ids in train_ids:
+        used[np.asarray(ids, dtype=np.int64)] = True
+    return np.flatnonzero(used)
 
 
 class Tokenizer:
