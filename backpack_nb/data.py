@@ -324,7 +324,11 @@ def collect_units(files: Sequence[SourceFile], cfg: PrepareConfig) -> list[Unit]
         text = _decode(f)
         docs = parse_raw_day(text) if cfg.form == "raw" else parse_aligned(text, cfg.aligned_block_lines)
         for doc_id, body in docs.items():
-            uid = f"{f.key}/{doc_id}"
+            # Raw: a chapter of a day. Aligned: block i of every pair, so that German block
+            # i and the en/fr block i (translations of nearly the same sentences) share a
+            # split. Pairs drift by a few lines at block edges, and pairs covering different
+            # periods do not line up at all: the raw form is the leakage-free multilingual one.
+            uid = f"{f.key}/{doc_id}" if cfg.form == "raw" else f"block/{doc_id}"
             units.setdefault(uid, Unit(uid, {})).texts[f.lang] = body
     return [units[k] for k in sorted(units)]
 
@@ -448,6 +452,7 @@ def prepare(
         for split, members in splits.items():
             per_lang: dict[str, dict] = {}
             docs: dict[str, list[np.ndarray]] = {lang: [] for lang in cfg.langs}
+            by_unit: list[np.ndarray] = []  # a document, then its translations
             fallback = 0
             for u in members:
                 for lang in cfg.langs:
@@ -455,6 +460,7 @@ def prepare(
                         ids = tok.to_compact(u.tokens[lang])
                         fallback += len(ids) - len(u.tokens[lang])
                         docs[lang].append(np.concatenate([ids, eot]))
+                        by_unit.append(docs[lang][-1])
             for lang in cfg.langs:
                 arr = np.concatenate(docs[lang]) if docs[lang] else np.zeros(0, dtype=np.int64)
                 per_lang[lang] = {
@@ -464,12 +470,9 @@ def prepare(
                 }
                 if split != "train":
                     _write_tokens(tmp / f"{split}_{lang}.bin", arr, dtype)
-            if split == "train":
-                # Languages interleave document by document (a chapter, then its translation).
-                order = [d for i in range(max(map(len, docs.values()), default=0))
-                         for lang in cfg.langs if i < len(docs[lang]) for d in [docs[lang][i]]]
-            else:
-                order = [d for lang in cfg.langs for d in docs[lang]]  # the language files back to back
+            # train.bin: unit by unit (a chapter, then its translation); val/test.bin: the
+            # per-language files back to back.
+            order = by_unit if split == "train" else [d for lang in cfg.langs for d in docs[lang]]
             arr = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
             _write_tokens(tmp / f"{split}.bin", arr, dtype)
             stats[split] = {
@@ -530,7 +533,8 @@ def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
 
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
-    path = Path(data_dir) / "meta.json"
+    """``meta.json`` of a prepared dataset (a bare name is looked up in the data root)."""
+    path = resolve_data_dir(data_dir) / "meta.json"
     if not path.is_file():
         raise UserError(
             f"{data_dir} is not a prepared dataset (no meta.json); prepare it with "
@@ -548,7 +552,7 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
 
 def meta_hash(data_dir: str | os.PathLike) -> str:
     """SHA-256 of ``meta.json``: names the exact dataset (vocabulary, split, sources)."""
-    return hashlib.sha256((Path(data_dir) / "meta.json").read_bytes()).hexdigest()
+    return hashlib.sha256((resolve_data_dir(data_dir) / "meta.json").read_bytes()).hexdigest()
 
 
 def load_tokens(data_dir: str | os.PathLike, split: str, lang: str | None = None) -> np.memmap:
@@ -561,7 +565,7 @@ def load_tokens(data_dir: str | os.PathLike, split: str, lang: str | None = None
     if lang is not None and split == "train":
         raise UserError("per-language token files exist for val and test only")
     name = f"{split}.bin" if lang is None else f"{split}_{lang}.bin"
-    path = Path(data_dir) / name
+    path = resolve_data_dir(data_dir) / name
     expected = meta["splits"][split]["tokens"] if lang is None else meta["splits"][split]["langs"][lang]["tokens"]
     itemsize = np.dtype(meta["dtype"]).itemsize
     if not path.is_file() or path.stat().st_size != expected * itemsize:

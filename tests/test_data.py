@@ -1,0 +1,570 @@
+"""Preparing Europarl (backpack_nb.data): round trips, split leakage, bad inputs, paths.
+
+The expected texts are computed here from the raw files with a parser of our own, not with
+the library's, so a parsing bug cannot hide behind itself."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backpack_nb import data, paths, tokenizer
+from backpack_nb.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+PREPARED_BLOCK_SIZE = 64  # what conftest.prepared_europarl uses (checked against meta.json below)
+
+LANGS = ("en", "fr")
+SPLITS = ("train", "val", "test")
+_CHAPTER_LINE = re.compile(r"^<CHAPTER ID=(\w+)>$")
+
+
+# ----------------------------------------------------------------------------------------
+# an independent reading of the sources
+
+
+def raw_chapters(source: Path, lang: str) -> dict[str, str]:
+    """'ep-00-01-17/3' -> text of that chapter: markup and empty lines dropped."""
+    out: dict[str, list[str]] = {}
+    for f in sorted((source / "raw" / "txt" / lang).glob("ep-*.txt")):
+        day = f.stem
+        chapter = "0"
+        for line in f.read_text(encoding="utf-8").split("\n"):
+            m = _CHAPTER_LINE.match(line)
+            if m:
+                chapter = m.group(1)
+                continue
+            if line == "" or line == "<P>" or line.startswith("<SPEAKER ") or line.startswith("<CHAPTER"):
+                continue
+            out.setdefault(f"{day}/{chapter}", []).append(line + "\n")
+    return {k: "".join(v) for k, v in out.items()}
+
+
+def aligned_blocks(path: Path, pair: str, block_lines: int) -> dict[str, str]:
+    """'block/000003' -> non-empty lines 300..399 of an aligned file (block i of every pair
+    is one unit, so a block and its translations from other pairs share a split)."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines[-1] == "":
+        lines = lines[:-1]
+    out = {}
+    for b in range(0, len(lines), block_lines):
+        body = "".join(l + "\n" for l in lines[b : b + block_lines] if l != "")
+        if body:
+            out[f"block/{b // block_lines:06d}"] = body
+    return out
+
+
+def split_docs(tok, ids) -> list[str]:
+    """Decoded documents of a token file, each one ended by <|endoftext|>."""
+    ids = np.asarray(ids, dtype=np.int64)
+    assert len(ids) and ids[-1] == tok.eot_id, "a token file must end with <|endoftext|>"
+    ends = np.flatnonzero(ids == tok.eot_id)
+    docs, start = [], 0
+    for e in ends:
+        docs.append(tok.decode(ids[start:e]))
+        start = e + 1
+    return docs
+
+
+def hidden_leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.glob(f".{out.name}.*"))
+
+
+@pytest.fixture(scope="module")
+def meta(prepared_europarl):
+    return data.load_meta(prepared_europarl)
+
+
+@pytest.fixture(scope="module")
+def tok(prepared_europarl):
+    return tokenizer.load(prepared_europarl)
+
+
+@pytest.fixture(scope="module")
+def chapters(europarl_source):
+    return {lang: raw_chapters(europarl_source, lang) for lang in LANGS}
+
+
+def _copy_dataset(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _bins(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(d.glob("*.bin"))}
+
+
+# ----------------------------------------------------------------------------------------
+# round trip
+
+
+def test_our_parser_sees_the_sample(chapters):
+    # 6 + 10 + 4 + 1 chapters, none of them empty, the same ones in both languages
+    assert len(chapters["en"]) == 21
+    assert set(chapters["en"]) == set(chapters["fr"])
+    assert chapters["en"]["ep-00-01-17/1"].startswith("Resumption of the session\nI declare resumed")
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+@pytest.mark.parametrize("lang", LANGS)
+def test_heldout_roundtrip(prepared_europarl, meta, tok, chapters, split, lang):
+    units = meta["splits"][split]["units"]
+    ids = data.load_tokens(prepared_europarl, split, lang)
+    assert ids.dtype == np.dtype(meta["dtype"])
+    docs = split_docs(tok, ids)
+    expected = [chapters[lang][u] for u in units if u in chapters[lang]]
+    assert len(docs) == len(expected) == meta["splits"][split]["langs"][lang]["documents"]
+    for u, got, want in zip(units, docs, expected):
+        assert got == want, f"{split}_{lang}.bin: document {u} differs from the source"
+    assert len(ids) == meta["splits"][split]["langs"][lang]["tokens"]
+    assert meta["splits"][split]["langs"][lang]["bytes"] == sum(len(t.encode("utf-8")) for t in expected)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_heldout_all_languages_file(prepared_europarl, split):
+    both = np.asarray(data.load_tokens(prepared_europarl, split))
+    parts = [np.asarray(data.load_tokens(prepared_europarl, split, lang)) for lang in LANGS]
+    assert np.array_equal(both, np.concatenate(parts))
+
+
+def test_train_roundtrip(prepared_europarl, meta, tok, chapters):
+    units = meta["splits"]["train"]["units"]
+    docs = split_docs(tok, data.load_tokens(prepared_europarl, "train"))
+    expected = [chapters[lang][u] for u in units for lang in LANGS if u in chapters[lang]]
+    assert len(docs) == len(expected)
+    assert docs == expected
+    with pytest.raises(UserError):
+        data.load_tokens(prepared_europarl, "train", "en")
+
+
+def test_units_cover_the_corpus(meta, chapters):
+    units = [u for s in SPLITS for u in meta["splits"][s]["units"]]
+    assert sorted(units) == sorted(set(chapters["en"]) | set(chapters["fr"]))
+
+
+# ----------------------------------------------------------------------------------------
+# split leakage, floors, determinism
+
+
+def test_no_unit_in_two_splits(meta):
+    seen: dict[str, str] = {}
+    for split in SPLITS:
+        for u in meta["splits"][split]["units"]:
+            assert u not in seen, f"{u} is in {seen.get(u)} and {split}"
+            seen[u] = split
+    assert all(meta["splits"][s]["units"] for s in SPLITS)
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_translations_share_a_split(prepared_europarl, meta, tok, chapters, split):
+    """Each held-out chapter's en and fr texts are both in that split, and in no other."""
+    texts = {lang: split_docs(tok, data.load_tokens(prepared_europarl, split, lang)) for lang in LANGS}
+    train_docs = set(split_docs(tok, data.load_tokens(prepared_europarl, "train")))
+    for u in meta["splits"][split]["units"]:
+        for lang in LANGS:
+            assert chapters[lang][u] in texts[lang], f"{lang} text of {u} is not in {split}"
+            assert chapters[lang][u] not in train_docs, f"{lang} text of {u} is also in train"
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_heldout_floors(prepared_europarl, meta, split):
+    floor = 4 * PREPARED_BLOCK_SIZE
+    s = meta["splits"][split]
+    assert meta["config"]["block_size"] == PREPARED_BLOCK_SIZE
+    assert s["documents"] >= 2 and len(s["units"]) >= 2
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    for lang in LANGS:
+        assert s["langs"][lang]["documents"] >= 2
+        assert s["langs"][lang]["tokens"] >= floor
+        size = (prepared_europarl / f"{split}_{lang}.bin").stat().st_size
+        assert size == s["langs"][lang]["tokens"] * itemsize
+        assert size // itemsize >= floor
+
+
+def test_split_is_deterministic_and_seeded(prepared_europarl, europarl_source, meta, tmp_path):
+    cfg = data.PrepareConfig(langs=LANGS, form="raw", block_size=PREPARED_BLOCK_SIZE)
+    again = data.prepare(europarl_source, tmp_path / "again", cfg, progress=False)
+    assert _bins(again) == _bins(prepared_europarl)
+    assert set(_bins(again)) == {f"{s}.bin" for s in SPLITS} | {f"{s}_{l}.bin" for s in ("val", "test") for l in LANGS}
+    meta2 = data.load_meta(again)
+    for split in SPLITS:
+        assert meta2["splits"][split]["units"] == meta["splits"][split]["units"]
+    assert meta2["base_ids"] == meta["base_ids"]
+
+    # another seed, through the CLI and over an existing dataset with --overwrite
+    other = _copy_dataset(prepared_europarl, tmp_path / "other")
+    rc = data.main(["prepare", "--source", str(europarl_source), "--out", str(other),
+                    "--block_size", str(PREPARED_BLOCK_SIZE), "--seed", "7", "--overwrite"])
+    assert rc == 0
+    meta3 = data.load_meta(other)
+    assert meta3["config"]["seed"] == 7
+    assert meta3["splits"]["val"]["units"] != meta["splits"]["val"]["units"]
+    assert sorted(u for s in SPLITS for u in meta3["splits"][s]["units"]) == sorted(
+        u for s in SPLITS for u in meta["splits"][s]["units"])
+    assert hidden_leftovers(other) == []
+
+
+# ----------------------------------------------------------------------------------------
+# bad inputs: exit status 2, a message that says what to do, nothing left behind
+
+
+def _bad_input(case: str, tmp_path: Path, src: Path) -> tuple[list[str], list[str]]:
+    """(prepare arguments, substrings the error message must contain)."""
+    if case == "missing_path":
+        return ["--source", str(tmp_path / "nowhere")], ["nowhere", "does not exist", "--source"]
+    if case == "empty_dir":
+        (tmp_path / "empty").mkdir()
+        return ["--source", str(tmp_path / "empty")], [str(tmp_path / "empty"), "empty"]
+    if case == "language_not_in_source":
+        return ["--source", str(src), "--langs", "en,de"], ["'de'", "--langs"]
+    if case == "unknown_language":
+        return ["--source", str(src), "--langs", "en,xx"], ["unknown language", "xx"]
+    if case == "garbage_tgz":
+        bad = tmp_path / "bad.tgz"
+        bad.write_bytes(bytes(range(256)) * 40)
+        return ["--source", str(bad)], ["bad.tgz", ".tgz"]
+    if case == "not_an_archive":
+        txt = tmp_path / "notes.txt"
+        txt.write_text("hello\n")
+        return ["--source", str(txt)], ["notes.txt", ".tgz"]
+    if case == "invalid_utf8":
+        copy = tmp_path / "src"
+        shutil.copytree(src / "raw", copy / "raw")
+        f = copy / "raw" / "txt" / "fr" / "ep-00-01-19.txt"
+        lines = f.read_bytes().split(b"\n")
+        assert not lines[99].startswith(b"<") and lines[99]
+        lines[99] = lines[99][:5] + b"\xff" + lines[99][5:]  # line 100
+        f.write_bytes(b"\n".join(lines))
+        return ["--source", str(copy)], ["fr/ep-00-01-19.txt", "line 100", "UTF-8"]
+    if case == "unreachable_url":
+        return ["--source", "http://127.0.0.1:9/europarl.tgz"], ["127.0.0.1:9", "--source", "EUROPARL_SOURCE"]
+    if case == "corpus_too_small":
+        return ["--source", str(src), "--block_size", "100000"], ["too small", "--block_size"]
+    raise AssertionError(case)
+
+
+BAD_INPUTS = ["missing_path", "empty_dir", "language_not_in_source", "unknown_language", "garbage_tgz",
+              "not_an_archive", "invalid_utf8", "unreachable_url", "corpus_too_small"]
+
+
+@pytest.mark.parametrize("mode", ["fresh", "overwrite"])
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input(case, mode, tmp_path, europarl_source, prepared_europarl, capsys):
+    args, needles = _bad_input(case, tmp_path, europarl_source)
+    out = tmp_path / "outdir" / "ds"
+    if mode == "overwrite":
+        _copy_dataset(prepared_europarl, out)
+        before = (out / "meta.json").read_bytes()
+        args = args + ["--overwrite"]
+    capsys.readouterr()
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as ei:
+        data.main(["prepare", *args, "--out", str(out)])
+    elapsed = time.perf_counter() - t0
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err
+    for needle in needles:
+        assert needle in err, f"{needle!r} missing from the message:\n{err}"
+    if case == "unreachable_url":
+        assert elapsed < 15, "a refused connection must fail at once"
+        downloads = paths.data_root() / "downloads"
+        assert not (downloads / "europarl.tgz").exists() and not (downloads / "europarl.tgz.part").exists()
+    if mode == "fresh":
+        assert not out.exists()
+    else:
+        assert (out / "meta.json").read_bytes() == before
+        assert _bins(out) == _bins(prepared_europarl)
+    assert hidden_leftovers(out) == []
+
+
+def test_existing_dataset_needs_overwrite(tmp_path, europarl_source, prepared_europarl, capsys):
+    out = _copy_dataset(prepared_europarl, tmp_path / "ds")
+    before = (out / "meta.json").read_bytes()
+    with pytest.raises(SystemExit) as ei:
+        data.main(["prepare", "--source", str(europarl_source), "--out", str(out), "--block_size", "64", "--seed", "3"])
+    assert ei.value.code == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "meta.json").read_bytes() == before
+    assert hidden_leftovers(out) == []
+
+
+def test_bad_settings_raise_user_error(tmp_path, europarl_source):
+    for cfg in (data.PrepareConfig(langs=()), data.PrepareConfig(langs=("en", "en")),
+                data.PrepareConfig(form="sentences"), data.PrepareConfig(val_fraction=0.7),
+                data.PrepareConfig(block_size=0), data.PrepareConfig(aligned_block_lines=0)):
+        with pytest.raises(UserError):
+            data.prepare(europarl_source, tmp_path / "x", cfg, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
+# ----------------------------------------------------------------------------------------
+# other source forms
+
+
+def test_tgz_source_matches_folder(tmp_path, europarl_source, prepared_europarl, meta):
+    archive = tmp_path / "europarl.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for f in sorted((europarl_source / "raw" / "txt").rglob("*.txt")):
+            tar.add(f, arcname=f.relative_to(europarl_source / "raw").as_posix())
+    with tarfile.open(archive) as tar:
+        assert "txt/en/ep-00-01-17.txt" in tar.getnames()
+    cfg = data.PrepareConfig(langs=LANGS, form="raw", block_size=PREPARED_BLOCK_SIZE)
+    out = data.prepare(archive, tmp_path / "from_tgz", cfg, progress=False)
+    m = data.load_meta(out)
+    assert m["base_ids"] == meta["base_ids"]
+    for split in SPLITS:
+        assert m["splits"][split]["units"] == meta["splits"][split]["units"]
+    assert _bins(out) == _bins(prepared_europarl)
+    assert len(m["source_files"]) == 8
+    assert all(f["name"].startswith("europarl.tgz:txt/") for f in m["source_files"])
+
+
+@pytest.fixture(scope="module")
+def aligned_en_fr(europarl_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aligned") / "en_fr"
+    assert data.main(["prepare", "--source", str(europarl_source), "--form", "aligned",
+                      "--langs", "en,fr", "--out", str(out)]) == 0
+    return out
+
+
+def test_aligned_roundtrip_and_leakage(aligned_en_fr, europarl_source):
+    meta = data.load_meta(aligned_en_fr)
+    tok = tokenizer.load(aligned_en_fr)
+    assert meta["form"] == "aligned" and meta["langs"] == ["en", "fr"]
+    lines = meta["config"]["aligned_block_lines"]
+    al = europarl_source / "aligned"
+    blocks = {lang: aligned_blocks(al / f"europarl-v7.fr-en.{lang}", "fr-en", lines) for lang in LANGS}
+    assert set(blocks["en"]) == set(blocks["fr"]) and len(blocks["en"]) == 3000 // lines
+
+    # leakage by block id: each block in exactly one split, every block somewhere
+    where: dict[str, str] = {}
+    for split in SPLITS:
+        for u in meta["splits"][split]["units"]:
+            assert u not in where
+            where[u] = split
+    assert set(where) == set(blocks["en"])
+
+    for split in ("val", "test"):
+        units = meta["splits"][split]["units"]
+        assert len(units) >= 2
+        for lang in LANGS:
+            text_docs = split_docs(tok, data.load_tokens(aligned_en_fr, split, lang))
+            assert text_docs == [blocks[lang][u] for u in units]  # en and fr of a block together
+            joined = "".join(text_docs)
+            assert "\n\n" not in joined and not joined.startswith("\n")
+            assert meta["splits"][split]["langs"][lang]["tokens"] >= 4 * meta["config"]["block_size"]
+    train = split_docs(tok, data.load_tokens(aligned_en_fr, "train"))
+    assert train == [blocks[lang][u] for u in meta["splits"]["train"]["units"] for lang in LANGS]
+    assert all(d and "\n\n" not in d and not d.startswith("\n") for d in train)
+
+
+@pytest.fixture(scope="module")
+def aligned_en_fr_de(europarl_source, tmp_path_factory):
+    out = tmp_path_factory.mktemp("aligned3") / "en_fr_de"
+    assert data.main(["prepare", "--source", str(europarl_source), "--form", "aligned", "--langs", "en,fr,de",
+                      "--block_size", "32", "--aligned_block_lines", "20", "--out", str(out)]) == 0
+    return out
+
+
+def test_aligned_three_languages(aligned_en_fr_de, europarl_source):
+    meta = data.load_meta(aligned_en_fr_de)
+    tok = tokenizer.load(aligned_en_fr_de)
+    assert meta["langs"] == ["en", "fr", "de"]
+    de_blocks = aligned_blocks(europarl_source / "aligned" / "europarl-v7.de-en.de", "de-en", 20)
+    for split in ("val", "test"):
+        for lang in ("en", "fr", "de"):
+            assert (aligned_en_fr_de / f"{split}_{lang}.bin").is_file()
+            assert meta["splits"][split]["langs"][lang]["tokens"] >= 4 * 32
+        de_units = [u for u in meta["splits"][split]["units"] if u in de_blocks]
+        docs = split_docs(tok, data.load_tokens(aligned_en_fr_de, split, "de"))
+        assert docs == [de_blocks[u] for u in de_units]
+    # English comes from one pair only (fr-en), never twice; German units hold German only
+    fr_en = aligned_blocks(europarl_source / "aligned" / "europarl-v7.fr-en.en", "fr-en", 20)
+    units = [u for s in SPLITS for u in meta["splits"][s]["units"]]
+    assert sorted(units) == sorted(set(fr_en) | set(de_blocks))
+    assert sum(meta["splits"][s]["langs"]["en"]["documents"] for s in SPLITS) == len(fr_en)
+    assert sum(meta["splits"][s]["langs"]["de"]["documents"] for s in SPLITS) == len(de_blocks) == 5
+
+
+def test_aligned_three_languages_no_translation_leak(aligned_en_fr_de, europarl_source):
+    """The module promises that a translation of held-out text is never trained on. Line i of
+    europarl-v7.de-en.de translates line i of de-en.en, and those English sentences are (almost
+    all) the first lines of fr-en.en: a held-out German block must not have most of its English
+    counterpart in the training split."""
+    meta = data.load_meta(aligned_en_fr_de)
+    al = europarl_source / "aligned"
+    de_en = [l for l in (al / "europarl-v7.de-en.en").read_text(encoding="utf-8").split("\n")]
+    fr_en_blocks = aligned_blocks(al / "europarl-v7.fr-en.en", "fr-en", 20)
+    train_en = {l for u in meta["splits"]["train"]["units"] if u in fr_en_blocks
+                for l in fr_en_blocks[u].split("\n") if len(l) > 40}
+    de_blocks = aligned_blocks(al / "europarl-v7.de-en.de", "de-en", 20)
+    leaks, checked = [], 0
+    for split in ("val", "test"):
+        for u in meta["splits"][split]["units"]:
+            if u not in de_blocks:
+                continue
+            checked += 1
+            b = int(u.split("/")[1])
+            english = [l for l in de_en[20 * b : 20 * b + 20] if len(l) > 40]
+            trained = [l for l in english if l in train_en]
+            if english and len(trained) * 2 > len(english):
+                leaks.append(f"{split} {u}: {len(trained)}/{len(english)} English counterparts in train")
+    assert checked >= 2  # val and test each hold German
+    assert not leaks, "; ".join(leaks)
+
+
+def test_raw_parser_keeps_unusual_line_characters(europarl_source):
+    """Only \\n ends a line in Europarl files: a form feed, U+2028 or U+0085 inside a sentence
+    is text and must survive (str.splitlines would cut the sentence there)."""
+    text = ("<CHAPTER ID=1>\nTitle\n<SPEAKER ID=1 NAME=\"X\">\n"
+            "one\x0ctwo\nthree\u2028four\nfive\x85six\nseven\x1cend\n<P>\n")
+    assert data.parse_raw_day(text) == {"1": "Title\none\x0ctwo\nthree\u2028four\nfive\x85six\nseven\x1cend\n"}
+
+
+def test_raw_parser_edges():
+    """Text before the first chapter is chapter 0; a last line without a newline still ends
+    in one; a chapter with only markup and empty lines is no document."""
+    text = "<SPEAKER ID=9 NAME=\"A\">\nbefore\n\n<CHAPTER ID=2>\n<P>\n\n<CHAPTER ID=3>\nlast line"
+    assert data.parse_raw_day(text) == {"0": "before\n", "3": "last line\n"}
+
+
+# ----------------------------------------------------------------------------------------
+# reading prepared datasets
+
+
+def test_truncated_bin_is_reported(tmp_path, prepared_europarl):
+    d = _copy_dataset(prepared_europarl, tmp_path / "ds")
+    f = d / "val.bin"
+    size = f.stat().st_size
+    with open(f, "r+b") as fh:
+        fh.truncate(size - 2)
+    with pytest.raises(UserError) as ei:
+        data.load_tokens(d, "val")
+    assert str(f) in str(ei.value)
+    assert len(data.load_tokens(d, "val", "en")) > 0  # the other files are still fine
+    (d / "test_fr.bin").unlink()
+    with pytest.raises(UserError) as ei:
+        data.load_tokens(d, "test", "fr")
+    assert "test_fr.bin" in str(ei.value)
+
+
+def test_load_tokens_bad_arguments(prepared_europarl):
+    with pytest.raises(UserError):
+        data.load_tokens(prepared_europarl, "dev")
+    with pytest.raises(UserError) as ei:
+        data.load_tokens(prepared_europarl, "val", "de")
+    assert "de" in str(ei.value)
+
+
+def test_load_meta_without_meta(tmp_path):
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(UserError) as ei:
+        data.load_meta(tmp_path / "nothing")
+    assert "prepare" in str(ei.value)
+    with pytest.raises(UserError):
+        tokenizer.load(tmp_path / "nothing")
+
+
+def test_load_meta_damaged(tmp_path):
+    d = tmp_path / "damaged"
+    d.mkdir()
+    (d / "meta.json").write_text("{not json")
+    with pytest.raises(UserError) as ei:
+        data.load_meta(d)
+    assert "--overwrite" in str(ei.value)
+    (d / "meta.json").write_text('{"encoding": "cl100k_base"}')
+    with pytest.raises(UserError) as ei:
+        data.load_meta(d)
+    assert "vocab_size" in str(ei.value)
+
+
+def test_ensure_prepared(europarl_source, session_tmp):
+    name = "ensure_prepared_test_data"
+    d = data.ensure_prepared(name, source=str(europarl_source), langs="en,fr", form="raw",
+                             block_size=64, progress=False)
+    assert d == Path(os.environ["BACKPACK_NB_DATA"]).resolve() / name
+    assert d.is_relative_to(session_tmp.resolve())
+    meta = data.load_meta(d)
+    assert meta["langs"] == ["en", "fr"] and meta["form"] == "raw"
+    for split in ("val", "test"):
+        for lang in LANGS:
+            assert meta["splits"][split]["langs"][lang]["tokens"] > 64
+    mtime = (d / "meta.json").stat().st_mtime_ns
+    content = (d / "meta.json").read_bytes()
+    assert data.ensure_prepared(name, source=str(europarl_source), langs=("en", "fr"), block_size=64,
+                                progress=False) == d
+    assert (d / "meta.json").stat().st_mtime_ns == mtime
+    assert (d / "meta.json").read_bytes() == content
+    with pytest.raises(UserError) as ei:
+        data.ensure_prepared(name, source=str(europarl_source), langs="en,de", block_size=64, progress=False)
+    assert "en,de" in str(ei.value) and "--overwrite" in str(ei.value)
+    with pytest.raises(UserError):
+        data.ensure_prepared(name, source=str(europarl_source), langs="en,fr", form="aligned", block_size=64,
+                             progress=False)
+    with pytest.raises(UserError):  # more context than val/test hold
+        data.ensure_prepared(name, source=str(europarl_source), langs="en,fr", block_size=10**6, progress=False)
+    assert (d / "meta.json").stat().st_mtime_ns == mtime
+
+
+# ----------------------------------------------------------------------------------------
+# paths
+
+
+def test_project_root_from_anywhere(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("BACKPACK_NB_DATA", "BACKPACK_NB_OUTPUTS")}
+    code = "from backpack_nb import paths, data; print(paths.project_root()); print(data.resolve_data_dir('out/x'))"
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    root, out_x = res.stdout.split("\n")[:2]
+    assert Path(root) == ROOT
+    assert (Path(root) / "pyproject.toml").is_file() and (Path(root) / "backpack_nb").is_dir()
+    assert Path(out_x) == ROOT / "out" / "x"
+    assert paths.project_root() == ROOT
+
+
+def test_resolve_data_dir():
+    data_root = Path(os.environ["BACKPACK_NB_DATA"]).resolve()
+    assert paths.data_root() == data_root
+    assert data.resolve_data_dir("europarl") == data_root / "europarl"
+    assert data.resolve_data_dir("out/x") == paths.project_root() / "out" / "x"
+    assert data.resolve_data_dir("/abs/path") == Path("/abs/path")
+    assert paths.resolve_in_root("params") == ROOT / "params"
+    assert paths.outputs_root() == Path(os.environ["BACKPACK_NB_OUTPUTS"]).resolve()
+
+
+# ----------------------------------------------------------------------------------------
+# command line
+
+
+def test_cli_stats(prepared_europarl, meta, capsys):
+    capsys.readouterr()
+    assert data.main(["stats", str(prepared_europarl)]) == 0
+    out = capsys.readouterr().out
+    assert "cl100k_base" in out and f"{meta['vocab_size']:,}" in out
+    for split in SPLITS:
+        for lang in LANGS:
+            s = meta["splits"][split]["langs"][lang]
+            row = re.search(rf"^{split}\s+{lang}\s+(\d+)\s+([\d,]+)\s+([\d,]+)\s", out, re.M)
+            assert row, f"no {split}/{lang} row in:\n{out}"
+            assert int(row.group(1)) == s["documents"]
+            assert int(row.group(2).replace(",", "")) == s["tokens"]
+            assert int(row.group(3).replace(",", "")) == s["bytes"]
+        assert re.search(rf"^{split}\s+all\s+{meta['splits'][split]['documents']}\s", out, re.M)
+
+
+def test_cli_stats_missing_dataset(tmp_path, capsys):
+    with pytest.raises(SystemExit) as ei:
+        data.main(["stats", str(tmp_path / "none")])
+    assert ei.value.code == 2
+    assert "prepare" in capsys.readouterr().err
