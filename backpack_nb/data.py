@@ -46,6 +46,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import paths
+from .console import show_bars
 from .errors import UserError, exit_on_user_error
 from .tokenizer import DEFAULT_ENCODING, Tokenizer, build_compact_vocab, get_encoding
 
@@ -422,7 +423,7 @@ def prepare(
     # Encode in large batches on all cores: one call per batch of documents, not per line.
     jobs = [(u, lang) for u in units for lang in cfg.langs if lang in u.texts]
     threads = min(8, os.cpu_count() or 1)
-    bar = tqdm(total=n_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not progress)
+    bar = tqdm(total=n_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not show_bars(progress))
     batch_bytes = 8 << 20
     i = 0
     while i < len(jobs):
@@ -551,8 +552,12 @@ def load_meta(data_dir: str | os.PathLike) -> dict:
 
 
 def meta_hash(data_dir: str | os.PathLike) -> str:
-    """SHA-256 of ``meta.json``: names the exact dataset (vocabulary, split, sources)."""
-    return hashlib.sha256((resolve_data_dir(data_dir) / "meta.json").read_bytes()).hexdigest()
+    """SHA-256 naming the exact dataset (vocabulary, split, source file hashes): the same
+    source prepared twice with the same settings gets the same hash (timings and the
+    source's path are left out)."""
+    meta = load_meta(data_dir)
+    stable = {k: v for k, v in meta.items() if k not in ("prepare_seconds", "source")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def load_tokens(data_dir: str | os.PathLike, split: str, lang: str | None = None) -> np.memmap:

@@ -13,14 +13,25 @@ tokens. Scores are kept per window, so a bootstrap over windows gives a 95% inte
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import data, paths
+from .console import show_bars
+from .errors import UserError, exit_on_user_error
 from .tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def token_byte_lengths(tok: Tokenizer) -> np.ndarray:
@@ -126,7 +137,7 @@ def score_tokens(
     groups: dict[int, list[int]] = {}
     for w, (_, length, _) in enumerate(wins):
         groups.setdefault(length, []).append(w)
-    bar = tqdm(total=len(wins), desc=desc, unit="win", disable=not progress, leave=False)
+    bar = tqdm(total=len(wins), desc=desc, unit="win", disable=not show_bars(progress), leave=False)
     try:
         for length, members in groups.items():
             for b in range(0, len(members), batch_size):
@@ -147,3 +158,191 @@ def score_tokens(
         bar.close()
         model.train(was_training)
     return WindowScores(nats, counts, nbytes)
+
+
+# ----------------------------------------------------------------------------------------
+# checkpoints -> models
+
+
+def load_model(model_path: str | os.PathLike, device: str | torch.device = "cpu",
+               model_type: str | None = None) -> tuple[torch.nn.Module, Tokenizer, dict]:
+    """The model (in eval mode, on ``device``), tokenizer and checkpoint dict of a ``ckpt.pt``
+    or ``best.pt``. The shape comes from the checkpoint; ``model_type``, when given, must
+    match it."""
+    from . import checkpoint as ckpt_io
+    from .models import ModelConfig, build_model
+
+    path = paths.resolve_in_root(model_path)
+    state = ckpt_io.read_checkpoint(path)
+    missing = [k for k in ("model_type", "model_config", "tokenizer") if k not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by backpack_nb's train.py")
+    if model_type is not None and model_type != state["model_type"]:
+        raise UserError(
+            f"--model_type {model_type} does not match checkpoint {path}, which holds a "
+            f"{state['model_type']}; pass --model_type {state['model_type']} (or another checkpoint)"
+        )
+    model = build_model(state["model_type"], ModelConfig.from_dict(state["model_config"]))
+    try:
+        model.load_state_dict(ckpt_io.clean_state_dict(state["model"]))
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not fit its own model config ({str(exc).splitlines()[0]})") from exc
+    model.to(device).eval()
+    return model, Tokenizer.from_state_dict(state["tokenizer"]), state
+
+
+def check_same_vocabulary(tok: Tokenizer, meta: dict, data_dir: Path, model_path: Path) -> None:
+    if meta["encoding"] != tok.encoding_name or list(meta["base_ids"]) != tok.base_ids.tolist():
+        raise UserError(
+            f"{data_dir} was prepared with another tokenizer or vocabulary ({meta['encoding']}, "
+            f"{meta['vocab_size']} tokens) than checkpoint {model_path} ({tok.encoding_name}, "
+            f"{tok.vocab_size} tokens); evaluate on the data the model was trained on "
+            "(--data_dir, or the config it was trained with)"
+        )
+
+
+# ----------------------------------------------------------------------------------------
+# evaluating a checkpoint
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    tok: Tokenizer,
+    data_dir: str | os.PathLike,
+    *,
+    splits: Sequence[str] = ("val", "test"),
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    n_boot: int = 1000,
+    progress: bool = True,
+) -> dict:
+    """``{"val": {"all": {...}, "en": {...}, ...}, "test": {...}}``; each language's file is
+    scored separately and "all" pools their windows (``max_tokens`` caps each language)."""
+    meta = data.load_meta(data_dir)
+    lengths = token_byte_lengths(tok)
+    out: dict[str, dict] = {}
+    for split in splits:
+        parts, per_lang = [], {}
+        for lang in meta["langs"]:
+            toks = data.load_tokens(data_dir, split, lang)
+            scores = score_tokens(
+                model, toks, lengths, block_size=model.config.block_size, stride=stride,
+                batch_size=batch_size, max_tokens=max_tokens, device=device,
+                autocast_dtype=autocast_dtype, desc=f"{split} {lang}", progress=progress,
+            )
+            per_lang[lang] = scores.summary(n_boot)
+            parts.append(scores)
+        out[split] = {"all": WindowScores.concat(parts).summary(n_boot), **per_lang}
+    return out
+
+
+def format_table(result: dict) -> str:
+    lines = [f"{'split':<6}{'lang':<6}{'loss':>8}{'ppl':>10}{'bits/byte':>11}{'95% interval':>20}{'tokens':>10}{'bytes':>11}"]
+    for split, langs in result["splits"].items():
+        for lang, r in langs.items():
+            ci = f"[{r['bpb_ci95'][0]:.3f}, {r['bpb_ci95'][1]:.3f}]"
+            lines.append(f"{split:<6}{lang:<6}{r['loss']:>8.4f}{r['ppl']:>10.2f}{r['bits_per_byte']:>11.4f}{ci:>20}{r['tokens']:>10,}{r['bytes']:>11,}")
+    return "\n".join(lines)
+
+
+def evaluate_checkpoint(
+    model_path: str | os.PathLike,
+    *,
+    config: str | None = None,
+    model_type: str | None = None,
+    data_dir: str | None = None,
+    splits: Sequence[str] = ("val", "test"),
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate a checkpoint and write ``eval.json`` beside it (other sections of an
+    existing ``eval.json`` of the same checkpoint, such as ``lexsim``, are kept).
+
+    ``config`` (a params name) supplies the data settings only; without it, the data the
+    checkpoint was trained on."""
+    from . import checkpoint as ckpt_io
+    from .params import load_params
+
+    if device == "cuda" and not torch.cuda.is_available():
+        log.warning("CUDA is not available: evaluating on the CPU")
+        device = "cpu"
+    model_path = paths.resolve_in_root(model_path)
+    model, tok, state = load_model(model_path, device, model_type)
+    if config is not None:
+        cfg = load_params(config)
+        ddir = data.ensure_prepared(
+            data_dir or cfg.data_dir, source=cfg.data_source or None, langs=cfg.languages,
+            form=cfg.data_form, block_size=model.config.block_size, seed=cfg.seed,
+            encoding=cfg.encoding, progress=progress,
+        )
+    else:
+        ddir = data.resolve_data_dir(data_dir or state.get("data", {}).get("data_dir", "europarl"))
+    meta = data.load_meta(ddir)
+    check_same_vocabulary(tok, meta, ddir, model_path)
+    autocast = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    if autocast is torch.float16 and torch.device(device).type == "cpu":
+        autocast = torch.bfloat16
+    result = {
+        "model_type": state["model_type"],
+        "checkpoint": str(model_path),
+        "iteration": int(state.get("iter_num", 0)),
+        "data_dir": str(ddir),
+        "stride": stride or model.config.block_size,
+        "max_tokens": max_tokens,
+        "splits": evaluate_model(
+            model, tok, ddir, splits=splits, stride=stride, batch_size=batch_size,
+            max_tokens=max_tokens, device=device, autocast_dtype=autocast, progress=progress,
+        ),
+    }
+    target = Path(out) if out else model_path.parent / "eval.json"
+    previous = {}
+    if target.is_file():
+        try:
+            previous = json.loads(target.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = {}
+        if previous.get("checkpoint") != str(model_path):
+            previous = {}
+    ckpt_io.write_json(target, {**previous, **result})
+    result["path"] = str(target)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a checkpoint: loss, perplexity, bits per byte per language.")
+    ap.add_argument("--model_path", required=True, help="ckpt.pt or best.pt")
+    ap.add_argument("--config", default=None, help="params name for the data settings (the model's shape comes from the checkpoint)")
+    ap.add_argument("--model_type", default=None, choices=["backpack", "transformer"], help="must match the checkpoint")
+    ap.add_argument("--data_dir", default=None, help="override the dataset")
+    ap.add_argument("--splits", default="val,test")
+    ap.add_argument("--max_tokens", type=int, default=None, help="evaluate at most this many tokens per language and split")
+    ap.add_argument("--stride", type=int, default=None, help="window stride (default block_size: non-overlapping)")
+    ap.add_argument("--batch_size", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--out", default=None, help="where to write the JSON (default: eval.json beside the checkpoint)")
+    args = ap.parse_args(argv)
+    try:
+        splits = [s for s in args.splits.split(",") if s]
+        bad = [s for s in splits if s not in ("val", "test", "train")]
+        if bad:
+            raise UserError(f"unknown split(s) {', '.join(bad)}; use val, test")
+        result = evaluate_checkpoint(
+            args.model_path, config=args.config, model_type=args.model_type, data_dir=args.data_dir,
+            splits=splits, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
+            device=args.device, dtype=args.dtype, out=args.out,
+        )
+    except UserError as exc:
+        exit_on_user_error(exc)
+    print(f"{result['model_type']} at iteration {result['iteration']} ({result['checkpoint']})")
+    print(format_table(result))
+    print(f"wrote {result['path']}")
+    return 0
