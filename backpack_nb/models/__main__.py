@@ -1,0 +1,99 @@
+"""Print the parameter counts of the models a params file describes, by part.
+
+    python -m backpack_nb.models --config train_europarl_scratch --vocab-size 100277
+
+The models are built on the ``meta`` device (shapes only, no memory), so even a 200k x 16 x
+384 sense table is counted instantly. Both sense sources are shown for the Backpack; the
+one the config selects is marked with ``*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.models import ConfigError, ModelConfig, build_model
+from backpack_nb.paths import params_dir, resolve_in_root
+
+
+def load_params(config: str) -> dict[str, Any]:
+    """A params mapping from a name under ``params/`` or a path to a YAML file."""
+    path = Path(config)
+    if path.suffix not in (".yaml", ".yml"):
+        path = params_dir() / f"{config}.yaml"
+    elif not path.is_file():
+        path = resolve_in_root(path)  # params/x.yaml from any working directory
+    if not path.is_file():
+        known = sorted(p.stem for p in params_dir().glob("*.yaml"))
+        raise UserError(
+            f"no params file {path}: pass a name under params/ ({', '.join(known) or 'none'}) "
+            "or a path to a .yaml file"
+        )
+    try:
+        params = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(params, dict):
+        raise UserError(f"{path} must hold a mapping of keys to values")
+    return params
+
+
+def parameter_table(params: dict[str, Any], vocab_size: int) -> str:
+    """The by-part counts of the Transformer and of the Backpack with each sense source."""
+    config = ModelConfig.from_params(params, vocab_size)
+    columns: dict[str, dict[str, int]] = {}
+    with torch.device("meta"):
+        columns["transformer"] = build_model("transformer", config).num_parameters()
+        for source in ("network", "table"):
+            variant = ModelConfig.from_dict({**config.to_dict(), "sense_source": source})
+            name = f"backpack/{source}" + ("*" if source == config.sense_source else "")
+            try:
+                columns[name] = build_model("backpack", variant).num_parameters()
+            except ConfigError:  # a Transformer config's n_senses need not divide n_embd
+                if params.get("model_type") == "backpack":
+                    raise
+
+    rows: list[str] = []
+    for counts in columns.values():
+        rows += [part for part in counts if part not in rows and part != "total"]
+    rows.append("total")
+    width = max(len(r) for r in rows)
+
+    def line(label: str, cells: list[str]) -> str:
+        return f"{label:<{width}}" + "".join(f"{cell:>20}" for cell in cells)
+
+    lines = [line("part", list(columns))]
+    for row in rows:
+        lines.append(line(row, [f"{c[row]:,}" if row in c else "-" for c in columns.values()]))
+    lines.append(line("", [f"{c['total'] / 1e6:.1f}M" for c in columns.values()]))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m backpack_nb.models", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--config", required=True, help="name under params/ or a path to a .yaml")
+    parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size V")
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.config)
+        config = ModelConfig.from_params(params, args.vocab_size)
+        print(
+            f"{args.config}: V={config.vocab_size:,} d={config.n_embd} layers={config.n_layer} "
+            f"heads={config.n_head} senses={config.n_senses} block={config.block_size} "
+            f"bias={config.bias} (model_type {params.get('model_type', '?')}; tied head, "
+            "counted once)"
+        )
+        print(parameter_table(params, args.vocab_size))
+    except UserError as exc:
+        exit_on_user_error(exc)
+
+
+if __name__ == "__main__":
+    main()

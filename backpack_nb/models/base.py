@@ -1,0 +1,121 @@
+"""What every language model here has in common: a tied head, the loss, sampling, counting.
+
+A subclass supplies :meth:`LanguageModel.hidden_states` (the final (B, T, d) vectors whose
+dot products with the embedding E are the logits) and :meth:`LanguageModel.parameter_parts`
+(named groups of modules, for the parameter table). The rest is shared.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backpack_nb.models.config import ModelConfig
+from backpack_nb.models.loss import LOSS_CHUNK_ROWS, full_logits_cross_entropy, linear_cross_entropy
+
+
+class LanguageModel(nn.Module):
+    """Base of :class:`~backpack_nb.models.GPT` and :class:`~backpack_nb.models.BackpackLM`."""
+
+    config: ModelConfig
+    wte: nn.Embedding  # E (V x d): input embedding and, tied, the output head
+
+    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) vectors h with ``logits = h @ E.T``."""
+        raise NotImplementedError
+
+    def parameter_parts(self) -> dict[str, list[nn.Module]]:
+        """Named groups of submodules, in display order, covering every parameter."""
+        raise NotImplementedError
+
+    # -- the public API -------------------------------------------------------------------
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        all_logits: bool = False,
+        ignore_index: int = -100,
+        chunked_loss: bool = True,
+        loss_chunk_rows: int = LOSS_CHUNK_ROWS,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Token ids (B, T) -> ``(logits, loss)``.
+
+        With ``targets`` (B, T): the mean cross-entropy over targets != ``ignore_index``,
+        computed chunk by chunk (``loss_chunk_rows`` rows at a time) so the (B*T, V) logits
+        never exist; ``logits`` is then None unless ``all_logits``. ``chunked_loss=False``
+        computes the plain full-logits loss instead (a reference for tests) and returns the
+        logits. Without targets: logits (B, 1, V) of the last position only (all that
+        sampling needs), or (B, T, V) with ``all_logits``; loss is None.
+        """
+        h = self.hidden_states(idx)  # (B, T, d)
+        E = self.wte.weight  # (V, d)
+        if targets is None:
+            if not all_logits:
+                h = h[:, -1:, :]  # (B, 1, d)
+            return F.linear(h, E), None  # (B, T or 1, V)
+        if not chunked_loss:
+            return full_logits_cross_entropy(h, E, targets, ignore_index=ignore_index)
+        loss = linear_cross_entropy(
+            h, E, targets, ignore_index=ignore_index, chunk_rows=loss_chunk_rows
+        )
+        return (F.linear(h, E) if all_logits else None), loss
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+    ) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + new).
+
+        The context is cropped to the last ``block_size`` tokens. ``temperature=0`` picks
+        the most likely token; ``top_k`` samples among the k most likely. Call ``eval()``
+        first: dropout is whatever mode the model is in.
+        """
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.config.block_size :]  # (B, <= block_size)
+            logits, _ = self(context)
+            logits = logits[:, -1, :].float()  # (B, V)
+            if temperature == 0:
+                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
+            idx = torch.cat((idx, next_id), dim=1)
+        return idx
+
+    def num_parameters(self, by_part: bool = True) -> dict[str, int] | int:
+        """Parameter count, tied weights once. ``by_part``: a dict from part name (see
+        :meth:`parameter_parts`) to count, with the sum under ``"total"``; else the total."""
+        seen: set[int] = set()
+        counts: dict[str, int] = {}
+        for part, modules in self.parameter_parts().items():
+            n = 0
+            for module in modules:
+                for p in module.parameters():
+                    if id(p) not in seen:
+                        seen.add(id(p))
+                        n += p.numel()
+            counts[part] = n
+        rest = sum(p.numel() for p in self.parameters() if id(p) not in seen)
+        if rest:  # a part a subclass forgot to name still counts
+            counts["other"] = rest
+        counts["total"] = sum(counts.values())
+        return counts if by_part else counts["total"]
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Two AdamW groups: matrices and embeddings (dim >= 2) decay, biases and
+        LayerNorm weights do not (decaying them only pulls norms toward 0)."""
+        params = [p for p in self.parameters() if p.requires_grad]  # tied weights once
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
