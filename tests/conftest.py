@@ -51,3 +51,51 @@ def prepared_europarl(europarl_source) -> Path:
 
     cfg = data.PrepareConfig(langs=("en", "fr"), form="raw", block_size=PREPARED_BLOCK_SIZE)
     return data.prepare(europarl_source, _SESSION_TMP / "data" / "europarl_sample", cfg, progress=False)
+
+
+# ---- training fixtures ----
+
+TINY_RUN_DIR = _SESSION_TMP / "runs"
+
+
+def tiny_config(model_type: str, out_dir: Path, **overrides):
+    """The tiny preset of ``model_type`` (params/tiny_<model_type>.yaml) pointed at the
+    session's prepared Europarl sample and a folder of its own."""
+    from backpack_nb.params import load_params
+
+    return load_params(f"tiny_{model_type}",
+                       {"data_dir": "europarl_sample", "out_dir": str(out_dir), **overrides})
+
+
+_tiny_runs: dict[str, dict] = {}
+
+
+def _tiny_run(model_type: str, prepared: Path) -> dict:
+    """Train the tiny preset of ``model_type`` once per session: ``out_dir`` (ckpt.pt,
+    best.pt, training_log.json, run.json), ``result`` (train()'s summary), ``records`` (what
+    the callback got), ``config``, ``wall_s``. Tests must not write into ``out_dir``."""
+    if model_type not in _tiny_runs:
+        import time
+
+        from backpack_nb.training import train
+
+        cfg = tiny_config(model_type, TINY_RUN_DIR / f"tiny_{model_type}")
+        records: list[dict] = []
+        t0 = time.perf_counter()
+        result = train(cfg, callback=records.append)
+        _tiny_runs[model_type] = {"out_dir": Path(result["out_dir"]), "result": result,
+                                  "records": records, "config": cfg,
+                                  "wall_s": time.perf_counter() - t0}
+    return _tiny_runs[model_type]
+
+
+@pytest.fixture(scope="session")
+def tiny_backpack_run(prepared_europarl) -> dict:
+    """A tiny Backpack trained on the Europarl sample (see _tiny_run)."""
+    return _tiny_run("backpack", prepared_europarl)
+
+
+@pytest.fixture(scope="session")
+def tiny_transformer_run(prepared_europarl) -> dict:
+    """A tiny Transformer trained on the Europarl sample (see _tiny_run)."""
+    return _tiny_run("transformer", prepared_europarl)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from backpack_nb.models.config import ModelConfig
 
@@ -75,6 +76,12 @@ class CausalTransformer(nn.Module):
     (B, T, d) in, causal hidden states (B, T, d) out. The token embedding E is not here
     because it belongs to the language model (it is also its output head)."""
 
+    checkpoint_blocks: bool = False
+    """Activation checkpointing: keep only each block's input and recompute the block in
+    backward (about a third more compute, most of the blocks' activation memory saved).
+    A performance switch, not part of the model: set it on an instance, or use
+    :meth:`~backpack_nb.models.LanguageModel.set_activation_checkpointing`."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.block_size = config.block_size
@@ -89,6 +96,9 @@ class CausalTransformer(nn.Module):
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.block_size}")
         pos = torch.arange(T, device=tok_emb.device)  # (T,)
         x = self.drop(tok_emb + self.wpe(pos))  # (B, T, d)
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
         for block in self.h:
-            x = block(x)
+            # use_reentrant=False: the supported mode; the RNG state is replayed, so dropout
+            # masks are the same in the recomputation.
+            x = checkpoint(block, x, use_reentrant=False) if recompute else block(x)
         return self.ln_f(x)  # (B, T, d)

@@ -3,10 +3,12 @@
 The language-model loss is ``cross_entropy(h @ W.T, targets)`` with h (N, d) the final hidden
 states of N = B*T positions and W (V, d) the tied embedding. The full logits, N x V in fp32
 plus their gradient, dominate memory at real vocabularies (about 12 GiB at batch 32, block
-512, V = 50k). Here rows are processed ``chunk_rows`` at a time: forward keeps only one
-chunk of logits alive and saves a per-row logsumexp; backward recomputes each chunk's softmax
-from it. The result equals ``F.cross_entropy`` (mean over the rows whose target is not
-``ignore_index``) in value and gradient.
+512, V = 50k). Here rows are processed ``chunk_rows`` at a time and only one chunk of logits
+is ever alive. The gradients with respect to h and W are computed in the same pass, while
+each chunk's softmax is at hand (backward only scales them by the incoming gradient), so the
+logits are computed once: no recomputation in backward, and the matmul work equals that of
+the plain full-logits loss. The result equals ``F.cross_entropy`` (mean over the rows whose
+target is not ``ignore_index``) in value and gradient.
 """
 
 from __future__ import annotations
@@ -28,18 +30,25 @@ def linear_cross_entropy(
     """Mean cross-entropy of ``h @ weight.T`` against ``targets`` over non-ignored rows.
 
     h: (N, d) or (B, T, d); weight: (V, d); targets: (N,) or (B, T). Returns a scalar.
-    Under autocast the two matmuls run in the autocast dtype and the softmax in float32.
-    A batch with no counted rows gives 0 (``F.cross_entropy`` would give nan).
+    Under autocast the two matmuls run in the autocast dtype and the softmax in float32;
+    the gradients come back in the dtypes of ``h`` and ``weight`` (fp32 master weights get
+    an fp32 gradient, accumulated in fp32). A batch with no counted rows gives 0
+    (``F.cross_entropy`` would give nan).
     """
     h = h.reshape(-1, h.shape[-1])  # (N, d)
     targets = targets.reshape(-1)  # (N,)
     device_type = h.device.type
     if torch.is_autocast_enabled(device_type):
-        # The Function turns autocast off inside, so apply its matmul dtype here, where the
-        # casts are recorded by autograd and the fp32 master weights get their gradient.
-        dtype = torch.get_autocast_dtype(device_type)
-        h, weight = h.to(dtype), weight.to(dtype)
-    return _ChunkedLinearCrossEntropy.apply(h, weight, targets, ignore_index, chunk_rows)
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    else:
+        compute_dtype = torch.promote_types(h.dtype, weight.dtype)
+    # Gradients are computed in forward only when a backward can follow.
+    needs = (h.requires_grad, weight.requires_grad)
+    with_grads = torch.is_grad_enabled() and any(needs)
+    return _ChunkedLinearCrossEntropy.apply(
+        h, weight, targets, ignore_index, chunk_rows, compute_dtype, with_grads and needs[0],
+        with_grads and needs[1],
+    )
 
 
 def full_logits_cross_entropy(
@@ -60,53 +69,56 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     # chunk_rows are known at trace time), so it unrolls. No compiler.disable is needed.
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index: int, chunk_rows: int):
-        n_rows = h.shape[0]
-        acc = torch.promote_types(h.dtype, torch.float32)  # fp32, or fp64 for exact tests
+    def forward(ctx, h, weight, targets, ignore_index: int, chunk_rows: int,
+                compute_dtype: torch.dtype, grad_h_needed: bool, grad_w_needed: bool):
+        acc = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 for exact tests
+        hc, wc = h.to(compute_dtype), weight.to(compute_dtype)  # no-ops without autocast
+        n_rows = hc.shape[0]
         counted = targets != ignore_index  # (N,)
         safe_targets = torch.where(counted, targets, 0)  # a valid index for gather
-        lse = torch.empty(n_rows, device=h.device, dtype=acc)  # (N,)
-        target_logit = torch.empty(n_rows, device=h.device, dtype=acc)  # (N,)
+        weights = counted.to(acc)  # (N,): 1 on counted rows, 0 on ignored ones
+        row_loss = torch.empty(n_rows, device=h.device, dtype=acc)  # (N,)
+        grad_h = torch.empty(hc.shape, device=h.device, dtype=acc) if grad_h_needed else None
+        grad_w = torch.zeros(wc.shape, device=h.device, dtype=acc) if grad_w_needed else None
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, n_rows, chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                logits = (h[rows] @ weight.T).to(acc)  # (n, V), fp32 for the logsumexp
-                target_logit[rows] = logits.gather(1, safe_targets[rows, None]).squeeze(1)
-                # logsumexp, in place on the chunk (torch.logsumexp allocates two more)
+                logits = (hc[rows] @ wc.T).to(acc)  # (n, V), fp32 for the softmax
+                target_logit = logits.gather(1, safe_targets[rows, None]).squeeze(1)  # (n,)
+                # In place from here on: a fresh (n, V) buffer per op costs as much as the op.
                 row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-                lse[rows] = logits.sub_(row_max).exp_().sum(dim=-1).log_() + row_max.squeeze(1)
-        n_counted = counted.sum()
-        loss = ((lse - target_logit) * counted).sum() / n_counted.clamp(min=1)
-        ctx.save_for_backward(h, weight, safe_targets, counted, lse, n_counted)
-        ctx.chunk_rows = chunk_rows
+                probs = logits.sub_(row_max).exp_()  # unnormalised softmax, (n, V)
+                total = probs.sum(dim=-1)  # (n,)
+                row_loss[rows] = total.log() + row_max.squeeze(1) - target_logit
+                if grad_h is None and grad_w is None:
+                    continue
+                # d row_loss / d logits = softmax - onehot(target), zero on ignored rows; the
+                # mean's 1 / n_counted is applied once at the end, in fp32 (scaling the chunk
+                # before a float16 matmul would push small probabilities into underflow).
+                probs.mul_((weights[rows] / total)[:, None])
+                probs.scatter_add_(1, safe_targets[rows, None], -weights[rows, None])
+                grad_logits = probs.to(compute_dtype)  # (n, V)
+                if grad_h is not None:
+                    grad_h[rows] = grad_logits @ wc  # (n, d)
+                if grad_w is not None and compute_dtype == acc:
+                    grad_w.addmm_(grad_logits.T, hc[rows])  # (V, d), in place: no temporary
+                elif grad_w is not None:
+                    grad_w += (grad_logits.T @ hc[rows]).to(acc)  # (V, d)
+        n_counted = counted.sum().clamp(min=1)
+        loss = (row_loss * weights).sum() / n_counted
+        for grad in (grad_h, grad_w):
+            if grad is not None:
+                grad.div_(n_counted)
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, weight.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        h, weight, safe_targets, counted, lse, n_counted = ctx.saved_tensors
-        # d loss / d logits = (softmax - onehot(target)) / n_counted on counted rows, else 0.
-        acc = lse.dtype
-        row_scale = counted.to(acc) * (grad_loss.to(acc) / n_counted.clamp(min=1))  # (N,)
-        grad_h = torch.empty_like(h) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # accumulated over chunks in fp32 even under autocast
-            grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc)
-        with torch.autocast(h.device.type, enabled=False):
-            for start in range(0, h.shape[0], ctx.chunk_rows):
-                rows = slice(start, start + ctx.chunk_rows)
-                # In place from here on: a fresh (n, V) buffer per op costs as much as the op.
-                grad_logits = (h[rows] @ weight.T).to(acc)  # logits, (n, V)
-                grad_logits.sub_(lse[rows, None]).exp_()  # softmax
-                grad_logits.scatter_add_(
-                    1, safe_targets[rows, None], torch.full_like(lse[rows, None], -1.0)
-                )
-                grad_logits = grad_logits.mul_(row_scale[rows, None]).to(h.dtype)  # (n, V)
-                if grad_h is not None:
-                    grad_h[rows] = grad_logits @ weight  # (n, d)
-                if grad_w is not None and h.dtype == acc:
-                    grad_w.addmm_(grad_logits.T, h[rows])  # (V, d), in place: no temporary
-                elif grad_w is not None:
-                    grad_w += (grad_logits.T @ h[rows]).to(acc)  # (V, d)
-        if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+        grad_h, grad_w = ctx.saved_tensors
+        h_dtype, w_dtype = ctx.dtypes
+        # Out of place (a retained graph may run backward twice); the weight's buffer becomes
+        # its .grad, so nothing is wasted.
+        gh = (grad_h * grad_loss).to(h_dtype) if grad_h is not None else None
+        gw = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
+        return gh, gw, None, None, None, None, None, None

@@ -1,0 +1,488 @@
+"""Typed training configuration: ``params/<name>.yaml`` -> dict -> :class:`TrainConfig`.
+
+One path serves every front door. ``train.py --config NAME`` reads the YAML file into a flat
+dict, lays command-line overrides (``--learning_rate 1e-3``, ``--compile``) over it and builds a
+:class:`TrainConfig`; ``papermill -f params/NAME.yaml`` injects the same flat keys as notebook
+variables, and the notebook builds its config with the same :meth:`TrainConfig.from_dict`.
+Validation looks at every key and raises one :class:`UserError` that lists every problem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import inspect
+import math
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+from backpack_nb.data import EUROPARL_LANGS, FORMS as DATA_FORMS, parse_langs
+from backpack_nb.errors import UserError
+from backpack_nb.models.config import MODEL_KEYS, MODEL_TYPES, config_problems
+from backpack_nb.paths import params_dir, resolve_in_root
+
+INIT_FROM = ("scratch", "resume")
+DTYPES = ("float32", "bfloat16", "float16")
+_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs. Defaults are the seed's Backpack run
+    (``params/train_europarl_scratch.yaml``)."""
+
+    # --- run -----------------------------------------------------------------------------
+    run_name: str = "backpack_full"
+    """A short name for the run, shown in logs and notebooks."""
+    model_type: str = "backpack"
+    """Which model to train: ``backpack`` or ``transformer`` (the baseline)."""
+    out_dir: str = "out/backpack_full"
+    """Folder for ckpt.pt, best.pt, training_log.json and run.json; a relative path is taken
+    from the project root, not the current directory."""
+    init_from: str = "scratch"
+    """``scratch`` starts a new run (refused where a checkpoint exists, unless ``overwrite``);
+    ``resume`` continues from ``out_dir/ckpt.pt`` (or ``ckpt.prev.pt``)."""
+    overwrite: bool = False
+    """Let ``init_from: scratch`` replace the checkpoints already in ``out_dir``."""
+
+    # --- model shape (must not change on resume) -----------------------------------------
+    block_size: int = 512
+    """Context length in tokens."""
+    n_layer: int = 6
+    """Transformer layers (the Backpack's contextualization network has the same)."""
+    n_head: int = 6
+    """Attention heads per layer; must divide ``n_embd``."""
+    n_embd: int = 384
+    """Model width d."""
+    n_senses: int = 16
+    """Sense vectors per word (Backpack only; must divide ``n_embd``). Ignored by the
+    Transformer, which keeps the key so the two configs stay comparable."""
+    sense_source: str = "network"
+    """Where sense vectors come from: ``network`` (the paper's feed-forward sense network)
+    or ``table`` (a V x k x d lookup table, the seed's parameter count)."""
+    dropout: float = 0.1
+    """Dropout rate in [0, 1)."""
+    bias: bool = False
+    """Biases in Linear and LayerNorm layers."""
+
+    # --- data ----------------------------------------------------------------------------
+    data_dir: str = "europarl"
+    """Prepared dataset: a name under the data root (``europarl``) or a path; prepared on
+    first use."""
+    data_source: str = ""
+    """Where raw Europarl comes from when preparing: empty means the ``EUROPARL_SOURCE``
+    environment variable, else the official archives."""
+    data_form: str = "raw"
+    """Europarl form to read: ``raw`` (per-day files) or ``aligned`` (sentence pairs)."""
+    languages: str = "en,fr"
+    """Comma-separated Europarl language codes to train on."""
+    encoding: str = "cl100k_base"
+    """tiktoken encoding the compact vocabulary is taken from."""
+
+    # --- optimisation --------------------------------------------------------------------
+    batch_size: int = 32
+    """Sequences per micro-batch per process. The effective batch is batch_size x
+    gradient_accumulation_steps x processes."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches summed into one optimizer step."""
+    learning_rate: float = 3e-4
+    """Peak learning rate, reached after ``warmup_iters``."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay (and after it)."""
+    warmup_iters: int = 500
+    """Iterations of linear warmup from 0 to ``learning_rate``."""
+    lr_decay_iters: int = 50000
+    """Iteration at which the cosine decay reaches ``min_lr``."""
+    max_iters: int = 50000
+    """Total optimizer steps; resuming with a larger value continues a finished run."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not biases, norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
+    sparse_table: bool = False
+    """Train a sense *table* with sparse row-wise updates (SparseAdam on the rows of each
+    batch's tokens, AdamW on everything else): less memory and time, but lazy moments and no
+    weight decay on the table. Backpack with ``sense_source: table`` only; fixed for a run."""
+    seed: int = 1337
+    """Seed for weights, dropout and batch sampling; a run is reproducible from it."""
+
+    # --- evaluation, logging, checkpoints ------------------------------------------------
+    eval_interval: int = 500
+    """Evaluate (train/val loss, sense words) every this many iterations."""
+    eval_iters: int = 200
+    """Batches averaged per split at each evaluation."""
+    checkpoint_interval: int = 2500
+    """Also save ckpt.pt every this many iterations (besides on improvement and at the end)."""
+    log_interval: int = 10
+    """Update the progress bar / print a progress line every this many iterations."""
+    probe_words: list[str] = field(default_factory=list)
+    """Words whose sense top words are logged at each evaluation (Backpack only); a YAML list
+    or a comma-separated string. Empty: frequent content words of the training data."""
+    probe_words_per_language: int = 4
+    """How many default probe words to take from each language when ``probe_words`` is empty."""
+    sense_top_k: int = 10
+    """Top (and bottom) words recorded per sense of each probe word."""
+
+    # --- hardware ------------------------------------------------------------------------
+    device: str = "cuda"
+    """``cuda``, ``cuda:N``, ``mps`` or ``cpu``. Without CUDA, ``cuda`` falls back to the CPU
+    with a warning (or an error with ``strict_device``)."""
+    dtype: str = "float16"
+    """Autocast precision: ``float16`` (with a gradient scaler), ``bfloat16`` or ``float32``."""
+    compile: bool = False
+    """Compile the model with ``torch.compile`` (works on CPU too; the first steps are slow)."""
+    strict_device: bool = False
+    """Refuse to fall back to another device or dtype than the one asked for."""
+
+    # --- test hook -----------------------------------------------------------------------
+    stop_after: int | None = None
+    """Stop as if interrupted (save, return) once this iteration is reached; for tests that
+    interrupt a run deterministically. None: run to ``max_iters``."""
+
+    # ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """Every configuration key, in declaration order."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(
+        cls,
+        values: Mapping[str, Any],
+        *,
+        source: str = "config",
+        cli_keys: Sequence[str] = (),
+    ) -> "TrainConfig":
+        """Build and validate a config from flat key -> value pairs (a YAML file, CLI overrides,
+        papermill-injected notebook variables). Missing keys take their defaults. Strings are
+        accepted for numbers and booleans, because command-line values, papermill parameters
+        and PyYAML's ``1e-3`` (read as a string by YAML 1.1) all arrive as text. Raises one
+        :class:`UserError` naming ``source`` and listing every problem."""
+        problems: list[str] = []
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = [k for k in values if k not in known]
+        for key in unknown:
+            hint = difflib.get_close_matches(str(key), known, n=1)
+            problems.append(
+                f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+            )
+        kwargs: dict[str, Any] = {}
+        mistyped: set[str] = set()
+        for name, value in values.items():
+            if name not in known:
+                continue
+            try:
+                kwargs[name] = _coerce(value, _field_types()[name])
+            except ValueError as exc:
+                mistyped.add(name)
+                problems.append(f"{'--' if name in cli_keys else ''}{name}: {exc}")
+        cfg = cls(**kwargs)
+        # a mistyped key kept its default; its range check would only repeat the complaint
+        for p in cfg._value_problems():
+            key = re.split(r"[:\s]", p, maxsplit=1)[0]
+            if key not in mistyped:
+                problems.append(f"--{p}" if key in cli_keys else p)
+        if problems:
+            lines = [f"{source} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:"]
+            lines += [f"  - {p}" for p in problems]
+            if unknown:
+                lines.append("valid keys: " + ", ".join(known))
+            raise UserError("\n".join(lines))
+        return cfg
+
+    @classmethod
+    def from_namespace(cls, namespace: Mapping[str, Any],
+                       source: str = "notebook parameters") -> "TrainConfig":
+        """The config from the keys found among a notebook's variables (``globals()`` after
+        papermill injected ``params/NAME.yaml``); every other variable is ignored."""
+        return cls.from_dict({k: namespace[k] for k in cls.keys() if k in namespace},
+                             source=source)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain key -> value pairs (the YAML layout); safe to store in a checkpoint."""
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        """A validated copy with some keys changed."""
+        return TrainConfig.from_dict({**self.to_dict(), **changes})
+
+    def language_list(self) -> list[str]:
+        """``languages`` as a list of codes."""
+        return list(parse_langs(self.languages))
+
+    def _value_problems(self) -> list[str]:
+        """Range and choice checks, run after every field has the right type."""
+        p: list[str] = []
+
+        def choice(name: str, options: Sequence[str]) -> None:
+            v = getattr(self, name)
+            if v not in options:
+                p.append(f"{name}: {v!r} is not one of {', '.join(options)}")
+
+        def at_least(name: str, lo: float) -> None:
+            v = getattr(self, name)
+            if v < lo:
+                p.append(f"{name}: must be >= {lo:g}, got {v}")
+
+        choice("model_type", MODEL_TYPES)
+        choice("init_from", INIT_FROM)
+        choice("data_form", DATA_FORMS)
+        choice("dtype", DTYPES)
+        if not _DEVICE_RE.match(self.device):
+            p.append(f"device: {self.device!r} is not one of cpu, cuda, cuda:N, mps")
+        # The model's shape is checked by the models' own rules, so the two never disagree.
+        model_type = self.model_type if self.model_type in MODEL_TYPES else None
+        shape = {k: getattr(self, k) for k in MODEL_KEYS}
+        p += config_problems({**shape, "vocab_size": 1}, model_type)
+        for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
+                     "checkpoint_interval", "log_interval", "sense_top_k"):
+            at_least(name, 1)
+        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "probe_words_per_language",
+                     "weight_decay", "grad_clip", "min_lr", "seed"):
+            at_least(name, 0)
+        if not self.learning_rate > 0:
+            p.append(f"learning_rate: must be > 0, got {self.learning_rate}")
+        elif self.min_lr > self.learning_rate:
+            p.append(f"min_lr: {self.min_lr} is above learning_rate = {self.learning_rate}")
+        if self.sparse_table and (self.model_type, self.sense_source) != ("backpack", "table"):
+            p.append("sparse_table: needs model_type backpack with sense_source table; "
+                     "set sparse_table: false")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                p.append(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        langs = self.language_list()
+        bad = [x for x in langs if x not in EUROPARL_LANGS]
+        if not langs:
+            p.append("languages: empty; give comma-separated codes such as en,fr")
+        elif bad:
+            p.append(f"languages: {', '.join(bad)} not in Europarl "
+                     f"({', '.join(EUROPARL_LANGS)})")
+        for name in ("run_name", "out_dir", "data_dir", "encoding"):
+            if not getattr(self, name).strip():
+                p.append(f"{name}: must not be empty")
+        if self.stop_after is not None and self.stop_after < 0:
+            p.append(f"stop_after: must be >= 0 or null, got {self.stop_after}")
+        return p
+
+
+def model_shape_keys(model_type: str = "backpack") -> tuple[str, ...]:
+    """Keys that fix the shape of the weights: a checkpoint can only be resumed with the same
+    values. Schedule keys (max_iters, intervals, learning rates) may change on resume."""
+    keys = ("model_type", "block_size", "n_layer", "n_head", "n_embd", "bias")
+    if model_type == "backpack":
+        keys += ("n_senses", "sense_source")
+    return keys
+
+
+# --- YAML files ----------------------------------------------------------------------------
+
+
+def params_path(name_or_path: str) -> Path:
+    """``train_europarl_scratch`` -> params/train_europarl_scratch.yaml; anything that looks
+    like a path (has a slash or ends in .yaml/.yml) is taken as one, from the project root."""
+    s = str(name_or_path)
+    if "/" in s or s.endswith((".yaml", ".yml")):
+        return resolve_in_root(s)
+    return params_dir() / f"{s}.yaml"
+
+
+def available_configs() -> list[str]:
+    d = params_dir()
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def read_params_file(name_or_path: str) -> dict[str, Any]:
+    """The flat dict in a params YAML file (what papermill -f injects), unvalidated."""
+    path = params_path(name_or_path)
+    if not path.is_file():
+        names = available_configs()
+        hint = difflib.get_close_matches(str(name_or_path), names, n=1)
+        raise UserError(
+            f"config {name_or_path!r} not found (looked for {path}). "
+            + (f"Did you mean {hint[0]!r}? " if hint else "")
+            + f"Available: {', '.join(names) or 'none'}."
+        )
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must be a mapping of key: value lines, got {type(data).__name__}")
+    return data
+
+
+def load_params(
+    name_or_path: str, overrides: Mapping[str, Any] | None = None
+) -> TrainConfig:
+    """Read ``params/NAME.yaml`` (or a path), lay ``overrides`` over it and validate."""
+    values = read_params_file(name_or_path)
+    overrides = dict(overrides or {})
+    return TrainConfig.from_dict(
+        {**values, **overrides},
+        source=f"config {name_or_path!r} with command-line overrides" if overrides
+        else f"config {name_or_path!r}",
+        cli_keys=tuple(overrides),
+    )
+
+
+# --- command line --------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError instead of printing usage and exiting, so front doors
+    print one ``error:`` line and tests can call ``main(argv)`` in-process."""
+
+    def error(self, message: str) -> "NoReturn":  # noqa: F821
+        m = re.search(r"unrecognized arguments: (.*)", message)
+        if m:
+            hints = []
+            for arg in m.group(1).split():
+                if arg.startswith("--"):
+                    name = arg[2:].split("=")[0].replace("-", "_")
+                    close = difflib.get_close_matches(name, TrainConfig.keys(), n=1)
+                    hints += [f"--{close[0]}"] if close else []
+            message += f" (did you mean {', '.join(hints)}?)" if hints else ""
+            message += "; run with --help to list every option"
+        raise UserError(message)
+
+
+def build_arg_parser(prog: str = "train.py") -> argparse.ArgumentParser:
+    """``--config NAME`` plus one ``--key value`` option per TrainConfig field (booleans also
+    as bare flags: ``--compile``, ``--no-compile``, ``--compile false``). Values stay strings:
+    TrainConfig.from_dict types them, so YAML and CLI problems are reported together."""
+    parser = _Parser(
+        prog=prog,
+        description="Train a Backpack language model or its Transformer baseline.",
+        allow_abbrev=False,  # a prefix like --comp must not silently mean --compile
+        argument_default=argparse.SUPPRESS,  # only keys the user typed override the YAML
+    )
+    parser.add_argument("--config", help="params/NAME.yaml to start from (or a path to one)")
+    docs = field_docs()
+    types = _field_types()
+    for name in TrainConfig.keys():
+        flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
+        help_text = docs.get(name, "")
+        if types[name] is bool:
+            parser.add_argument(*flags, dest=name, nargs="?", const="true",
+                                metavar="true|false", help=help_text)
+            parser.add_argument(f"--no-{name.replace('_', '-')}", f"--no_{name}", dest=name,
+                                action="store_const", const="false", help=argparse.SUPPRESS)
+        else:
+            parser.add_argument(*flags, dest=name, metavar=name.upper(), help=help_text)
+    return parser
+
+
+def config_from_argv(argv: Sequence[str] | None) -> TrainConfig:
+    """Parse a train.py command line into a validated TrainConfig (CLI values win over the
+    YAML file given by --config)."""
+    ns = vars(build_arg_parser().parse_args(argv))
+    name = ns.pop("config", None)
+    if name is None:
+        return TrainConfig.from_dict(ns, source="command line", cli_keys=tuple(ns))
+    return load_params(name, ns)
+
+
+# --- typing helpers ------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _field_types() -> dict[str, Any]:
+    # `from __future__ import annotations` makes annotations strings; resolve them once.
+    import typing
+
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+@lru_cache(maxsize=None)
+def field_docs() -> dict[str, str]:
+    """Each field's docstring (the string literal under it), for --help and notebooks."""
+    try:
+        tree = ast.parse(inspect.getsource(TrainConfig))
+    except (OSError, TypeError):  # source unavailable (frozen app): help stays terse
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
+                and isinstance(nxt.value.value, str)):
+            docs[node.target.id] = " ".join(nxt.value.value.split())
+    return docs
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _coerce(value: Any, typ: Any) -> Any:
+    """``value`` as ``typ`` (bool, int, float, str, list[str], int | None) or ValueError."""
+    import typing
+
+    args = typing.get_args(typ)
+    if type(None) in args:  # Optional[X]
+        if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(value, inner)
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise ValueError(f"expected true or false, got {_describe(value)}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {_describe(value)}")
+        if isinstance(value, int):
+            return value
+        # 5e4 or "50_000" read as text/float still mean a whole number of iterations
+        number = value
+        if isinstance(value, str):
+            try:
+                number = float(value.replace("_", ""))
+            except ValueError:
+                raise ValueError(f"expected an integer, got {_describe(value)}") from None
+        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
+            return int(number)
+        raise ValueError(f"expected an integer, got {_describe(value)}")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {_describe(value)}")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected a number, got {_describe(value)}")
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"expected text, got {_describe(value)}")
+    if typing.get_origin(typ) is list:
+        if isinstance(value, str):
+            return [w.strip() for w in value.split(",") if w.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(w, str) for w in value):
+            return [w for w in value if w.strip()]
+        raise ValueError(f"expected a list of words or a comma-separated string, got {_describe(value)}")
+    raise TypeError(f"unsupported config field type {typ!r}")  # a programming error

@@ -1,0 +1,331 @@
+"""Reading a Backpack's senses: the words each sense of a word promotes and suppresses.
+
+Sense l of token x is the vector C(x)_l; its effect on the output is ``E C(x)_l`` (V scores,
+no norm, no softmax), so its *top* words are the largest entries and its *bottom* words the
+smallest. Words are looked up in their mid-sentence form (with a leading space), the form in
+which most words occur in running text and the one a BPE vocabulary keeps as a single token.
+"""
+
+from __future__ import annotations
+
+import html
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import UserError
+
+# Frequent function words that a "length >= 4 letters" filter lets through; probing them
+# shows grammar rather than meaning. Other languages rely on the length filter alone.
+_STOPWORDS: dict[str, set[str]] = {lang: set(words.split()) for lang, words in {
+    "en": "that this with have which there their would these about should other could those "
+          "where being also been were will from they what more than into only when such very "
+          "some must over make because after before while most them then just like does made "
+          "same well even here many much both each your upon shall therefore however",
+    "fr": "dans pour nous avec cette sont plus être mais leur comme tous aussi ainsi elle "
+          "très bien faire leurs votre notre avons entre alors donc sans dont même autres "
+          "parce depuis toutes encore avait quand ceux celle celui sera sous vers fait était "
+          "peut doit deux tout toute vous elles dire",
+}.items()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            return model
+        model = inner
+
+
+def mid_sentence_form(word: str) -> str:
+    """``vote`` -> `` vote``: the form with a leading space."""
+    word = word.strip()
+    return " " + word
+
+
+@torch.no_grad()
+def sense_words(model: nn.Module, tok, word: str, top: int = 10, exact: bool = False) -> "SenseTable":
+    """For each token of ``word``'s mid-sentence form (or of ``word`` exactly as given, with
+    ``exact``) and each sense l: the ``top`` tokens with the largest and the smallest entries
+    of ``E C(x)_l``, as rows ``{"token": str, "sense": l, "top": [...], "bottom": [...]}``
+    (a :class:`SenseTable`, which renders as a table in a notebook). A word of several
+    tokens gives k rows per token. Runs in eval mode (the sense network has dropout) and
+    puts the model back in the mode it was in."""
+    bare = _unwrap(model)
+    ids = word_token_ids(tok, word, exact)
+    device = bare.wte.weight.device
+    was_training = bare.training
+    bare.eval()
+    try:
+        scores = bare.sense_logits(torch.tensor(ids, dtype=torch.long, device=device))  # (n, k, V)
+    finally:
+        bare.train(was_training)
+    scores = scores.float()
+    k = min(top, scores.shape[-1])
+    top_ids = scores.topk(k, dim=-1).indices.tolist()  # (n, senses, k)
+    bottom_ids = scores.topk(k, dim=-1, largest=False).indices.tolist()
+    out = []
+    for i, token_id in enumerate(ids):
+        for l in range(scores.shape[1]):
+            out.append({
+                "token": tok.token_str(token_id),
+                "sense": l,
+                "top": [tok.token_str(t) for t in top_ids[i][l]],
+                "bottom": [tok.token_str(t) for t in bottom_ids[i][l]],
+            })
+    return SenseTable(out, word if exact else mid_sentence_form(word))
+
+
+def probe_records(model: nn.Module, tok, words: list[str], top: int = 10) -> list[dict]:
+    """The ``words`` list of one ``top_activating_words`` entry of training_log.json:
+    ``{"probe": " vote", "token": " vote", "sense": l, "top": [...], "bottom": [...]}`` for
+    every probe word, token and sense."""
+    return [{"probe": mid_sentence_form(w), **rec}
+            for w in words for rec in sense_words(model, tok, w, top)]
+
+
+def frequent_content_words(
+    train_tokens: np.ndarray,
+    tok,
+    lang_tokens: dict[str, np.ndarray],
+    per_language: int,
+    *,
+    max_tokens: int = 10_000_000,
+    min_letters: int = 4,
+) -> list[str]:
+    """Default probe words: for each language, the ``per_language`` most frequent training
+    tokens that are whole content words in mid-sentence form (a leading space, then at least
+    ``min_letters`` letters, not a listed function word, and rarely followed by more letters
+    of the same word). ``lang_tokens`` (held-out text of each language) decides which
+    language a word belongs to: the one where it is relatively most frequent. Returned
+    without the leading space, in language order."""
+    V = tok.vocab_size
+    sample = np.asarray(train_tokens[:max_tokens], dtype=np.int64)
+    counts = np.bincount(sample, minlength=V)
+    strings = [tok.token_str(i) for i in range(V)]
+    # A token followed by letters is usually a word piece (" Parl" + "iament"), not a word.
+    continues = np.array([bool(s) and s[0].isalpha() for s in strings])
+    followed = np.bincount(sample[:-1], weights=continues[sample[1:]], minlength=V)
+    rates = {lang: np.bincount(np.asarray(t, dtype=np.int64), minlength=V) / max(len(t), 1)
+             for lang, t in lang_tokens.items()}
+    langs = list(lang_tokens)
+    chosen: dict[str, list[str]] = {lang: [] for lang in langs}
+    for i in np.argsort(-counts, kind="stable"):
+        if counts[i] == 0 or all(len(v) >= per_language for v in chosen.values()):
+            break
+        s = strings[i]
+        word = s[1:]
+        if not (s.startswith(" ") and len(word) >= min_letters and word.isalpha()):
+            continue
+        if followed[i] > 0.1 * counts[i]:
+            continue
+        lang = max(langs, key=lambda l: rates[l][i])
+        if word.lower() in _STOPWORDS.get(lang, ()) or len(chosen[lang]) >= per_language:
+            continue
+        chosen[lang].append(word)
+    return [w for lang in langs for w in chosen[lang]]
+
+
+# ----------------------------------------------------------------------------------------
+# tables that read well in a notebook and in a terminal
+
+
+class SenseTable(list):
+    """Rows of :func:`sense_words` (``{"token", "sense", "top", "bottom"}``): a list that
+    renders as an HTML table in a notebook and as aligned text in a terminal or report."""
+
+    def __init__(self, rows, word: str = ""):
+        super().__init__(rows)
+        self.word = word
+
+    def __str__(self) -> str:
+        head = f"senses of {self.word!r}" if self.word else "senses"
+        lines = [head]
+        for r in self:
+            lines.append(f"{r['token']!r:>14} sense {r['sense']:>2} | top: {' '.join(repr(t) for t in r['top'])}")
+            lines.append(f"{'':>14}          | bottom: {' '.join(repr(t) for t in r['bottom'])}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        esc = html.escape
+        rows = "".join(
+            f"<tr><td><code>{esc(repr(r['token']))}</code></td><td>{r['sense']}</td>"
+            f"<td>{' '.join(f'<code>{esc(t)}</code>' for t in r['top'])}</td>"
+            f"<td style='color:#888'>{' '.join(f'<code>{esc(t)}</code>' for t in r['bottom'])}</td></tr>"
+            for r in self
+        )
+        title = f"<caption>senses of <b>{esc(self.word)}</b></caption>" if self.word else ""
+        return (f"<table class='sense-table'>{title}<thead><tr><th>token</th><th>sense</th>"
+                f"<th>top words (promoted)</th><th>bottom words (suppressed)</th></tr></thead>"
+                f"<tbody>{rows}</tbody></table>")
+
+
+# ----------------------------------------------------------------------------------------
+# comparing senses
+
+
+def word_token_ids(tok, word: str, exact: bool = False) -> list[int]:
+    """Token ids of ``word`` in its mid-sentence form (or exactly as given); an empty word
+    is an error."""
+    if not word.strip() and not exact:
+        raise UserError("give a word to look up (an empty string has no senses)")
+    ids = tok.encode(word if exact else mid_sentence_form(word))
+    if not ids:
+        raise UserError(f"{word!r} encodes to no tokens")
+    return ids
+
+
+@torch.no_grad()
+def word_senses(model: nn.Module, tok, word: str, exact: bool = False) -> torch.Tensor:
+    """(k, d) sense vectors of a word: its token's, or the mean over its tokens when the
+    word takes several."""
+    bare = _unwrap(model)
+    ids = word_token_ids(tok, word, exact)
+    was_training = bare.training
+    bare.eval()
+    try:
+        senses = bare.sense_vectors(torch.tensor([ids], device=bare.wte.weight.device))[0]  # (n, k, d)
+    finally:
+        bare.train(was_training)
+    return senses.float().mean(0)  # (k, d)
+
+
+def sense_similarity(model: nn.Module, tok, word_a: str, word_b: str, exact: bool = False) -> np.ndarray:
+    """k x k cosine similarities: entry [l, m] compares sense l of ``word_a`` with sense m of
+    ``word_b``."""
+    a = F.normalize(word_senses(model, tok, word_a, exact), dim=-1)
+    b = F.normalize(word_senses(model, tok, word_b, exact), dim=-1)
+    return (a @ b.T).cpu().numpy()
+
+
+DEFAULT_PAIRS = (("vote", "vote"), ("law", "loi"), ("Parliament", "Parlement"), ("Commission", "Commission"),
+                 ("President", "Président"), ("report", "rapport"), ("question", "question"), ("countries", "pays"))
+
+
+def cross_lingual_pairs(model: nn.Module, tok, pairs=DEFAULT_PAIRS) -> list[dict]:
+    """How well the senses of translation pairs (en, fr) align. Sense l is made by the same
+    slice of the sense network for every word, so sense l of "law" and sense l of "loi"
+    should agree when the model has learnt that they mean the same. Per pair:
+    ``alignment`` (mean cosine of same-index senses, the one number), ``best_match`` (mean
+    over senses of the best cosine with any sense of the other word), ``baseline`` (the same
+    alignment against the other pairs' French words: what chance looks like here), the
+    tokens used, ``same_tokens`` (True when both words are the same tokens, as vote/vote:
+    their alignment is 1 by construction and says nothing) and the k x k matrix."""
+    sims = {(a, b): sense_similarity(model, tok, a, b) for a, b in pairs}
+    out = []
+    for a, b in pairs:
+        s = sims[a, b]
+        others = [np.diag(sense_similarity(model, tok, a, b2)).mean() for a2, b2 in pairs if b2 != b]
+        out.append({
+            "en": a, "fr": b,
+            "en_tokens": [tok.token_str(t) for t in word_token_ids(tok, a)],
+            "fr_tokens": [tok.token_str(t) for t in word_token_ids(tok, b)],
+            "same_tokens": word_token_ids(tok, a) == word_token_ids(tok, b),
+            "alignment": float(np.diag(s).mean()),
+            "best_match": float(s.max(1).mean()),
+            "baseline": float(np.mean(others)) if others else float("nan"),
+            "matrix": s,
+        })
+    return out
+
+
+def alignment_figure(rows: list[dict]):
+    """Heatmap: one row per pair, one column per sense, the same-index cosine."""
+    from . import plots
+
+    m = np.stack([np.diag(r["matrix"]) for r in rows])
+    labels = [f"{r['en']} / {r['fr']}  ({r['alignment']:+.2f}, chance {r['baseline']:+.2f})" for r in rows]
+    return plots.heatmap(m, labels, [str(l) for l in range(m.shape[1])], title="cosine of sense l (en) with sense l (fr)",
+                         cmap="RdBu_r", vmin=-1, vmax=1)
+
+
+# ----------------------------------------------------------------------------------------
+# contextualization and the reweighting intervention
+
+
+@torch.no_grad()
+def contextualization_heatmap(model: nn.Module, tok, sentence: str, senses=None):
+    """(figure, alpha (k, T, T), token strings) of the contextualization weights of a
+    sentence: row i is the predicting position, column j the token whose senses it mixes."""
+    from . import plots
+
+    bare = _unwrap(model)
+    ids = tok.encode(sentence)[: bare.config.block_size]
+    if not ids:
+        raise UserError("give a non-empty sentence")
+    was_training = bare.training
+    bare.eval()
+    try:
+        alpha = bare.contextualization(torch.tensor([ids], device=bare.wte.weight.device))[0].float().cpu().numpy()
+    finally:
+        bare.train(was_training)
+    tokens = [tok.token_str(t) for t in ids]
+    fig = plots.alpha_heatmaps(alpha, tokens, senses, title=f"contextualization weights: {sentence[:60]!r}")
+    return fig, alpha, tokens
+
+
+def _occurrences(ids: list[int], pattern: list[int]) -> list[int]:
+    """Positions of every token of every occurrence of ``pattern`` in ``ids``."""
+    n = len(pattern)
+    hits = []
+    for i in range(len(ids) - n + 1):
+        if ids[i : i + n] == pattern:
+            hits += range(i, i + n)
+    return sorted(set(hits))
+
+
+@torch.no_grad()
+def next_token_logits(model: nn.Module, idx: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (V,) of the token after ``idx`` (1, T) from the Backpack equation, with the
+    sense vectors optionally scaled: ``scale`` (T, k) multiplies C(x_j)_l. Exactly
+    ``E sum_j sum_l alpha_l[T-1, j] scale[j, l] C(x_j)_l``."""
+    bare = _unwrap(model)
+    senses = bare.sense_vectors(idx)[0]  # (T, k, d)
+    alpha = bare.contextualization(idx)[0, :, -1, :]  # (k, T): weights of the last position
+    if scale is not None:
+        senses = senses * scale[..., None]
+    o = torch.einsum("lj,jld->d", alpha.to(senses.dtype), senses)  # (d,)
+    return o @ bare.wte.weight.T  # (V,)
+
+
+def reweight(model: nn.Module, tok, prompt: str, word: str, sense: int, factor: float, top: int = 10,
+             exact: bool = False) -> dict:
+    """The paper's intervention: scale sense ``sense`` of ``word`` by ``factor`` wherever the
+    word occurs in ``prompt`` and compare the next-token distribution before and after.
+    Returns the positions changed, top tokens before/after with probabilities, and
+    KL(before || after) in nats. ``factor`` 1 changes nothing; 0 removes that sense."""
+    bare = _unwrap(model)
+    k = bare.config.n_senses
+    if not 0 <= sense < k:
+        raise UserError(f"sense must be in 0..{k - 1}, got {sense}")
+    ids = tok.encode(prompt)[-bare.config.block_size :]
+    if not ids:
+        raise UserError("give a non-empty prompt")
+    positions = _occurrences(ids, word_token_ids(tok, word, exact))
+    device = bare.wte.weight.device
+    idx = torch.tensor([ids], device=device)
+    scale = torch.ones(len(ids), k, device=device)
+    scale[positions, sense] = factor
+    was_training = bare.training
+    bare.eval()
+    try:
+        before = next_token_logits(bare, idx).float()
+        after = next_token_logits(bare, idx, scale).float()
+    finally:
+        bare.train(was_training)
+    p, q = before.log_softmax(-1), after.log_softmax(-1)
+    kl = float((p.exp() * (p - q)).sum())
+
+    def top_tokens(logp: torch.Tensor) -> list[tuple[str, float]]:
+        vals, where = logp.exp().topk(top)
+        return [(tok.token_str(i), float(v)) for v, i in zip(vals.tolist(), where.tolist())]
+
+    return {
+        "prompt": prompt, "word": word, "sense": sense, "factor": factor,
+        "positions": positions, "tokens": [tok.token_str(t) for t in ids],
+        "before": top_tokens(p), "after": top_tokens(q), "kl": kl,
+        "logits_before": before, "logits_after": after,
+    }

@@ -1,0 +1,172 @@
+"""Evaluation: bits per byte against a direct computation, eval.json, the seed's evaluate
+command verbatim, mismatches, and sample.py."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backpack_nb import data, evaluation
+from backpack_nb.evaluation import load_model, windows
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpts(tiny_backpack_run, tiny_transformer_run, tmp_path_factory) -> dict[str, Path]:
+    """Copies of the session's tiny checkpoints laid out as the seed's run folders, so the
+    tests may write eval.json beside them."""
+    root = tmp_path_factory.mktemp("evalruns")
+    out = {}
+    for name, run in (("backpack", tiny_backpack_run), ("transformer", tiny_transformer_run)):
+        folder = root / "out" / f"{name}_full"
+        folder.mkdir(parents=True)
+        for f in ("ckpt.pt", "best.pt"):
+            shutil.copy(run["out_dir"] / f, folder / f)
+        out[name] = folder / "ckpt.pt"
+    return out
+
+
+def _direct_scores(model, tok, tokens: np.ndarray) -> tuple[float, int, int]:
+    """(nats, scored tokens, bytes) with plain full logits, window by window."""
+    nats, count = 0.0, 0
+    for start, length, first in windows(len(tokens), model.config.block_size):
+        x = torch.from_numpy(tokens[start : start + length].astype(np.int64))[None]
+        y = torch.from_numpy(tokens[start + 1 : start + length + 1].astype(np.int64))
+        logits, _ = model(x, all_logits=True)
+        nats += F.cross_entropy(logits[0, first:].double(), y[first:], reduction="sum").item()
+        count += length - first
+    special = set(tok.special_ids.values())
+    nbytes = sum(len(tok.token_bytes(t)) for t in tokens[1:].tolist() if t not in special)
+    return nats, count, nbytes
+
+
+@pytest.mark.parametrize("model_type", ["backpack", "transformer"])
+def test_bits_per_byte_equals_direct_computation(model_type, tiny_ckpts, prepared_europarl):
+    model, tok, _ = load_model(tiny_ckpts[model_type])
+    cap = 700  # several windows per language, not a multiple of block_size
+    result = evaluation.evaluate_model(model, tok, prepared_europarl, splits=["val"], max_tokens=cap, progress=False)
+    meta = data.load_meta(prepared_europarl)
+    pooled = [0.0, 0, 0]
+    for lang in meta["langs"]:
+        tokens = np.array(data.load_tokens(prepared_europarl, "val", lang)[:cap])
+        nats, count, nbytes = _direct_scores(model, tok, tokens)
+        # the byte count is the text's: decoding the scored tokens without separators
+        text = tok.decode_bytes([t for t in tokens[1:].tolist() if t != tok.eot_id])
+        assert nbytes == len(text)
+        got = result["val"][lang]
+        assert got["tokens"] == count == cap - 1
+        assert got["bytes"] == nbytes
+        assert got["loss"] == pytest.approx(nats / count, rel=1e-5)
+        assert got["ppl"] == pytest.approx(math.exp(nats / count), rel=1e-5)
+        assert got["bits_per_byte"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
+        lo, hi = got["bpb_ci95"]
+        assert lo <= got["bits_per_byte"] <= hi and lo < hi
+        pooled = [pooled[0] + nats, pooled[1] + count, pooled[2] + nbytes]
+    assert result["val"]["all"]["bits_per_byte"] == pytest.approx(pooled[0] / math.log(2) / pooled[2], rel=1e-5)
+    assert result["val"]["all"]["tokens"] == pooled[1]
+    # a trained model beats the uniform distribution
+    assert result["val"]["all"]["loss"] < math.log(tok.vocab_size) - 1.0
+
+
+def test_stride_scores_every_token_once(tiny_ckpts, prepared_europarl):
+    model, tok, _ = load_model(tiny_ckpts["transformer"])
+    tokens = np.array(data.load_tokens(prepared_europarl, "val", "en")[:500])
+    lengths = evaluation.token_byte_lengths(tok)
+    plain = evaluation.score_tokens(model, tokens, lengths, block_size=64, progress=False)
+    sliding = evaluation.score_tokens(model, tokens, lengths, block_size=64, stride=16, progress=False)
+    assert plain.tokens.sum() == sliding.tokens.sum() == 499
+    assert plain.bytes.sum() == sliding.bytes.sum()
+    assert len(sliding.nats) > len(plain.nats)
+    # more context per scored token: the sliding evaluation is not worse by much, and differs
+    assert sliding.nats.sum() != pytest.approx(plain.nats.sum(), rel=1e-9)
+    with pytest.raises(ValueError):
+        windows(100, 64, 65)
+
+
+@pytest.mark.parametrize(
+    "model_type,config", [("backpack", "train_europarl_scratch"), ("transformer", "train_europarl_transformer_baseline")]
+)
+def test_seed_evaluate_command_verbatim(model_type, config, tiny_ckpts):
+    """`python evaluate.py --model_path out/X/ckpt.pt --config <seed config> --model_type X`
+    on a tiny checkpoint: the shape comes from the checkpoint, the data from the config."""
+    ckpt = tiny_ckpts[model_type]  # out/<model>_full/ckpt.pt in a temporary folder
+    proc = subprocess.run(
+        [sys.executable, "evaluate.py", "--model_path", str(ckpt), "--config", config, "--model_type", model_type],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "bits/byte" in proc.stdout and "val   en" in proc.stdout and "test  fr" in proc.stdout
+    result = json.loads((ckpt.parent / "eval.json").read_text())
+    assert result["model_type"] == model_type and result["checkpoint"] == str(ckpt)
+    for split in ("val", "test"):
+        assert set(result["splits"][split]) == {"all", "en", "fr"}
+        for r in result["splits"][split].values():
+            assert set(r) >= {"loss", "ppl", "bits_per_byte", "bpb_ci95", "tokens", "bytes"}
+            assert 0 < r["bits_per_byte"] < 10
+    meta = data.load_meta(result["data_dir"])
+    # the full split is evaluated: every token but the first of each language file
+    assert result["splits"]["val"]["en"]["tokens"] == meta["splits"]["val"]["langs"]["en"]["tokens"] - 1
+
+
+def test_eval_json_keeps_other_sections(tiny_ckpts, prepared_europarl, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    shutil.copy(tiny_ckpts["transformer"], ckpt)
+    (tmp_path / "eval.json").write_text(json.dumps({"checkpoint": str(ckpt), "lexsim": {"kept": True}}))
+    evaluation.evaluate_checkpoint(ckpt, data_dir=str(prepared_europarl), splits=["val"], max_tokens=200, progress=False)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["lexsim"] == {"kept": True} and "val" in saved["splits"]
+
+
+def test_best_pt_evaluates(tiny_ckpts, prepared_europarl, tmp_path):
+    out = tmp_path / "e.json"
+    r = evaluation.evaluate_checkpoint(tiny_ckpts["backpack"].with_name("best.pt"), data_dir=str(prepared_europarl),
+                                       splits=["test"], max_tokens=150, out=out, progress=False)
+    assert json.loads(out.read_text())["splits"]["test"]["all"]["tokens"] == r["splits"]["test"]["all"]["tokens"] == 2 * 149
+
+
+def test_wrong_model_type_exits_2(tiny_ckpts, capsys):
+    before = tiny_ckpts["backpack"].read_bytes()
+    with pytest.raises(SystemExit) as exc:
+        evaluation.main(["--model_path", str(tiny_ckpts["backpack"]), "--model_type", "transformer"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "does not match" in err and "--model_type backpack" in err and "Traceback" not in err
+    assert tiny_ckpts["backpack"].read_bytes() == before
+
+
+def test_other_vocabulary_exits_2(tiny_ckpts, europarl_source, tmp_path, capsys):
+    other = data.prepare(europarl_source, tmp_path / "aligned", data.PrepareConfig(form="aligned", block_size=64), progress=False)
+    with pytest.raises(SystemExit) as exc:
+        evaluation.main(["--model_path", str(tiny_ckpts["transformer"]), "--data_dir", str(other)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "another tokenizer or vocabulary" in err and str(other) in err
+
+
+def test_missing_checkpoint_exits_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        evaluation.main(["--model_path", str(tmp_path / "nope.pt")])
+    assert exc.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_sample_py(tiny_ckpts):
+    cmd = [sys.executable, "sample.py", "--model_path", str(tiny_ckpts["backpack"]), "--start", "The Commission",
+           "--num_samples", "2", "--max_new_tokens", "12", "--seed", "7"]
+    a = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    b = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout  # deterministic per seed
+    assert a.stdout.count("---------- sample") == 2
+    assert a.stdout.count("The Commission") == 2

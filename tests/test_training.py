@@ -1,0 +1,382 @@
+"""The training loop end to end on the Europarl sample: tiny models learn, interrupted runs
+resume bit-exactly, compiled runs save clean checkpoints, DDP runs under torchrun, signals
+stop cleanly, and every bad input ends in exit status 2 with a message naming the fix."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from backpack_nb import checkpoint as ck
+from backpack_nb import senses, tokenizer
+from backpack_nb.errors import UserError
+from backpack_nb.models import ModelConfig, build_model
+from backpack_nb.params import TrainConfig
+from backpack_nb.training import BatchSampler, WarmupCosineSchedule, resolve_device, train
+from conftest import ROOT, tiny_config
+
+sys.path.insert(0, str(ROOT))
+from train import main  # noqa: E402  (the front door, called in-process)
+
+# The tiny presets must beat a uniform guess (ln V) by at least this many nats.
+MARGIN_NATS = 2.0
+COMPARED = ("iterations", "train_loss", "val_loss", "lr", "tokens_seen", "top_activating_words")
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _log(out_dir: Path) -> dict:
+    return json.loads((Path(out_dir) / "training_log.json").read_text("utf-8"))
+
+
+def _exit2(argv: list[str], capsys) -> str:
+    """Run train.py's main in-process, expect exit status 2, return its error line(s)."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+def _tiny_argv(model_type: str, out_dir: Path, *extra: str) -> list[str]:
+    return ["--config", f"tiny_{model_type}", "--data_dir", "europarl_sample",
+            "--out_dir", str(out_dir), *extra]
+
+
+# --- units ---------------------------------------------------------------------------------
+
+
+def test_schedule_warmup_cosine_floor():
+    cfg = TrainConfig(learning_rate=1.0, min_lr=0.1, warmup_iters=10, lr_decay_iters=110)
+    s = WarmupCosineSchedule(cfg)
+    assert s.lr(0) == pytest.approx(1 / 11) and s.lr(9) == pytest.approx(10 / 11)
+    assert s.lr(10) == pytest.approx(1.0) and s.lr(60) == pytest.approx(0.55)
+    assert s.lr(110) == pytest.approx(0.1) and s.lr(10_000) == pytest.approx(0.1)
+
+
+def test_sampler_is_deterministic_resumable_and_sliced_per_rank():
+    tokens = np.arange(1000, dtype=np.uint16)
+    kw = dict(block_size=8, batch_size=3, seed=5, device=torch.device("cpu"))
+    a = BatchSampler(tokens, **kw)
+    a.next_batch()
+    state = a.state_dict()
+    expected = [a.next_batch() for _ in range(3)]
+    b = BatchSampler(tokens, **{**kw, "seed": 99})
+    b.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(expected, [b.next_batch() for _ in range(3)]):
+        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+        assert torch.equal(x1[:, 1:], y1[:, :-1]) and x1.dtype == torch.int64
+    # Two ranks of a 2-process job together draw the single process's batch of 6.
+    whole = BatchSampler(tokens, **{**kw, "batch_size": 6}).next_batch()[0]
+    parts = [BatchSampler(tokens, **kw, rank=r, world_size=2).next_batch()[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(parts), whole)
+    with pytest.raises(UserError, match="too few for block_size 8"):
+        BatchSampler(tokens[:9], **kw, name="val")
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the fallback on a machine without CUDA")
+def test_device_fallbacks_without_cuda():
+    device, dtype, notes = resolve_device(TrainConfig(device="cuda", dtype="float16"))
+    assert (device.type, dtype) == ("cpu", "float32")
+    assert len(notes) == 2 and "CUDA is not available" in notes[0] and "float32" in notes[1]
+    assert notes[0].endswith("training on the CPU instead (much slower); pass --device cpu to "
+                             "silence this")
+    assert resolve_device(TrainConfig(device="cpu", dtype="bfloat16"))[1:] == ("bfloat16", [])
+    with pytest.raises(UserError, match="strict_device"):
+        resolve_device(TrainConfig(device="cuda", strict_device=True))
+
+
+def test_sense_words_and_default_probe_words(prepared_europarl):
+    tok = tokenizer.load(prepared_europarl)
+    torch.manual_seed(0)
+    model = build_model("backpack", ModelConfig(vocab_size=tok.vocab_size, block_size=16,
+                                                n_layer=1, n_head=2, n_embd=16, n_senses=4,
+                                                dropout=0.1))
+    model.train()
+    rows = senses.sense_words(model, tok, "vote", top=5)
+    assert model.training  # put back in the mode it was in
+    assert [r["sense"] for r in rows] == [0, 1, 2, 3] and rows[0]["token"] == " vote"
+    assert all(len(r["top"]) == 5 and len(r["bottom"]) == 5 for r in rows)
+    assert rows == senses.sense_words(model, tok, " vote", top=5)  # eval mode: deterministic
+    from backpack_nb import data
+
+    words = senses.frequent_content_words(
+        data.load_tokens(prepared_europarl, "train"), tok,
+        {l: data.load_tokens(prepared_europarl, "val", l) for l in ("en", "fr")}, 3)
+    assert len(words) == 6 and all(w.isalpha() and len(w) >= 4 for w in words)
+    assert "Commission" in words[:3]  # English first, then French
+
+
+# --- tiny models learn ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("model_type", ["backpack", "transformer"])
+def test_tiny_model_learns(model_type, request):
+    run = request.getfixturevalue(f"tiny_{model_type}_run")
+    out, result = run["out_dir"], run["result"]
+    log = _log(out)
+    vocab = json.loads((out / "run.json").read_text())["dataset"]["vocab_size"]
+    ln_v = math.log(vocab)
+    assert log["val_loss"][0] == pytest.approx(ln_v, abs=0.1)  # a fresh model is uniform
+    assert log["val_loss"][-1] < ln_v - MARGIN_NATS, (log["val_loss"], ln_v)
+    assert log["iterations"] == [0, 50, 100, 150, 200]
+    assert log["tokens_seen"] == [i * 8 * 64 for i in log["iterations"]]
+    assert all(len(log[k]) == 5 for k in ("train_loss", "lr", "elapsed_s"))
+    assert [r["iteration"] for r in run["records"]] == log["iterations"]  # callback per eval
+    assert result["stopped"] is None and result["iter_num"] == 200
+    print(f"{model_type}: val {log['val_loss'][-1]:.3f} vs ln V {ln_v:.3f}, "
+          f"{result['tokens_per_s']:.0f} tok/s, {run['wall_s']:.1f} s")
+
+    words = log["top_activating_words"]
+    if model_type == "backpack":
+        assert [w["iteration"] for w in words] == log["iterations"]
+        entry = words[-1]["words"][0]
+        assert entry["probe"].startswith(" ") and entry["sense"] == 0
+        assert len(entry["top"]) == 10 and len(entry["bottom"]) == 10
+        assert {e["sense"] for e in words[-1]["words"]} == set(range(4))
+    else:
+        assert words == []
+
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["config"]["model_type"] == model_type
+    assert info["dataset"]["meta_hash"] and info["versions"]["torch"] == torch.__version__
+    assert info["effective_batch"] == {"sequences": 8, "tokens": 512}
+
+    state = torch.load(out / "ckpt.pt", weights_only=True, map_location="cpu")
+    assert state["iter_num"] == 200 and state["training_log"] == log
+    assert not any(k.startswith(("_orig_mod.", "module.")) for k in state["model"])
+    best = torch.load(out / "best.pt", weights_only=True, map_location="cpu")
+    assert best["best_val_loss"] == min(log["val_loss"]) and "optimizer" not in best
+    model = build_model(best["model_type"], ModelConfig.from_dict(best["model_config"]))
+    model.load_state_dict(best["model"])
+
+
+# --- bit-exact resume -------------------------------------------------------------------------
+
+
+def test_backpack_resume_is_bit_exact_from_the_previous_checkpoint(tiny_backpack_run, tmp_path,
+                                                                   capsys):
+    """Interrupted at 120 (after the checkpoint at 100); then ckpt.pt is damaged, so the
+    resume falls back to ckpt.prev.pt (iteration 100) and replays 100-120."""
+    out = tmp_path / "bp"
+    assert main(_tiny_argv("backpack", out, "--stop_after", "120")) == 0
+    assert ck.read_checkpoint(out / "ckpt.pt")["iter_num"] == 120
+    assert ck.read_checkpoint(out / "ckpt.prev.pt")["iter_num"] == 100
+    data = (out / "ckpt.pt").read_bytes()
+    (out / "ckpt.pt").write_bytes(data[: len(data) // 3])
+    capsys.readouterr()
+    assert main(_tiny_argv("backpack", out, "--init_from", "resume")) == 0
+    captured = capsys.readouterr()
+    assert "warning: checkpoint" in captured.err and "ckpt.prev.pt" in captured.err
+    assert "resumed at iteration 100" in captured.out
+    ref, got = _log(tiny_backpack_run["out_dir"]), _log(out)
+    for key in COMPARED:
+        assert got[key] == ref[key], key
+    assert len(json.loads((out / "run.json").read_text())["resumed_at"]) == 1
+
+
+def test_transformer_finished_run_continues_bit_exactly(tiny_transformer_run, tmp_path):
+    """A run finished at max_iters 100, resumed with --max_iters 200, logs what one run to 200
+    logs (the schedule decays over lr_decay_iters, so max_iters may change on resume)."""
+    cfg = tiny_config("transformer", tmp_path / "tr", max_iters=100)
+    first = train(cfg)
+    assert first["stopped"] is None and first["iter_num"] == 100
+    second = train(cfg.replace(init_from="resume", max_iters=200))
+    assert second["iter_num"] == 200
+    ref, got = _log(tiny_transformer_run["out_dir"]), _log(tmp_path / "tr")
+    for key in COMPARED:
+        assert got[key] == ref[key], key
+    # Nothing left to do: a resume at max_iters returns at once, without a new save.
+    before = (tmp_path / "tr" / "ckpt.pt").stat().st_mtime_ns
+    assert train(cfg.replace(init_from="resume", max_iters=200))["iter_num"] == 200
+    assert (tmp_path / "tr" / "ckpt.pt").stat().st_mtime_ns == before
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+
+
+def test_compiled_run_saves_clean_checkpoints_and_resumes(prepared_europarl, tmp_path):
+    small = dict(n_layer=1, max_iters=3, eval_interval=2, eval_iters=1, batch_size=2,
+                 checkpoint_interval=2, compile=True)
+    cfg = tiny_config("backpack", tmp_path / "c", **small)
+    assert train(cfg)["iter_num"] == 3
+    state = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True, map_location="cpu")
+    assert not any("_orig_mod" in k for k in state["model"])
+    model = build_model("backpack", ModelConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])  # strict: every key matches a bare model
+    resumed = train(cfg.replace(init_from="resume", max_iters=5))
+    assert resumed["iter_num"] == 5 and _log(tmp_path / "c")["iterations"] == [0, 2, 3, 4, 5]
+
+
+# --- several processes ------------------------------------------------------------------------------
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_ddp_two_processes_gloo(prepared_europarl, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "train.py", *_tiny_argv("transformer", out, "--max_iters", "6",
+                                        "--eval_interval", "3", "--eval_iters", "2",
+                                        "--checkpoint_interval", "3")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    log = _log(out)
+    assert log["iterations"] == [0, 3, 6]
+    assert log["tokens_seen"] == [0, 3 * 2 * 8 * 64, 6 * 2 * 8 * 64]  # both ranks' tokens
+    info = json.loads((out / "run.json").read_text())
+    assert info["device"]["world_size"] == 2 and info["device"]["backend"] == "gloo"
+    assert info["effective_batch"]["sequences"] == 16
+    assert proc.stdout.count("eval 6:") == 1  # rank 0 alone reports
+    assert sorted(p.name for p in out.iterdir()) == [
+        "best.pt", "ckpt.prev.pt", "ckpt.pt", "run.json", "training_log.json"]
+    state = ck.read_checkpoint(out / "ckpt.pt")
+    assert len(state["rng"]) == 2 and state["sampler"]["world_size"] == 2
+
+
+def test_sigterm_finishes_the_step_saves_and_resumes(prepared_europarl, tmp_path):
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "train.py", *_tiny_argv("transformer", out, "--max_iters", "100000",
+                                                   "--eval_interval", "100000",
+                                                   "--log_interval", "1")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:
+            if line.startswith("iter 3/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "received SIGTERM" in stderr and "Traceback" not in stderr
+    assert "continue with --init_from resume" in stdout
+    it = ck.read_checkpoint(out / "ckpt.pt")["iter_num"]
+    assert it >= 3
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted" and info["stopped_by"] == "SIGTERM"
+    assert main(_tiny_argv("transformer", out, "--init_from", "resume",
+                           "--max_iters", str(it + 2), "--eval_interval", "100000")) == 0
+    assert ck.read_checkpoint(out / "ckpt.pt")["iter_num"] == it + 2
+
+
+# --- the seed's command and bad inputs ------------------------------------------------------------
+
+
+SEED_FLAGS = ["--model_type", "backpack", "--config", "train_europarl_scratch",
+              "--data_dir", "europarl", "--device", "cuda", "--dtype", "float16"]
+# Appended to the seed's command to keep it quick: the seed's shape, 2 steps of 2 sequences.
+QUICK = ["--max_iters", "2", "--eval_iters", "1", "--batch_size", "2"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="checks the CPU fallback")
+def test_seed_command_falls_back_to_cpu_then_resumes(tmp_path, capsys):
+    out = str(tmp_path / "backpack_full")
+    assert main([*SEED_FLAGS, "--out_dir", out, "--init_from", "scratch", *QUICK]) == 0
+    err = capsys.readouterr().err
+    assert err.count("CUDA is not available") == 1 and err.count("float16 is for GPUs") == 1
+    assert _log(out)["iterations"] == [0, 2]
+    assert main([*SEED_FLAGS, "--out_dir", out, "--init_from", "resume", *QUICK[2:],
+                 "--max_iters", "3"]) == 0
+    assert _log(out)["iterations"] == [0, 2, 3]
+    capsys.readouterr()
+    err = _exit2([*SEED_FLAGS, "--out_dir", str(tmp_path / "s"), "--strict_device"], capsys)
+    assert "--strict_device forbids falling back; pass --device cpu" in err
+
+
+def test_resume_without_checkpoint(tmp_path, capsys):
+    err = _exit2(_tiny_argv("backpack", tmp_path / "none", "--init_from", "resume"), capsys)
+    assert "neither ckpt.pt nor ckpt.prev.pt" in err and "--init_from scratch" in err
+
+
+@pytest.mark.parametrize("existing", ["ckpt.pt", "ckpt.prev.pt"])
+def test_scratch_refuses_to_overwrite(existing, tiny_transformer_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(tiny_transformer_run["out_dir"] / "ckpt.pt", out / existing)
+    err = _exit2(_tiny_argv("transformer", out), capsys)
+    assert existing in err and "--init_from resume" in err and "--overwrite" in err
+    assert (out / existing).exists()
+    # --overwrite replaces the old run (here with a 0-step run: one evaluation, no save).
+    assert main(_tiny_argv("transformer", out, "--overwrite", "--max_iters", "0")) == 0
+    assert not (out / existing).exists() and _log(out)["iterations"] == [0]
+
+
+def test_resume_with_another_model_shape(tiny_backpack_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_backpack_run["out_dir"], out)
+    err = _exit2(_tiny_argv("backpack", out, "--init_from", "resume", "--n_layer", "3",
+                            "--n_senses", "8", "--max_iters", "300"), capsys)
+    assert "n_layer: checkpoint has 2, this run has 3" in err
+    assert "n_senses: checkpoint has 4, this run has 8" in err
+    err = _exit2(_tiny_argv("transformer", out, "--init_from", "resume"), capsys)
+    assert "model_type: checkpoint has 'backpack', this run has 'transformer'" in err
+
+
+def test_resume_from_unreadable_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "ckpt.pt").write_bytes(b"garbage")
+    err = _exit2(_tiny_argv("backpack", out, "--init_from", "resume"), capsys)
+    assert str(out / "ckpt.pt") in err and "unreadable" in err
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["--config", "no_such_config"], "config 'no_such_config' not found"),
+    (["--config", "tiny_backpack", "--lerning_rate", "1"], "did you mean --learning_rate?"),
+    (["--config", "tiny_backpack", "--dtype", "fp16"], "--dtype: 'fp16' is not one of"),
+    (["--config", "tiny_backpack", "--compile", "maybe"], "--compile: expected true or false"),
+    (["--config", "tiny_backpack", "--init_from", "gpt2"], "--init_from: 'gpt2' is not one of"),
+    (["--config", "tiny_backpack", "--n_senses", "5"], "n_embd (128) must be divisible by n_senses (5)"),
+])
+def test_bad_command_lines(argv, expected, capsys):
+    assert expected in _exit2(argv, capsys)
+
+
+def test_bad_yaml_keys_are_listed(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model_type: backpack\nbatch_sise: 4\nmax_iters: many\n")
+    err = _exit2(["--config", str(bad)], capsys)
+    assert "2 problems" in err and "'batch_sise' (did you mean 'batch_size'?)" in err
+    assert "max_iters: expected an integer" in err and "valid keys:" in err
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_float16_on_cuda_uses_a_gradient_scaler(prepared_europarl, tmp_path):
+    cfg = tiny_config("backpack", tmp_path / "gpu", device="cuda", dtype="float16",
+                      max_iters=4, eval_interval=2, eval_iters=1)
+    result = train(cfg)
+    assert result["dtype"] == "float16" and result["device"].startswith("cuda")
+    state = ck.read_checkpoint(tmp_path / "gpu" / "ckpt.pt")
+    assert state["scaler"]["scale"] > 0 and "cuda" in state["rng"][0]
+
+
+def test_sparse_table_backpack_trains_and_resumes_bit_exactly(prepared_europarl, tmp_path):
+    table = dict(sense_source="table", sparse_table=True, max_iters=12, eval_interval=4,
+                 eval_iters=2, checkpoint_interval=4)
+    ref = train(tiny_config("backpack", tmp_path / "ref", **table))
+    cfg = tiny_config("backpack", tmp_path / "cut", **table, stop_after=6)
+    assert train(cfg)["stopped"] == "stop_after"
+    train(cfg.replace(init_from="resume", stop_after=None))
+    got = _log(tmp_path / "cut")
+    for key in COMPARED:
+        assert got[key] == ref["training_log"][key], key
+    assert got["val_loss"][-1] < got["val_loss"][0]
+    state = ck.read_checkpoint(tmp_path / "cut" / "ckpt.pt")
+    assert set(state["optimizer"]) == {"dense", "sparse"}
+    with pytest.raises(UserError, match="sparse_table: checkpoint has True, this run has False"):
+        train(cfg.replace(init_from="resume", sparse_table=False, max_iters=20))

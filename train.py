@@ -1,0 +1,58 @@
+"""Train a Backpack language model or its Transformer baseline (the seed's front door).
+
+    python train.py --model_type backpack --config train_europarl_scratch \\
+        --out_dir out/backpack_full --data_dir europarl --init_from scratch \\
+        --device cuda --dtype float16 --compile
+
+Any key of params/<config>.yaml can be overridden as ``--key value`` (booleans also as
+``--flag`` / ``--no-flag``); ``--help`` lists them all. Under ``torchrun --nproc_per_node N``
+the same command trains with DDP. Exit status: 0 when training finished, 2 for a bad input
+(one ``error:`` line naming the fix), 128 + signal number when stopped by SIGINT/SIGTERM
+after saving a checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import Sequence
+
+from backpack_nb.errors import UserError, exit_on_user_error
+
+
+class _StderrLines(logging.Handler):
+    """``warning: <message>`` on whatever sys.stderr is now (not the one at set-up time, so
+    in-process callers that swap stderr, such as tests, still see the lines)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"{record.levelname.lower()}: {record.getMessage()}", file=sys.stderr, flush=True)
+
+
+def _setup_logging() -> None:
+    logger = logging.getLogger("backpack_nb")
+    if not any(isinstance(h, _StderrLines) for h in logger.handlers):
+        logger.addHandler(_StderrLines())
+    # Under torchrun only rank 0 speaks; the others would repeat every warning.
+    logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _setup_logging()
+    try:
+        from backpack_nb.params import config_from_argv
+        from backpack_nb.training import train
+
+        cfg = config_from_argv(argv)
+        result = train(cfg)
+    except UserError as exc:
+        exit_on_user_error(exc)
+    stopped = result["stopped"]
+    if stopped in ("SIGINT", "SIGTERM", "peer"):  # "peer": another rank got the signal
+        return 128 + int(getattr(signal, stopped if stopped != "peer" else "SIGTERM"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
