@@ -248,6 +248,22 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_eval_json(target: Path, model_path: Path, sections: dict) -> None:
+    """Write ``sections`` into ``target`` (an eval.json) atomically, keeping the sections
+    already there (``splits``, ``lexsim``...) when that file belongs to the same checkpoint."""
+    from . import checkpoint as ckpt_io
+
+    previous: dict = {}
+    if target.is_file():
+        try:
+            previous = json.loads(target.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = {}
+        if previous.get("checkpoint") != str(model_path):
+            previous = {}
+    ckpt_io.write_json(target, {**previous, **sections})
+
+
 def evaluate_checkpoint(
     model_path: str | os.PathLike,
     *,
@@ -268,7 +284,6 @@ def evaluate_checkpoint(
 
     ``config`` (a params name) supplies the data settings only; without it, the data the
     checkpoint was trained on."""
-    from . import checkpoint as ckpt_io
     from .params import load_params
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -303,15 +318,7 @@ def evaluate_checkpoint(
         ),
     }
     target = Path(out) if out else model_path.parent / "eval.json"
-    previous = {}
-    if target.is_file():
-        try:
-            previous = json.loads(target.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            previous = {}
-        if previous.get("checkpoint") != str(model_path):
-            previous = {}
-    ckpt_io.write_json(target, {**previous, **result})
+    merge_eval_json(target, model_path, result)
     result["path"] = str(target)
     return result
 
@@ -329,20 +336,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--out", default=None, help="where to write the JSON (default: eval.json beside the checkpoint)")
+    ap.add_argument("--lexsim", action="store_true", help="also score Multi-SimLex word similarity (a lexsim section in eval.json)")
+    ap.add_argument("--multisimlex", default=None, metavar="PATH",
+                    help="folder with Multi-SimLex's scores.csv and translation.csv (default: MULTISIMLEX_SOURCE, else data/multisimlex)")
     args = ap.parse_args(argv)
     try:
         splits = [s for s in args.splits.split(",") if s]
         bad = [s for s in splits if s not in ("val", "test", "train")]
         if bad:
             raise UserError(f"unknown split(s) {', '.join(bad)}; use val, test")
+        if args.lexsim:  # read Multi-SimLex first: a bad file fails before anything is written
+            from . import lexsim
+
+            bench = lexsim.load_multisimlex(args.multisimlex)
         result = evaluate_checkpoint(
             args.model_path, config=args.config, model_type=args.model_type, data_dir=args.data_dir,
             splits=splits, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
             device=args.device, dtype=args.dtype, out=args.out,
         )
+        if args.lexsim:
+            result["lexsim"] = lexsim.write_lexsim(result["checkpoint"], bench, data_dir=result["data_dir"],
+                                                   out=result["path"], device=args.device)
     except UserError as exc:
         exit_on_user_error(exc)
     print(f"{result['model_type']} at iteration {result['iteration']} ({result['checkpoint']})")
     print(format_table(result))
+    if "lexsim" in result:
+        print(lexsim.format_table(result["lexsim"]))
     print(f"wrote {result['path']}")
     return 0
