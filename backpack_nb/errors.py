@@ -8,12 +8,13 @@ exception with the same message.
 from __future__ import annotations
 
 import sys
+from typing import NoReturn
 
 
 class UserError(Exception):
     """Bad input: a missing path, an unknown option, a file that does not match."""
 
 
-def exit_on_user_error(exc: UserError) -> "NoReturn":  # noqa: F821
+def exit_on_user_error(exc: UserError) -> NoReturn:
     print(f"error: {exc}", file=sys.stderr)
     raise SystemExit(2)

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import csv
 import html
-import json
 import logging
 import math
 import os

@@ -10,37 +10,20 @@ one the config selects is marked with ``*``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from backpack_nb.errors import UserError, exit_on_user_error
 from backpack_nb.models import ConfigError, ModelConfig, build_model
-from backpack_nb.paths import params_dir, resolve_in_root
 
 
 def load_params(config: str) -> dict[str, Any]:
-    """A params mapping from a name under ``params/`` or a path to a YAML file."""
-    path = Path(config)
-    if path.suffix not in (".yaml", ".yml"):
-        path = params_dir() / f"{config}.yaml"
-    elif not path.is_file():
-        path = resolve_in_root(path)  # params/x.yaml from any working directory
-    if not path.is_file():
-        known = sorted(p.stem for p in params_dir().glob("*.yaml"))
-        raise UserError(
-            f"no params file {path}: pass a name under params/ ({', '.join(known) or 'none'}) "
-            "or a path to a .yaml file"
-        )
-    try:
-        params = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(params, dict):
-        raise UserError(f"{path} must hold a mapping of keys to values")
-    return params
+    """A params mapping from a name under ``params/`` or a path to a YAML file (read the
+    same way as ``train.py --config`` reads it)."""
+    from backpack_nb.params import read_params_file
+
+    return read_params_file(config)
 
 
 def parameter_table(params: dict[str, Any], vocab_size: int) -> str:
