@@ -1,0 +1,134 @@
+"""The benchmark (backpack_nb.bench): it runs in its tiny mode and its outputs have the
+right structure and pass sanity checks. No timing assertions (this machine is shared)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from backpack_nb import bench
+from backpack_nb.models import ModelConfig, build_model
+
+
+def test_tiny_speed_run_prints_the_table_and_writes_json(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    bench.main(["--tiny", "--json", str(out), "--only", "backpack", "transformer", "nanogpt",
+                "backpack/plain", "transformer/plain", "backpack/per-position-senses",
+                "backpack-table/dense", "backpack-table/sparse", "transformer/checkpointed"])
+    text = capsys.readouterr().out
+    assert "Backpack / Transformer step time" in text and "FLOP floor" in text
+    assert "Transformer / nanoGPT-style step time" in text and "MFU" in text
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert len(rows) == 9
+    for r in rows.values():
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and len(r["ms_all"]) == 2
+        assert 0 < r["mfu"] < 2 and r["peak_mib"] > 0
+    assert rows["backpack/plain"]["time_vs_base"] > 0
+    q = result["ratios"]
+    assert q["backpack_over_transformer"] > 0 and q["transformer_over_nanogpt"] > 0
+    # useful FLOPs: the same for the three ways of training a Transformer; the Backpack's
+    # floor is above 1; a variant doing redundant work is credited useful FLOPs only
+    assert rows["transformer"]["useful_gflop"] == rows["nanogpt"]["useful_gflop"]
+    assert q["flop_floor"] > 1
+    assert rows["backpack/per-position-senses"]["useful_gflop"] == rows["backpack"]["useful_gflop"]
+    assert result["peak_gflops"] > 0
+
+
+def test_train_flops_counts_matmul_weights_causal_attention_and_distinct_senses():
+    cfg = ModelConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=8, n_senses=2)
+    gpt, bp = build_model("transformer", cfg), build_model("backpack", cfg)
+    B, T, d, L = 3, 16, 8, 2
+    f = bench.train_flops(gpt, B, T, distinct_tokens=10)
+    assert f["blocks"] == 6 * B * T * L * 12 * d * d  # no biases: 12 d^2 matmul weights
+    assert f["attention"] == 6 * L * B * T * T * d  # half of 12 L T d a token
+    assert f["head"] == 6 * B * T * 100 * d
+    g = bench.train_flops(bp, B, T, distinct_tokens=10)
+    sense_weights = 8 * d * d + 4 * d * d + 4 * d * 2 * d  # FF_1, then FF_2 to k*d
+    assert g["sense_network"] == 6 * 10 * sense_weights
+    doubled = bench.train_flops(bp, B, T, distinct_tokens=20)
+    assert doubled["sense_network"] == 2 * g["sense_network"]
+    assert g["mixing"] == 3 * B * T * T * d * (1 + 2)
+    assert g["total"] == pytest.approx(sum(v for k, v in g.items() if k != "total"))
+
+
+def test_nanogpt_baseline_has_the_transformers_parameters_and_initial_loss():
+    cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
+    torch.manual_seed(0)
+    nano, gpt = bench.NanoGPT(cfg), build_model("transformer", cfg)
+    assert sum(p.numel() for p in nano.parameters()) == gpt.num_parameters(by_part=False)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    _, loss = nano(x, y)
+    assert abs(loss.item() - math.log(64)) < 0.1
+
+
+def test_live_memory_on_fake_tensors_equals_the_same_step_on_real_ones():
+    case = bench.MemoryCase("backpack", vocab_size=97, batch_size=2, block_size=16, n_layer=2,
+                            n_head=2, n_embd=16, n_senses=4, dropout=0.0, dtype="float32",
+                            attention="cpu", chunk_rows=8, distinct_tokens=20)
+    real = bench.trace_memory(case, real=True)
+    fake = bench.trace_memory(bench.dataclasses.replace(
+        case, distinct_tokens=real["distinct_tokens"]))
+    assert real["parts"] == fake["parts"]
+    assert real["peak_bytes"] == fake["peak_bytes"] > 0
+    assert real["phase_peaks"] == fake["phase_peaks"]
+
+
+@pytest.fixture(scope="module")
+def memory_output(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "memory.json"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        bench.main(["memory", "--config", "train_europarl_scratch", "--json", str(out)])
+    return buf.getvalue(), json.loads(out.read_text())
+
+
+def test_memory_accounting_parts_and_verdicts(memory_output):
+    text, result = memory_output
+    verdicts = [line for line in text.splitlines() if "VERDICT" in line]
+    assert len(verdicts) == 2
+    assert {v.split(":")[0] for v in verdicts} == {"VERDICT backpack", "VERDICT transformer"}
+    for v in verdicts:
+        assert v.split(": ", 1)[1].startswith(("FITS (", "DOES NOT FIT ("))
+    cases = result["cases"]
+    assert {c["case"]["vocab_size"] for c in cases} == {50_257, 100_277}
+    for c in cases:
+        # weights: fp32 master weights, 4 bytes a parameter (the tied E once)
+        assert c["parts"]["weights"] == 4 * c["params"]
+        assert c["peak_bytes"] == sum(c["parts"].values())
+        assert c["case"]["batch_size"] == 32 and c["case"]["block_size"] == 512
+    by = {(c["label"], c["case"]["vocab_size"]): c for c in cases}
+    for model in ("transformer", "backpack"):
+        for V in (50_257, 100_277):
+            chunked = by[model, V]["parts"]["logits"]
+            full = by[f"{model}/full-logits", V]["parts"]["logits"]
+            assert chunked < full / 10
+    # the table's moments are dense even with SparseAdam; its gradient is not
+    dense, sparse = by["backpack/table+AdamW", 100_277], by["backpack/table+SparseAdam", 100_277]
+    assert dense["parts"]["optimizer state"] == pytest.approx(sparse["parts"]["optimizer state"])
+    assert sparse["phase_peaks"]["optimizer"] < dense["phase_peaks"]["optimizer"]
+    # activation checkpointing stores less
+    ck = by["backpack/checkpointed", 100_277]["parts"]["activations"]
+    assert ck < by["backpack", 100_277]["parts"]["activations"]
+
+
+def test_data_section_times_prepare_against_bare_encode(europarl_source, tmp_path):
+    result = bench.run_data(europarl_source, copies=1, repeats=1, log=lambda *_: None)
+    assert result["mib"] > 1 and result["documents"] > 10
+    assert result["prepare_s"] > 0 and result["encode_s"] > 0
+    assert result["rate_ratio"] == pytest.approx(result["encode_s"] / result["prepare_s"],
+                                                 rel=0.01)
+    assert "prepare rate / bare encode rate" in bench.format_data(result)
+
+
+def test_bad_variant_name_is_a_user_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--tiny", "--only", "nonsense"])
+    assert exc.value.code == 2
+    assert "unknown variant" in capsys.readouterr().err

@@ -1,0 +1,256 @@
+"""Every performance lever computes the same thing as the plain path: logits, loss and
+gradients in float64 (senses once per distinct token, the three mixing kernels, the chunked
+loss with gradients in forward, activation checkpointing), and the sparse table updates
+match dense ones where they should (gradients, clipping, the first Adam step)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from backpack_nb import optim
+from backpack_nb.models import ModelConfig, build_model, linear_cross_entropy
+from backpack_nb.models.backpack import causal_mixing
+
+V = 41
+
+
+def tiny(kind: str = "backpack", seed: int = 0, **overrides):
+    values = dict(vocab_size=V, block_size=32, n_layer=2, n_head=2, n_embd=12, n_senses=3)
+    torch.manual_seed(seed)
+    return build_model(kind, ModelConfig(**{**values, **overrides})).double()
+
+
+def batch(B: int = 2, T: int = 32, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    # a small id range so that tokens repeat within the batch (what deduplication exploits)
+    return (torch.randint(0, 9, (B, T), generator=gen),
+            torch.randint(0, V, (B, T), generator=gen))
+
+
+def loss_and_grads(model, idx, targets, **kwargs):
+    model.zero_grad(set_to_none=True)
+    logits, loss = model(idx, targets, all_logits=True, **kwargs)
+    loss.backward()
+    grads = {n: p.grad.to_dense() if p.grad.is_sparse else p.grad.clone()
+             for n, p in model.named_parameters()}
+    return logits.detach(), loss.detach(), grads
+
+
+def assert_same(a, b, atol=1e-12):
+    (la, lossa, ga), (lb, lossb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=0, atol=atol)
+    torch.testing.assert_close(lossa, lossb, rtol=0, atol=atol)
+    assert ga.keys() == gb.keys()
+    for name in ga:
+        torch.testing.assert_close(ga[name], gb[name], rtol=0, atol=atol, msg=name)
+
+
+# -- senses once per distinct token ----------------------------------------------------
+
+
+@pytest.mark.parametrize("mixing", ["einsum", "blocked"])  # two gathers of the senses
+@pytest.mark.parametrize("source", ["network", "table"])
+def test_deduplicated_senses_equal_per_position_senses(source, mixing):
+    model = tiny(sense_source=source).eval()
+    model.mixing, model.mixing_block = mixing, 8
+    idx, targets = batch()
+    assert len(torch.unique(idx)) < idx.numel()  # there is something to deduplicate
+    model.dedup_senses = False
+    plain = loss_and_grads(model, idx, targets)
+    model.dedup_senses = True
+    assert_same(loss_and_grads(model, idx, targets), plain)
+
+
+# -- the mixing kernels ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mixing", ["sdpa", "blocked"])
+def test_mixing_kernels_equal_the_einsum_reference(mixing):
+    model = tiny().eval()
+    model.mixing_block = 8  # T = 32: four blocks
+    idx, targets = batch()
+    model.mixing = "einsum"
+    plain = loss_and_grads(model, idx, targets)
+    model.mixing = mixing
+    assert_same(loss_and_grads(model, idx, targets), plain)
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2, 4, 16])
+def test_causal_mixing_function_against_a_direct_sum(n_blocks):
+    torch.manual_seed(0)
+    B, k, T, d = 2, 3, 16, 6
+    q = torch.randn(B, k, T, d // k * 2, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(B, k, T, d // k * 2, dtype=torch.float64, requires_grad=True)
+    senses = torch.randn(B, T, k, d, dtype=torch.float64, requires_grad=True)
+    grad_o = torch.randn(B, T, d, dtype=torch.float64)
+
+    # o_i = sum_l sum_{j <= i} softmax_j(q_l,i . k_l,j / sqrt(w)) senses_j,l, written out
+    scores = torch.einsum("blid,bljd->blij", q, key) / math.sqrt(q.shape[-1])
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    ref = torch.einsum("blij,bjld->bid", scores.softmax(-1), senses)
+    ref_grads = torch.autograd.grad(ref, (q, key, senses), grad_o)
+
+    out = causal_mixing(q, key, senses, n_blocks)
+    grads = torch.autograd.grad(out, (q, key, senses), grad_o)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+def test_auto_mixing_picks_blocked_on_cpu_only_when_the_length_allows():
+    model = tiny()
+    assert model._mixing_kernel(torch.zeros(1, 128, dtype=torch.long)) == "blocked"
+    assert model._mixing_kernel(torch.zeros(1, 100, dtype=torch.long)) == "einsum"
+    assert model._mixing_kernel(torch.zeros(1, 64, dtype=torch.long)) == "einsum"  # one block
+    model.mixing = "blocked"
+    with pytest.raises(ValueError, match="divisible"):
+        model._mixing_kernel(torch.zeros(1, 100, dtype=torch.long))
+
+
+def test_blocked_mixing_under_bfloat16_autocast_gives_float32_gradients():
+    model = tiny().float().train()
+    model.mixing, model.mixing_block = "blocked", 8
+    idx, targets = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(idx, targets)
+    loss.backward()
+    assert torch.isfinite(loss)
+    for name, p in model.named_parameters():
+        assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+# -- the chunked loss: gradients computed in forward -----------------------------------
+
+
+def test_chunked_loss_without_grad_computes_no_gradients_and_the_same_value():
+    torch.manual_seed(0)
+    h = torch.randn(10, 4, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (10,))
+    with torch.no_grad():
+        value = linear_cross_entropy(h, W, y, chunk_rows=3)
+    assert value.grad_fn is None
+    torch.testing.assert_close(value, F.cross_entropy(h.detach() @ W.detach().T, y))
+
+
+def test_chunked_loss_gradients_for_one_input_only_and_twice_with_retain_graph():
+    torch.manual_seed(0)
+    h = torch.randn(10, 4, dtype=torch.float64)  # no grad: only W's is computed
+    W = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 7, (10,))
+    loss = linear_cross_entropy(h, W, y, chunk_rows=4)
+    (g1,) = torch.autograd.grad(3.0 * loss, W, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, W)
+    (ref,) = torch.autograd.grad(F.cross_entropy(h @ W.T, y), W)
+    torch.testing.assert_close(g1, 3.0 * ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(g2, ref, rtol=0, atol=1e-12)
+
+
+def test_chunked_loss_under_autocast_returns_float32_weight_gradients():
+    torch.manual_seed(0)
+    h = torch.randn(12, 8, requires_grad=True)
+    W = (torch.randn(9, 8) * 0.1).requires_grad_()
+    y = torch.randint(0, 9, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, W, y, chunk_rows=5)
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert W.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
+    ref = F.cross_entropy(h.detach() @ W.detach().T, y)
+    assert abs(loss.item() - ref.item()) < 0.05
+
+
+# -- activation checkpointing ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["transformer", "backpack"])
+def test_activation_checkpointing_gives_the_same_gradients_with_dropout(kind):
+    model = tiny(kind, dropout=0.2).train()
+    idx, targets = batch()
+    torch.manual_seed(5)
+    plain = loss_and_grads(model, idx, targets)
+    model.set_activation_checkpointing(True)
+    torch.manual_seed(5)  # the same dropout masks; the recomputation replays them
+    assert_same(loss_and_grads(model, idx, targets), plain)
+    assert model.transformer.checkpoint_blocks
+
+
+# -- sparse updates of a sense table ---------------------------------------------------
+
+
+def test_sparse_table_gradients_equal_dense_ones_and_clip_the_same():
+    model = tiny(sense_source="table").eval()
+    idx, targets = batch()
+    dense = loss_and_grads(model, idx, targets)
+    optim.set_sparse_table(model)
+    model.zero_grad(set_to_none=True)
+    _, loss = model(idx, targets)
+    loss.backward()
+    table = model.sense_table.weight
+    assert table.grad.is_sparse
+    assert table.grad.coalesce()._nnz() == len(torch.unique(idx))  # U rows, not B*T
+    torch.testing.assert_close(table.grad.to_dense(), dense[2]["sense_table.weight"],
+                               rtol=0, atol=1e-12)
+    # clipping: the same norm and the same scaled gradients as torch's on dense ones
+    params = list(model.parameters())
+    norm = optim.clip_grad_norm_(params, 0.01)
+    dense_grads = [dense[2][n].clone() for n, _ in model.named_parameters()]
+    ref_norm = torch.linalg.vector_norm(torch.stack([g.norm() for g in dense_grads]))
+    torch.testing.assert_close(norm.double(), ref_norm, rtol=1e-6, atol=0)
+    scale = 0.01 / (ref_norm + 1e-6)
+    torch.testing.assert_close(table.grad.to_dense(),
+                               dense[2]["sense_table.weight"] * scale, rtol=1e-6, atol=1e-12)
+
+
+def test_sparse_table_optimizer_first_step_equals_dense_adam_without_decay():
+    idx, targets = batch()
+    models = []
+    for sparse in (False, True):
+        model = tiny(sense_source="table").eval()
+        # eps enters the two differently (SparseAdam adds it before the bias correction)
+        opt = optim.make_optimizer(model, lr=0.01, weight_decay=0.0, eps=1e-30,
+                                   sparse_table=sparse)
+        _, loss = model(idx, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        models.append(model)
+    dense, sparse = (dict(m.named_parameters()) for m in models)
+    for name in dense:
+        torch.testing.assert_close(sparse[name], dense[name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_sparse_table_optimizer_state_dict_round_trip_and_grad_scaler():
+    model = tiny(sense_source="table").float()
+    opt = optim.make_optimizer(model, lr=1e-3, sparse_table=True)
+    assert isinstance(opt, optim.SparseTableAdamW)
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {
+        id(p) for p in model.parameters()}
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    idx, targets = batch()
+    for _ in range(2):
+        _, loss = model(idx, targets)
+        scaler.scale(loss).backward()
+        scaler.unscale_(opt)
+        optim.clip_grad_norm_(list(model.parameters()), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+    state = opt.state_dict()
+    assert set(state) == {"dense", "sparse"}
+    fresh = optim.make_optimizer(model, lr=1e-3, sparse_table=True)
+    fresh.load_state_dict(state)
+    table = model.sense_table.weight
+    torch.testing.assert_close(fresh.state[table]["exp_avg"], opt.state[table]["exp_avg"])
+    with pytest.raises(ValueError, match="sparse-table"):
+        fresh.load_state_dict(torch.optim.AdamW(model.parameters()).state_dict())
+
+
+def test_sparse_table_needs_a_table_backpack():
+    with pytest.raises(ValueError, match="table"):
+        optim.make_optimizer(tiny(), lr=1e-3, sparse_table=True)
+    assert isinstance(optim.make_optimizer(tiny("transformer"), lr=1e-3), torch.optim.AdamW)
