@@ -7,8 +7,9 @@
 Any key of params/<config>.yaml can be overridden as ``--key value`` (booleans also as
 ``--flag`` / ``--no-flag``); ``--help`` lists them all. Under ``torchrun --nproc_per_node N``
 the same command trains with DDP. Exit status: 0 when training finished, 2 for a bad input
-(one ``error:`` line naming the fix), 128 + signal number when stopped by SIGINT/SIGTERM
-after saving a checkpoint.
+(one ``error:`` line naming the fix; also a full disk or a diverged, NaN loss), 128 + signal
+number when stopped by SIGINT/SIGTERM (after saving a checkpoint; a second signal aborts
+without saving the current step).
 """
 
 from __future__ import annotations
@@ -48,6 +49,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = train(cfg)
     except UserError as exc:
         exit_on_user_error(exc)
+    except KeyboardInterrupt as exc:  # a second signal, or Ctrl-C before training started
+        signum = int(getattr(exc, "signum", signal.SIGINT))
+        print(f"error: aborted by {signal.Signals(signum).name} without saving the current "
+              "step; the checkpoints already written are complete: continue with "
+              "--init_from resume", file=sys.stderr, flush=True)
+        return 128 + signum
     stopped = result["stopped"]
     if stopped in ("SIGINT", "SIGTERM", "peer"):  # "peer": another rank got the signal
         return 128 + int(getattr(signal, stopped if stopped != "peer" else "SIGTERM"))

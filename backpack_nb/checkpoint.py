@@ -13,6 +13,13 @@ What a training checkpoint holds is defined by ``training.Trainer.state_dict``: 
 ``best_val_loss``, ``progress``, ``training_log``, ``probe_words``, ``tokenizer`` (encoding
 and compact vocabulary), ``data`` (dataset folder and meta hash) and ``history``. ``best.pt``
 keeps the weights and what evaluation needs, without the optimizer.
+
+Crash guarantees (tests/test_reliability.py kills training with SIGKILL at random moments):
+``ckpt.pt`` always names a complete checkpoint once the first one is written (the previous one
+becomes ``ckpt.prev.pt`` through a hard link, so there is no moment without ``ckpt.pt``);
+temporary files a crash leaves behind are removed by :func:`remove_stale_temps` when training
+starts again; a write that fails (disk full, no permission) raises a :class:`UserError` naming
+the file and leaves the file it would have replaced untouched.
 """
 
 from __future__ import annotations
@@ -20,8 +27,13 @@ from __future__ import annotations
 import io
 import logging
 import os
+import pickle
 import random
+import re
+import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -35,6 +47,15 @@ log = logging.getLogger(__name__)
 CKPT_NAME = "ckpt.pt"
 PREV_NAME = "ckpt.prev.pt"
 BEST_NAME = "best.pt"
+# Files training writes with atomic_write; a crash may leave a ".<name>.*.tmp" beside each.
+RUN_FILES = (CKPT_NAME, PREV_NAME, BEST_NAME, "training_log.json", "run.json")
+
+# Test hook: with BACKPACK_NB_TEST_SLOW_SAVE=<seconds>, every *.pt write pauses twice (once
+# part-way through the temporary file, once when it is complete but not yet renamed), printing
+# a "slow-save:" line on stderr before each pause and one when the file is in place, so a test
+# can land a SIGKILL inside a save and tell afterwards where it landed.
+SLOW_SAVE_ENV = "BACKPACK_NB_TEST_SLOW_SAVE"
+_SLOW_SAVE_AFTER = 1 << 16  # bytes of the temporary file written before the first pause
 
 # Read once: os.umask can only be read by setting it, which is not thread-safe to repeat.
 _UMASK = os.umask(0o022)
@@ -52,24 +73,95 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it and rename it over
     ``path``; then fsync the folder so the rename itself survives a power cut. A crash leaves
     either the old file or the new one, never half of one. ``before_replace`` runs once the new
-    file is complete, just before the rename (used to keep the old file under another name)."""
+    file is complete, just before the rename (used to keep the old file under another name).
+    An OSError (disk full, file too large, no permission) becomes a UserError naming the file;
+    the file it would have replaced is untouched and the temporary file removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    pause = _slow_save_seconds(path)
+    tmp: str | None = None
+    writer: _Writer | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual open() mode
         with os.fdopen(fd, "wb") as f:
-            write(f)
+            writer = _Writer(f, pause, path.name)
+            write(writer)
             f.flush()
             os.fsync(f.fileno())
         if before_replace is not None:
             before_replace()
+        if pause:
+            _slow_save_mark(f"{path.name} complete, pausing {pause:g} s before the rename")
+            time.sleep(pause)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        tmp = None
+    except BaseException as exc:
+        # When a write fails (ENOSPC, EFBIG) or is interrupted (a second signal), torch.save's
+        # zip writer raises its own RuntimeError over it on the way out; the first is the one
+        # worth telling.
+        if writer is not None and writer.error is not None and writer.error is not exc:
+            exc = writer.error
+        if isinstance(exc, OSError):
+            raise UserError(_write_error(path, exc)) from exc
+        raise exc
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
     _fsync_dir(path.parent)
+    if pause:
+        _slow_save_mark(f"{path.name} in place")
     return path
+
+
+def _write_error(path: Path, exc: OSError) -> str:
+    what = exc.strerror or type(exc).__name__
+    kept = (f"the existing {path.name} is untouched" if path.exists()
+            else f"no {path.name} was written")
+    return (f"could not write {path} ({what}); {kept}. Free disk space or fix the "
+            f"permissions of {path.parent} (or choose another --out_dir), then run again")
+
+
+def _slow_save_seconds(path: Path) -> float:
+    if not path.name.endswith(".pt"):
+        return 0.0
+    try:
+        return max(float(os.environ.get(SLOW_SAVE_ENV) or 0.0), 0.0)
+    except ValueError:
+        return 0.0
+
+
+def _slow_save_mark(message: str) -> None:
+    print(f"slow-save: {message}", file=sys.stderr, flush=True)
+
+
+class _Writer:
+    """The temporary file as ``write`` sees it: passes writes through, remembers the exception
+    of a failed or interrupted one (torch.save hides it behind its own error) and, for the
+    slow-save hook, pauses once part-way."""
+
+    def __init__(self, f: io.BufferedWriter, pause: float, name: str):
+        self._f, self._pause, self._name = f, pause, name
+        self._written = 0
+        self.error: BaseException | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            n = self._f.write(data)
+            self._written += len(data)
+            if self._pause and self._written >= _SLOW_SAVE_AFTER:
+                pause, self._pause = self._pause, 0.0
+                self._f.flush()  # the partial temporary file is on disk while we wait
+                _slow_save_mark(f"{self._name} part-written ({self._written} bytes), pausing "
+                                f"{pause:g} s")
+                time.sleep(pause)
+        except BaseException as exc:
+            self.error = exc
+            raise
+        return n
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -105,30 +197,80 @@ def save_checkpoint(state: Mapping[str, Any], out_dir: str | os.PathLike,
     target = out_dir / name
 
     def keep_old() -> None:
-        # Runs after the new file is fully on disk: the old ckpt.pt becomes ckpt.prev.pt by a
-        # rename, and a crash before the next rename leaves ckpt.prev.pt to fall back to.
+        # Runs after the new file is fully on disk, before it is renamed over ckpt.pt.
         if keep_previous and name == CKPT_NAME and target.exists():
-            os.replace(target, out_dir / PREV_NAME)
+            _keep_as(target, out_dir / PREV_NAME)
 
     return atomic_write(target, lambda f: torch.save(dict(state), f), before_replace=keep_old)
 
 
+def _keep_as(src: Path, dst: Path) -> None:
+    """Give ``src``'s file the name ``dst`` too (a hard link renamed over ``dst``), leaving
+    ``src`` in place: a crash at any moment leaves a complete ``ckpt.pt``. Where hard links
+    are not supported, ``src`` is renamed instead; a crash before the new file is renamed then
+    leaves ckpt.prev.pt alone, which :func:`load_checkpoint` falls back to."""
+    if dst.exists() and os.path.samefile(src, dst):
+        return  # a crash after the last link left both names on one file: already kept
+    link = dst.with_name(f".{dst.name}.{os.getpid()}.link.tmp")
+    link.unlink(missing_ok=True)
+    try:
+        os.link(src, link)
+    except OSError:
+        os.replace(src, dst)
+        return
+    os.replace(link, dst)
+    link.unlink(missing_ok=True)  # rename() between two links to one file leaves both names
+
+
+def remove_stale_temps(out_dir: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files a crash left in ``out_dir`` (``.ckpt.pt.*.tmp`` and the
+    like, for the files training writes); returns what was removed. Call it only where no
+    other process is writing these files (training does, on start)."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    removed = []
+    for p in out_dir.glob(".*.tmp"):
+        if p.is_file() and any(p.name.startswith(f".{n}.") for n in RUN_FILES):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load one checkpoint file onto the CPU with ``weights_only=True``; a missing, truncated
-    or foreign file is a UserError naming the file and the problem."""
+    """Load one checkpoint file onto the CPU with ``weights_only=True``; a missing, truncated,
+    foreign or code-carrying file is a UserError naming the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": our message says it
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message begins by suggesting weights_only=False: never the advice to give.
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n|$)", str(exc))
+        detail = found.group(1) if found else "objects other than tensors"
+        if detail.startswith(("Unsupported operand", "String is too long")):
+            raise UserError(f"checkpoint {path} is unreadable (neither a torch zip archive nor "
+                            f"a pickle of tensors: {detail}); it may be truncated or not a "
+                            "backpack_nb checkpoint") from None
+        raise UserError(
+            f"checkpoint {path} holds pickled objects that are not tensors or plain values "
+            f"({detail}); refused to load it, since unpickling it could run code. Use a "
+            "checkpoint written by backpack_nb's train.py") from None
     except Exception as exc:  # zip/pickle errors come in many types; all mean "unreadable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"checkpoint {path} is unreadable ({first}); it may be truncated "
-                        "or not a backpack_nb checkpoint") from None
+        raise UserError(_unreadable(path, exc)) from None
     if not isinstance(state, dict) or "model" not in state:
         raise UserError(f"checkpoint {path} holds no model weights; it is not a "
                         "backpack_nb checkpoint")
     return state
+
+
+def _unreadable(path: Path, exc: BaseException) -> str:
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (f"checkpoint {path} is unreadable ({first}); it may be truncated or not a "
+            "backpack_nb checkpoint")
 
 
 def existing_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
@@ -137,23 +279,47 @@ def existing_checkpoints(out_dir: str | os.PathLike) -> list[Path]:
     return [p for p in (out_dir / CKPT_NAME, out_dir / PREV_NAME) if p.exists()]
 
 
-def load_checkpoint(out_dir: str | os.PathLike) -> tuple[dict[str, Any], Path]:
-    """Load ``out_dir/ckpt.pt``, or ``ckpt.prev.pt`` with a warning when ckpt.pt is missing or
-    unreadable. Returns the state and the file it came from."""
-    out_dir = Path(out_dir)
-    ckpt, prev = out_dir / CKPT_NAME, out_dir / PREV_NAME
-    if not ckpt.exists() and not prev.exists():
+def require_checkpoint(out_dir: str | os.PathLike) -> None:
+    """A UserError unless ``out_dir`` holds ckpt.pt or ckpt.prev.pt (cheap: checks names)."""
+    if not existing_checkpoints(out_dir):
         raise UserError(
             f"--init_from resume: no checkpoint in {out_dir} (neither {CKPT_NAME} nor "
             f"{PREV_NAME}); check --out_dir, or start with --init_from scratch"
         )
-    try:
-        return read_checkpoint(ckpt), ckpt
-    except UserError as exc:
-        if not prev.exists():
-            raise
-        log.warning("%s; resuming from the previous checkpoint %s instead", exc, prev.name)
-    return read_checkpoint(prev), prev
+
+
+def load_checkpoint(out_dir: str | os.PathLike,
+                    accept: Callable[[dict[str, Any], Path], None] | None = None
+                    ) -> tuple[dict[str, Any], Path]:
+    """Load ``out_dir/ckpt.pt``, or ``ckpt.prev.pt`` with a warning when ckpt.pt is missing,
+    unreadable or refused by ``accept(state, path)`` (which raises a UserError for a
+    checkpoint this run cannot use, and may apply the one it accepts). Returns the state and
+    the file it came from; when neither is usable, one UserError names each file's problem."""
+    out_dir = Path(out_dir)
+    require_checkpoint(out_dir)
+    ckpt, prev = out_dir / CKPT_NAME, out_dir / PREV_NAME
+    failures: list[UserError] = []
+    for path in (ckpt, prev):
+        if path == prev and not prev.exists():
+            break
+        try:
+            state = read_checkpoint(path)
+            if accept is not None:
+                accept(state, path)
+        except UserError as exc:
+            failures.append(exc)
+            continue
+        if failures:
+            log.warning("%s; resuming from the previous checkpoint %s instead",
+                        failures[0], path.name)
+        return state, path
+    if len(failures) == 1:
+        raise failures[0]
+    first, second = (str(e) for e in failures)
+    if first.replace(str(ckpt), "") == second.replace(str(prev), ""):
+        raise UserError(f"{first}\n({prev.name} has the same problem)")
+    raise UserError(f"no usable checkpoint in {out_dir}:\n  - "
+                    + "\n  - ".join(m.replace("\n", "\n    ") for m in (first, second)))
 
 
 def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,12 @@ What it guarantees:
   ``ckpt.pt``; on the CPU an interrupted and resumed run logs exactly what an uninterrupted
   one logs. Evaluation draws from a fixed-seed generator and never touches the training RNGs.
 - **Interruptible.** SIGTERM (a preempted spot VM) or Ctrl-C finishes the current step, saves
-  and returns; a second signal aborts.
+  and returns (an evaluation due at that step is left to the resume); a second signal aborts.
+- **Crash-safe.** A kill at any moment (even mid-save) loses at most the steps since the last
+  checkpoint; a resume falls back from a damaged or foreign ``ckpt.pt`` to ``ckpt.prev.pt``.
+- **Never saves NaN.** A non-finite loss (float32/bfloat16) or non-finite weights stop the run
+  before anything is evaluated or saved; the last good checkpoint stays as it was. In float16
+  the gradient scaler skips such steps, as it is meant to, and the run goes on.
 - **Same code on 1 CPU or N GPUs.** Under ``torchrun`` it runs DDP (NCCL on CUDA, gloo on CPU);
   every process draws the same global batch and takes its slice, so the effective batch is
   batch_size x gradient_accumulation_steps x processes, and only rank 0 writes files.
@@ -362,6 +367,18 @@ class _Progress:
 # --- signals ----------------------------------------------------------------------------------
 
 
+class Aborted(KeyboardInterrupt):
+    """A second SIGTERM/SIGINT: stop at once, without saving the current step."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite; nothing was saved after that."""
+
+
 class _StopRequest:
     """SIGTERM/SIGINT ask the loop to stop after the current step; a second one aborts."""
 
@@ -383,7 +400,7 @@ class _StopRequest:
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             self.restore()
-            raise KeyboardInterrupt
+            raise Aborted(signum)
         self.signum = signum
         print(f"\nreceived {signal.Signals(signum).name}: finishing this step, saving, then "
               "stopping (send it again to abort without saving)", file=sys.stderr, flush=True)
@@ -435,6 +452,69 @@ def _check_resumable(state: dict, path: Path, cfg: TrainConfig, data_hash: str,
         )
 
 
+# Top-level entries of a training checkpoint, and the nested ones read before loading.
+_STATE_LAYOUT = {
+    "model": dict, "model_type": str, "model_config": dict, "config": dict, "optimizer": dict,
+    "scaler": dict, "schedule": dict, "sampler": dict, "rng": list, "progress": dict,
+    "training_log": dict, "probe_words": list, "tokenizer": dict, "data": dict, "history": dict,
+}
+_NESTED_KEYS = {
+    "model_config": ("vocab_size",), "data": ("data_dir", "meta_hash"),
+    "sampler": ("generator", "batches_drawn", "world_size"), "schedule": ("last_iter",),
+    "progress": ("iter_num", "best_val_loss", "tokens_seen", "elapsed_s"),
+    "history": ("resumed_at",),
+}
+
+
+def _check_layout(state: dict, path: Path) -> None:
+    """Every entry a resume reads is there, of the right kind (a checkpoint cut short by a
+    bug, edited by hand, or a best.pt copied over ckpt.pt is refused with a clear message)."""
+    missing = [k for k in _STATE_LAYOUT if k not in state]
+    wrong = [f"{k} is a {type(state[k]).__name__}, not a {t.__name__}"
+             for k, t in _STATE_LAYOUT.items() if k in state and not isinstance(state[k], t)]
+    for k, nested in _NESTED_KEYS.items():
+        if isinstance(state.get(k), dict):
+            missing += [f"{k}.{n}" for n in nested if n not in state[k]]
+    if missing or wrong:
+        hint = (" (it looks like a best.pt, which keeps the weights only and cannot be resumed)"
+                if {"optimizer", "sampler", "progress"} <= set(missing) else "")
+        raise UserError(f"checkpoint {path} is incomplete{hint}: "
+                        + "; ".join(([f"missing {', '.join(missing)}"] if missing else []) + wrong))
+
+
+def _check_weights_fit(weights: dict, model: torch.nn.Module, path: Path) -> None:
+    """The checkpoint's weights have exactly this model's names and shapes."""
+    got = ckpt_io.clean_state_dict(weights)
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    for k, v in expected.items():
+        if k in got and not isinstance(got[k], torch.Tensor):
+            problems.append(f"{k} is not a tensor")
+        elif k in got and tuple(got[k].shape) != tuple(v.shape):
+            problems.append(f"{k} has shape {tuple(got[k].shape)}, the model {tuple(v.shape)}")
+    if problems:
+        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise UserError(f"checkpoint {path} does not fit this run's model: "
+                        f"{'; '.join(problems[:4])}{more}")
+
+
+def _check_token_ids(splits: dict[str, np.ndarray], vocab_size: int, data_dir: Path) -> None:
+    """Token ids beyond the vocabulary mean a damaged .bin of the right size, or a meta.json
+    from another preparation; caught here rather than as an index error mid-step."""
+    for split, tokens in splits.items():
+        top = int(tokens.max()) if len(tokens) else -1
+        if top >= vocab_size:
+            raise UserError(
+                f"{data_dir / (split + '.bin')} holds token id {top}, outside the vocabulary of "
+                f"{vocab_size} tokens in meta.json: the file is damaged or meta.json belongs to "
+                "another preparation; prepare the dataset again with --overwrite")
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
 def train(cfg: TrainConfig, *, callback: EvalCallback | None = None) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``. ``callback(record)`` is called on rank 0
     after each evaluation with the eval record (iteration, train_loss, val_loss, lr,
@@ -466,6 +546,8 @@ class Trainer:
                 "continue it with --init_from resume, pick another --out_dir, or pass "
                 "--overwrite to replace it"
             )
+        if cfg.init_from == "resume":
+            ckpt_io.require_checkpoint(self.out_dir)  # before the data and the model: fail fast
 
         # Data: prepared on first use (by rank 0), then the compact-vocabulary tokenizer.
         self.data_dir = data_mod.resolve_data_dir(cfg.data_dir)
@@ -475,12 +557,9 @@ class Trainer:
         self.tok = tokenizer_mod.load(self.data_dir)
         self.splits = {split: data_mod.load_tokens(self.data_dir, split)
                        for split in ("train", "val")}
+        _check_token_ids(self.splits, self.tok.vocab_size, self.data_dir)
 
-        resume_from: tuple[dict, Path] | None = None
-        if cfg.init_from == "resume":
-            resume_from = ckpt_io.load_checkpoint(self.out_dir)
-            _check_resumable(*resume_from, cfg, self.data_hash, self.tok.vocab_size)
-        elif cfg.overwrite and rt.master:
+        if cfg.init_from == "scratch" and cfg.overwrite and rt.master:
             for name in (ckpt_io.CKPT_NAME, ckpt_io.PREV_NAME, ckpt_io.BEST_NAME, LOG_NAME):
                 (self.out_dir / name).unlink(missing_ok=True)  # never resume the replaced run
 
@@ -514,8 +593,12 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.raw_model, cfg)
         self.peak_flops = peak_flops(rt.device, rt.dtype)
 
-        if resume_from is not None:
-            self.load_state_dict(resume_from[0])  # last: it restores the RNGs
+        # Non-finite losses since the last check, counted on the device (no sync per step).
+        self._nonfinite = torch.zeros((), dtype=torch.int32, device=rt.device)
+        self._checked_iter = 0
+        self.resumed_from: Path | None = None
+        if cfg.init_from == "resume":  # last: it restores the RNGs
+            _, self.resumed_from = ckpt_io.load_checkpoint(self.out_dir, accept=self._resume)
             self.history["resumed_at"].append(_now())
         if cfg.model_type == "backpack" and not self.probe_words:
             val_by_lang = {lang: data_mod.load_tokens(self.data_dir, "val", lang)
@@ -555,6 +638,21 @@ class Trainer:
             "saved_at": _now(),
         }
 
+    def _resume(self, state: dict[str, Any], path: Path) -> None:
+        """Continue from ``state`` if it fits this run; otherwise a UserError naming ``path``
+        and the problem (load_checkpoint then tries ckpt.prev.pt, which, if it fits, replaces
+        everything this call may have loaded)."""
+        _check_layout(state, path)
+        _check_resumable(state, path, self.cfg, self.data_hash, self.tok.vocab_size)
+        _check_weights_fit(state["model"], self.raw_model, path)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"checkpoint {path} is damaged ({type(exc).__name__}: {first}); "
+                            "it cannot be resumed") from None
+        self._checked_iter = self.progress["iter_num"]
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by :meth:`state_dict` (already checked to match).
         The config stays this run's own: schedule keys may have changed."""
@@ -578,15 +676,20 @@ class Trainer:
         """ckpt.pt (previous kept as ckpt.prev.pt) and, for a new best, best.pt (weights and
         what evaluation needs, no optimizer). Rank 0 writes; all ranks must call it."""
         t0 = time.perf_counter()
+        if not _all_finite(self.raw_model):  # every rank: the weights are the same on all
+            raise TrainingDiverged(self._diverged("the weights hold NaN or infinite values"))
         state = self.state_dict()
         if not self.rt.master:
             return
-        path = ckpt_io.save_checkpoint(state, self.out_dir)
         if best:
+            # best.pt before ckpt.pt: a crash between the two resumes from the older ckpt.pt,
+            # which replays this evaluation and writes the same best.pt again. The other order
+            # could leave a best.pt older than the best_iter that ckpt.pt records.
             keep = ("format", "model_type", "model", "model_config", "config", "iter_num",
                     "best_val_loss", "probe_words", "tokenizer", "data", "saved_at")
             ckpt_io.save_checkpoint({k: state[k] for k in keep}, self.out_dir,
                                     ckpt_io.BEST_NAME)
+        path = ckpt_io.save_checkpoint(state, self.out_dir)
         self.display.line(
             f"saved {path.name}{' and best.pt' if best else ''} at iteration "
             f"{self.progress['iter_num']} ({path.stat().st_size / 2**20:.1f} MiB, "
@@ -663,6 +766,7 @@ class Trainer:
                 with self.rt.autocast():
                     _, loss = self.model(x, y)
                     loss = loss / accum
+                self._nonfinite += (~torch.isfinite(loss.detach())).to(torch.int32)
                 self.scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
@@ -675,6 +779,36 @@ class Trainer:
         return loss
 
     # -- the loop ------------------------------------------------------------------------------
+
+    def _check_finite(self) -> None:
+        """Raise TrainingDiverged if a loss since the last check was NaN or infinite (one
+        sync; called before evaluating, saving and printing a loss). In float16 the gradient
+        scaler has skipped those steps: warn and go on."""
+        count = self._nonfinite
+        if self.rt.ddp:  # all ranks decide together, or the others would hang
+            count = count.clone()
+            dist.all_reduce(count)
+        n = int(count.item())
+        it = self.progress["iter_num"]
+        if n and not self.scaler.is_enabled():
+            raise TrainingDiverged(self._diverged(
+                f"the training loss became NaN or infinite ({n} micro-batch(es) between "
+                f"iteration {self._checked_iter} and {it})"))
+        if n:
+            self.rt.warn(f"{n} micro-batch(es) between iteration {self._checked_iter} and {it} "
+                         "had a non-finite float16 loss; the gradient scaler skipped those "
+                         f"steps (scale now {self.scaler.get_scale():g})")
+            self._nonfinite.zero_()
+        self._checked_iter = it
+
+    def _diverged(self, what: str) -> str:
+        ckpt = self.out_dir / ckpt_io.CKPT_NAME
+        kept = (f"{ckpt} (iteration {self.last_saved}) is intact" if self.last_saved > 0
+                and ckpt.exists() else "no checkpoint was written")
+        return (f"{what}; stopped without evaluating or saving, so {kept}. Lower "
+                f"--learning_rate (now {self.cfg.learning_rate:g}), raise --warmup_iters or "
+                f"set --grad_clip (now {self.cfg.grad_clip:g}), or train in float32, then "
+                "continue with --init_from resume")
 
     def _elapsed(self) -> float:
         return self._elapsed_base + time.perf_counter() - self._t_run
@@ -697,19 +831,25 @@ class Trainer:
         """Train to ``max_iters`` (or until stopped) and return a summary."""
         cfg, rt, prog = self.cfg, self.rt, self.progress
         run_info = self._run_info()
+        stale: list[Path] = []
         if rt.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            stale = ckpt_io.remove_stale_temps(self.out_dir)  # left by a crash mid-save
             ckpt_io.write_json(self.out_dir / RUN_NAME, {**run_info, "status": "running"})
         self.display = _Progress(rt.master, cfg.max_iters, prog["iter_num"], cfg.run_name)
+        if stale:
+            self.display.line(f"removed {len(stale)} temporary file(s) left by an interrupted "
+                              f"save: {', '.join(p.name for p in stale)}")
         params = run_info["parameters"]
         parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items() if k != "total")
         self.display.line(
             f"{cfg.model_type}: {params['total'] / 1e6:.2f}M parameters ({parts}); vocab "
             f"{self.tok.vocab_size:,}; {rt.device} {rt.dtype}{' compiled' if cfg.compile else ''}"
             f"; {rt.world_size} process(es); {self.tokens_per_iter:,} tokens/iteration")
-        if prog["iter_num"]:
-            self.display.line(f"resumed at iteration {prog['iter_num']} "
-                              f"(best val loss {prog['best_val_loss']:.4f})")
+        if self.resumed_from is not None:
+            self.display.line(f"resumed at iteration {prog['iter_num']} from "
+                              f"{self.resumed_from.name} (best val loss "
+                              f"{prog['best_val_loss']:.4f})")
         if prog["iter_num"] >= cfg.max_iters:
             self.display.line(f"iteration {prog['iter_num']} already reaches max_iters "
                               f"{cfg.max_iters}: nothing to train (raise --max_iters to continue)")
@@ -728,11 +868,18 @@ class Trainer:
             it = prog["iter_num"]
             lr = self.schedule.step_to(it, self.optimizer)
             done = it >= cfg.max_iters
-            if (it % cfg.eval_interval == 0 or done) and it != prog["last_eval_iter"]:
-                self.evaluate(lr)
             stopped = None if done else self._stop_reason(stop)  # `done` agrees on all ranks
-            if it > 0 and it != self.last_saved and (
-                    done or stopped or it % cfg.checkpoint_interval == 0):
+            # A stop saves at once and leaves a due evaluation to the resume, which runs it
+            # (evaluation never touches the training RNGs, so the run stays bit-exact).
+            evaluate = (not stopped and (it % cfg.eval_interval == 0 or done)
+                        and it != prog["last_eval_iter"])
+            save = it > 0 and it != self.last_saved and (
+                done or stopped or it % cfg.checkpoint_interval == 0)
+            if evaluate or save:
+                self._check_finite()
+            if evaluate:
+                self.evaluate(lr)  # saves ckpt.pt and best.pt on an improvement
+            if save and it != self.last_saved:
                 self.save()
                 self.last_saved = it
             if done or stopped:
@@ -743,6 +890,7 @@ class Trainer:
             log_now = prog["iter_num"] % cfg.log_interval == 0 or prog["iter_num"] == cfg.max_iters
             if log_now:
                 loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs the GPU
+                self._check_finite()
             window_dt += time.perf_counter() - t_step
             window_iters += 1
             if log_now:
