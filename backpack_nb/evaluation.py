@@ -302,6 +302,8 @@ def evaluate_checkpoint(
         ddir = data.resolve_data_dir(data_dir or state.get("data", {}).get("data_dir", "europarl"))
     meta = data.load_meta(ddir)
     check_same_vocabulary(tok, meta, ddir, model_path)
+    if stride is not None and not 0 < stride <= model.config.block_size:
+        raise UserError(f"--stride must be in 1..{model.config.block_size} (the model's block_size), got {stride}")
     autocast = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     if autocast is torch.float16 and torch.device(device).type == "cpu":
         autocast = torch.bfloat16
@@ -341,6 +343,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="folder with Multi-SimLex's scores.csv and translation.csv (default: MULTISIMLEX_SOURCE, else data/multisimlex)")
     args = ap.parse_args(argv)
     try:
+        bad_numbers = [f"--{name} must be >= 1, got {value}" for name, value in
+                       (("batch_size", args.batch_size), ("stride", args.stride), ("max_tokens", args.max_tokens))
+                       if value is not None and value < 1]
+        if bad_numbers:
+            raise UserError("; ".join(bad_numbers))
         splits = [s for s in args.splits.split(",") if s]
         bad = [s for s in splits if s not in ("val", "test", "train")]
         if bad:

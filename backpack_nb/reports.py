@@ -203,7 +203,12 @@ def render_html(ipynb: str | Path, out: str | Path | None = None, *,
     from nbconvert import HTMLExporter
 
     ipynb = Path(ipynb)
-    nb = nbformat.read(ipynb, as_version=4)
+    if not ipynb.is_file():
+        raise UserError(f"notebook {ipynb} does not exist; give the path of an executed .ipynb to render")
+    try:
+        nb = nbformat.read(ipynb, as_version=4)
+    except Exception as exc:  # not JSON, not a notebook: many exception types
+        raise UserError(f"{ipynb} is not a readable notebook ({type(exc).__name__}: {exc})") from None
     exporter = HTMLExporter(template_name=template, exclude_input=exclude_input,
                             exclude_input_prompt=exclude_input, exclude_output_prompt=exclude_input)
     body, _ = exporter.from_notebook_node(nb)
