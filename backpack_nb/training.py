@@ -525,7 +525,12 @@ def train(cfg: TrainConfig, *, callback: EvalCallback | None = None) -> dict[str
     try:
         stop.install()
         trainer = Trainer(cfg, rt, callback=callback)
-        return trainer.run(stop)
+        result = trainer.run(stop)
+        if rt.ddp:
+            # Leave together: a rank that tears gloo down while its peer is still writing the
+            # final checkpoint can abort ("terminate called without an active exception").
+            dist.barrier()
+        return result
     finally:
         stop.restore()
         if rt.owns_process_group and dist.is_initialized():
