@@ -49,6 +49,7 @@ from backpack_nb import senses
 from backpack_nb import tokenizer as tokenizer_mod
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
+from backpack_nb.console import show_bars
 from backpack_nb.optim import clip_grad_norm_, make_optimizer
 from backpack_nb.params import TrainConfig, model_shape_keys
 from backpack_nb.paths import project_root, resolve_in_root
@@ -326,17 +327,13 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
 # --- progress display -------------------------------------------------------------------------
 
 
-def _in_notebook() -> bool:
-    return "ipykernel" in sys.modules
-
-
 class _Progress:
     """A tqdm bar in terminals and notebooks, plain lines when output goes to a file."""
 
     def __init__(self, enabled: bool, total: int, initial: int, desc: str):
         self.enabled = enabled
         self.bar = None
-        if enabled and (_in_notebook() or sys.stderr.isatty()):
+        if show_bars(enabled):
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
