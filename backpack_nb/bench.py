@@ -58,6 +58,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from backpack_nb import optim
 from backpack_nb.errors import UserError, exit_on_user_error
 from backpack_nb.models import BackpackLM, ModelConfig, build_model
+from backpack_nb.models.flops import train_flops
 from backpack_nb.models.init import init_gpt_
 from backpack_nb.models.loss import LOSS_CHUNK_ROWS
 from backpack_nb.paths import outputs_root
@@ -108,36 +109,6 @@ def europarl_batches(batch_size: int, block_size: int, n: int,
 
 # =========================================================================================
 # useful FLOPs
-
-
-def train_flops(model: nn.Module, batch_size: int, block_size: int,
-                distinct_tokens: float) -> dict[str, float]:
-    """Useful FLOPs of one training step (forward and backward: 3 x the forward's 2 per
-    multiply-add), by part. Counted: every matmul weight once per token that uses it (the
-    tied head once, as the head), attention and the Backpack's mixing as causal (half of
-    the T x T products), the sense network once per *distinct* token of the batch.
-    Not counted: lookups, normalisation, activations, softmax, the optimizer."""
-    cfg: ModelConfig = model.config
-    N, T, d = batch_size * block_size, block_size, cfg.n_embd
-    blocks = model.transformer.h if hasattr(model, "transformer") else model.h
-
-    def matmul_weights(module: nn.Module) -> int:
-        return sum(m.weight.numel() for m in module.modules() if isinstance(m, nn.Linear))
-
-    parts = {
-        "blocks": 6.0 * N * matmul_weights(blocks),
-        "attention": 6.0 * cfg.n_layer * batch_size * T * T * d,  # 12 L T d per token, halved
-        "head": 6.0 * N * cfg.vocab_size * d,
-    }
-    if isinstance(model, BackpackLM):
-        k = cfg.n_senses
-        parts["alpha_qk"] = 6.0 * N * model.alpha_qk.weight.numel()
-        # scores (width d/k, k heads) and values (width d, k heads), causal: B T^2 d (1 + k)
-        parts["mixing"] = 3.0 * batch_size * T * T * d * (1 + k)
-        if cfg.sense_source == "network":
-            parts["sense_network"] = 6.0 * distinct_tokens * matmul_weights(model.sense_network)
-    parts["total"] = sum(parts.values())
-    return parts
 
 
 def matmul_gflops(n: int = 2048, reps: int = 3, device: str = "cpu",

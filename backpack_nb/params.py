@@ -140,8 +140,14 @@ class TrainConfig:
     with a warning (or an error with ``strict_device``)."""
     dtype: str = "float16"
     """Autocast precision: ``float16`` (with a gradient scaler), ``bfloat16`` or ``float32``."""
-    compile: bool = False
-    """Compile the model with ``torch.compile`` (works on CPU too; the first steps are slow)."""
+    compile: bool | None = None
+    """Compile the model with ``torch.compile``: ``true``, ``false``, or ``auto`` (null, the
+    default): on for CUDA, off elsewhere (on the CPU it works but gains little for a cold
+    compile of a minute or so; ``python -m backpack_nb.bench`` measures it)."""
+    activation_checkpointing: bool = False
+    """Recompute each Transformer block's activations in backward instead of storing them:
+    about a third more compute in the blocks, most of their activation memory saved. For
+    configurations that do not fit otherwise (``python -m backpack_nb.bench memory``)."""
     strict_device: bool = False
     """Refuse to fall back to another device or dtype than the one asked for."""
 
@@ -376,9 +382,10 @@ def build_arg_parser(prog: str = "train.py") -> argparse.ArgumentParser:
     for name in TrainConfig.keys():
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         help_text = docs.get(name, "")
-        if types[name] is bool:
+        if types[name] in (bool, bool | None):
             parser.add_argument(*flags, dest=name, nargs="?", const="true",
-                                metavar="true|false", help=help_text)
+                                metavar="true|false" + ("|auto" if types[name] is not bool else ""),
+                                help=help_text)
             parser.add_argument(f"--no-{name.replace('_', '-')}", f"--no_{name}", dest=name,
                                 action="store_const", const="false", help=argparse.SUPPRESS)
         else:
@@ -438,10 +445,14 @@ def _coerce(value: Any, typ: Any) -> Any:
     import typing
 
     args = typing.get_args(typ)
-    if type(None) in args:  # Optional[X]
-        if value is None or (isinstance(value, str) and value.strip().lower() in {"none", "null", ""}):
-            return None
+    if type(None) in args:  # Optional[X]; for a switch (bool | None), None is "auto"
         (inner,) = [a for a in args if a is not type(None)]
+        nulls = {"none", "null", ""} | ({"auto"} if inner is bool else set())
+        if value is None or (isinstance(value, str) and value.strip().lower() in nulls):
+            return None
+        if inner is bool and not (isinstance(value, bool) or isinstance(value, str)
+                                  and value.strip().lower() in _TRUE | _FALSE):
+            raise ValueError(f"expected true, false or auto, got {_describe(value)}")
         return _coerce(value, inner)
     if typ is bool:
         if isinstance(value, bool):

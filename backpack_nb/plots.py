@@ -25,23 +25,41 @@ def _log(run: Mapping | str | os.PathLike) -> Mapping:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "loss", x: str = "iterations") -> Figure:
-    """Train (dashed) and val (solid) loss of one or several runs on one figure; ``x`` is
-    ``iterations`` or ``tokens_seen``."""
-    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
-    for i, (name, run) in enumerate(runs.items()):
-        log = _log(run)
-        xs = log.get(x) or log["iterations"]
+def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "loss", x: str = "iterations",
+                side_by_side: bool = False) -> Figure:
+    """Train (dashed) and val (solid) loss of one or several runs; ``x`` is ``iterations``
+    or ``tokens_seen``. All runs on one set of axes, or with ``side_by_side`` one panel per
+    run on a shared y axis, each with the other runs' validation loss drawn faintly behind
+    it for reference."""
+    logs = {name: _log(run) for name, run in runs.items()}
+    n = len(logs) if side_by_side else 1
+    fig, axes = plt.subplots(1, n, figsize=(7, 4) if n == 1 else (1.5 + 3.3 * n, 4), sharey=True,
+                             constrained_layout=True, squeeze=False)
+    for i, (name, log) in enumerate(logs.items()):
+        ax = axes[0, i if side_by_side else 0]
         color = f"C{i}"
+        if side_by_side:
+            for j, (other, olog) in enumerate(logs.items()):
+                if other != name and olog.get("val_loss"):
+                    oxs = olog.get(x) or olog["iterations"]
+                    ax.plot(oxs[: len(olog["val_loss"])], olog["val_loss"], "-", color=f"C{j}", alpha=0.25, lw=1,
+                            label=f"{other} val")
+        xs = log.get(x) or log["iterations"]
         if log.get("train_loss"):
             ax.plot(xs[: len(log["train_loss"])], log["train_loss"], "--", color=color, alpha=0.7, label=f"{name} train")
         if log.get("val_loss"):
             ax.plot(xs[: len(log["val_loss"])], log["val_loss"], "-", color=color, marker="o", ms=3, label=f"{name} val")
-    ax.set_xlabel("tokens seen" if x == "tokens_seen" else "iteration")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+        if side_by_side:
+            ax.set_title(name, fontsize=10)
+    for ax in axes[0]:
+        ax.set_xlabel("tokens seen" if x == "tokens_seen" else "iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7 if side_by_side else 8)
+    axes[0, 0].set_ylabel("cross-entropy (nats/token)")
+    if side_by_side:
+        fig.suptitle(title)
+    else:
+        axes[0, 0].set_title(title)
     return fig
 
 

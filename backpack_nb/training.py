@@ -49,6 +49,7 @@ from backpack_nb import senses
 from backpack_nb import tokenizer as tokenizer_mod
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
+from backpack_nb.models.flops import mean_distinct_tokens, train_flops
 from backpack_nb.console import show_bars
 from backpack_nb.optim import clip_grad_norm_, make_optimizer
 from backpack_nb.params import TrainConfig, model_shape_keys
@@ -280,18 +281,12 @@ def new_training_log() -> dict[str, list]:
 # --- throughput --------------------------------------------------------------------------------
 
 
-def flops_per_token(model: torch.nn.Module, cfg: TrainConfig) -> float:
-    """Training FLOPs per token, PaLM-style (6 per weight used per token, plus attention),
-    an estimate for MFU. Lookup tables (positions, a sense table) cost no matmul FLOPs; the
-    tied embedding counts once, as the head. The Backpack's sense network runs per distinct
-    token of a batch, so counting it per token overestimates a little."""
-    parts = model.num_parameters(by_part=True)
-    n = parts["total"] - parts.get("positions", 0) - parts.get("sense_table", 0)
-    L, T, d = cfg.n_layer, cfg.block_size, cfg.n_embd
-    flops = 6 * n + 12 * L * T * d
-    if cfg.model_type == "backpack":
-        flops += 6 * T * d * (1 + cfg.n_senses)  # k weight heads: q.k (d/k wide), values d wide
-    return float(flops)
+def flops_per_token(model: torch.nn.Module, cfg: TrainConfig, distinct_tokens: float) -> float:
+    """Useful training FLOPs per token, for MFU: :func:`backpack_nb.models.flops.train_flops`
+    (the count the benchmark uses: matmul weights, causal attention and mixing, the sense
+    network once per distinct token of a micro-batch) divided by the micro-batch's tokens."""
+    step = train_flops(model, cfg.batch_size, cfg.block_size, distinct_tokens)
+    return step["total"] / (cfg.batch_size * cfg.block_size)
 
 
 # Dense bf16/fp16 tensor-core peaks (FLOP/s) by GPU name; fp32 uses TF32 at half of these.
@@ -582,8 +577,10 @@ class Trainer:
         self.history = {"started_at": _now(), "resumed_at": []}
         self.probe_words: list[str] = list(cfg.probe_words)
 
+        self.raw_model.set_activation_checkpointing(cfg.activation_checkpointing)
         self.model: torch.nn.Module = self.raw_model
-        if cfg.compile:
+        self.compiled = cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
+        if self.compiled:
             self.model = torch.compile(self.raw_model)
         self.eval_model = self.model  # evaluation skips DDP's gradient hooks
         if rt.ddp:
@@ -592,7 +589,10 @@ class Trainer:
 
         self.tokens_per_iter = (cfg.batch_size * cfg.block_size
                                 * cfg.gradient_accumulation_steps * rt.world_size)
-        self.flops_per_token = flops_per_token(self.raw_model, cfg)
+        # the sense network's share depends on how many distinct tokens a batch holds
+        self.distinct_tokens = mean_distinct_tokens(self.splits["train"], cfg.batch_size,
+                                                    cfg.block_size)
+        self.flops_per_token = flops_per_token(self.raw_model, cfg, self.distinct_tokens)
         self.peak_flops = peak_flops(rt.device, rt.dtype)
 
         # Non-finite losses since the last check, counted on the device (no sync per step).
@@ -846,7 +846,8 @@ class Trainer:
         parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items() if k != "total")
         self.display.line(
             f"{cfg.model_type}: {params['total'] / 1e6:.2f}M parameters ({parts}); vocab "
-            f"{self.tok.vocab_size:,}; {rt.device} {rt.dtype}{' compiled' if cfg.compile else ''}"
+            f"{self.tok.vocab_size:,}; {rt.device} {rt.dtype}{' compiled' if self.compiled else ''}"
+            f"{', activation checkpointing' if cfg.activation_checkpointing else ''}"
             f"; {rt.world_size} process(es); {self.tokens_per_iter:,} tokens/iteration")
         if self.resumed_from is not None:
             self.display.line(f"resumed at iteration {prog['iter_num']} from "
@@ -955,6 +956,7 @@ class Trainer:
             "effective_batch": {"sequences": self.tokens_per_iter // cfg.block_size,
                                 "tokens": self.tokens_per_iter},
             "probe_words": self.probe_words,
+            "compiled": self.compiled, "distinct_tokens_per_batch": self.distinct_tokens,
             "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
             **self.history, "warnings": rt.warnings,
         }

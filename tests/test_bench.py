@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,26 @@ def test_train_flops_counts_matmul_weights_causal_attention_and_distinct_senses(
     assert doubled["sense_network"] == 2 * g["sense_network"]
     assert g["mixing"] == 3 * B * T * T * d * (1 + 2)
     assert g["total"] == pytest.approx(sum(v for k, v in g.items() if k != "total"))
+
+
+def test_training_mfu_uses_the_benchmarks_flop_count(tiny_backpack_run):
+    """The training loop's flops_per_token is train_flops at the run's distinct-token rate,
+    which mean_distinct_tokens measures on the training data."""
+    from backpack_nb.models.flops import mean_distinct_tokens
+    from backpack_nb.training import flops_per_token
+
+    repeated = np.array([1, 2, 3] * 100)
+    assert mean_distinct_tokens(repeated, batch_size=4, block_size=10) == 3
+    assert mean_distinct_tokens(np.arange(1000), batch_size=2, block_size=8) == 16
+    info = json.loads((tiny_backpack_run["out_dir"] / "run.json").read_text())
+    cfg = tiny_backpack_run["config"]
+    U = info["distinct_tokens_per_batch"]
+    assert 1 < U < cfg.batch_size * cfg.block_size  # real text repeats tokens
+    model = build_model("backpack", ModelConfig.from_dict(info["model_config"]))
+    step = bench.train_flops(model, cfg.batch_size, cfg.block_size, U)
+    assert info["flops_per_token"] == pytest.approx(step["total"] / (cfg.batch_size * cfg.block_size))
+    assert flops_per_token(model, cfg, U) == pytest.approx(info["flops_per_token"])
+    assert info["compiled"] is False
 
 
 def test_nanogpt_baseline_has_the_transformers_parameters_and_initial_loss():

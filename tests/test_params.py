@@ -86,7 +86,7 @@ def test_all_problems_in_one_error(tmp_path):
     msg = str(err.value)
     for part in ("8 problems", "unknown key 'lerning_rate' (did you mean 'learning_rate'?)",
                  "batch_size: expected an integer, got 'lots'",
-                 "compile: expected true or false", "dtype: 'fp16' is not one of",
+                 "compile: expected true, false or auto", "dtype: 'fp16' is not one of",
                  "n_embd (100) must be divisible by n_head (3)", "languages: xx not in Europarl",
                  "dropout must be in [0, 1) (got 1.5)", "valid keys: run_name, model_type"):
         assert part in msg

@@ -218,6 +218,31 @@ def test_compiled_run_saves_clean_checkpoints_and_resumes(prepared_europarl, tmp
     assert resumed["iter_num"] == 5 and _log(tmp_path / "c")["iterations"] == [0, 2, 3, 4, 5]
 
 
+def test_auto_compile_is_off_on_cpu_and_activation_checkpointing_changes_nothing(
+        prepared_europarl, tmp_path, monkeypatch):
+    """``compile: auto`` (None) compiles on CUDA only; ``activation_checkpointing`` recomputes
+    the blocks in backward (checkpoint is really called) and the run's log is the same."""
+    import backpack_nb.models.layers as layers
+
+    small = dict(n_layer=2, max_iters=4, eval_interval=2, eval_iters=1, batch_size=2,
+                 checkpoint_interval=100)
+    plain = train(tiny_config("backpack", tmp_path / "plain", **small))
+    compiled, recomputed = [], []
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: compiled.append(1) or a[0])
+    real_checkpoint = layers.checkpoint
+    monkeypatch.setattr(layers, "checkpoint",
+                        lambda *a, **k: recomputed.append(1) or real_checkpoint(*a, **k))
+    cfg = tiny_config("backpack", tmp_path / "ac", compile="auto", activation_checkpointing=True,
+                      **small)
+    assert cfg.compile is None
+    result = train(cfg)
+    assert not compiled  # auto on the CPU: not compiled
+    assert len(recomputed) == 4 * 2  # every block of every training step
+    assert result["iter_num"] == plain["iter_num"] == 4
+    a, b = _log(tmp_path / "plain"), _log(tmp_path / "ac")
+    assert [a[k] for k in ("train_loss", "val_loss")] == [b[k] for k in ("train_loss", "val_loss")]
+
+
 # --- several processes ------------------------------------------------------------------------------
 
 
@@ -339,7 +364,7 @@ def test_resume_from_unreadable_checkpoint(tmp_path, capsys):
     (["--config", "no_such_config"], "config 'no_such_config' not found"),
     (["--config", "tiny_backpack", "--lerning_rate", "1"], "did you mean --learning_rate?"),
     (["--config", "tiny_backpack", "--dtype", "fp16"], "--dtype: 'fp16' is not one of"),
-    (["--config", "tiny_backpack", "--compile", "maybe"], "--compile: expected true or false"),
+    (["--config", "tiny_backpack", "--compile", "maybe"], "--compile: expected true, false or auto"),
     (["--config", "tiny_backpack", "--init_from", "gpt2"], "--init_from: 'gpt2' is not one of"),
     (["--config", "tiny_backpack", "--n_senses", "5"], "n_embd (128) must be divisible by n_senses (5)"),
 ])
