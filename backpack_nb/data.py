@@ -39,7 +39,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,10 @@ META_VERSION = 1
 
 _CHAPTER_LINE = re.compile(r"^<CHAPTER\s+ID=\"?([^\s\">]+)\"?[^>]*>[ \t\r]*\n", re.MULTILINE)
 # Lines to drop inside a chapter: SPEAKER/P markup (a stray CHAPTER too), and empty lines.
-_DROP_LINES = re.compile(r"^(?:<(?:CHAPTER|SPEAKER|P)\b[^>\n]*>)?[ \t\r]*\n", re.MULTILINE)
+# Matched as "the newline before such a line, and the line" (the text gets a leading
+# newline first): a pattern that starts with a literal lets the regex engine jump from
+# newline to newline instead of trying every position, as a ^-anchored one does.
+_DROP_LINES = re.compile(r"\n(?:<(?:CHAPTER|SPEAKER|P)\b[^>\n]*>)?[ \t\r]*(?=\n)")
 _RAW_NAME = re.compile(r"(?:^|/)txt/([a-z]{2})/(ep-[^/]+)\.txt$")
 _ALIGNED_NAME = re.compile(r"(?:^|/)europarl-v7\.([a-z]{2})-en\.([a-z]{2})$")
 
@@ -278,10 +282,17 @@ def parse_raw_day(text: str) -> dict[str, str]:
     if not text.endswith("\n"):
         text += "\n"
     chapters: dict[str, str] = {}
-    starts = [(0, 0, "0")] + [(m.start(), m.end(), m.group(1)) for m in _CHAPTER_LINE.finditer(text)]
+    starts = [(0, 0, "0")]
+    at = text.find("<CHAPTER")  # a plain search, then the full pattern where it can match
+    while at != -1:
+        if at == 0 or text[at - 1] == "\n":
+            m = _CHAPTER_LINE.match(text, at)
+            if m:
+                starts.append((m.start(), m.end(), m.group(1)))
+        at = text.find("<CHAPTER", at + 1)
     for (_, body_start, cid), (next_start, _, _) in zip(starts, starts[1:] + [(len(text), 0, "")]):
         # one regex pass per chapter instead of a Python loop over its lines
-        body = _DROP_LINES.sub("", text[body_start:next_start])
+        body = _DROP_LINES.sub("", "\n" + text[body_start:next_start])[1:]
         if body:
             chapters[cid] = chapters.get(cid, "") + body
     return chapters
@@ -310,7 +321,11 @@ class Unit:
     tokens: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # lang -> tiktoken ids
 
 
-def collect_units(files: Sequence[SourceFile], cfg: PrepareConfig) -> list[Unit]:
+def collect_units(files: Sequence[SourceFile], cfg: PrepareConfig,
+                  on_document: Callable[[Unit, str], None] | None = None) -> list[Unit]:
+    """Parse the files into units, sorted by id. ``on_document(unit, lang)`` is called as
+    soon as a document's text is final (prepare starts encoding it while the next files
+    are parsed)."""
     units: dict[str, Unit] = {}
     english_pair: str | None = None
     if cfg.form == "aligned" and "en" in cfg.langs:
@@ -330,7 +345,10 @@ def collect_units(files: Sequence[SourceFile], cfg: PrepareConfig) -> list[Unit]
             # split. Pairs drift by a few lines at block edges, and pairs covering different
             # periods do not line up at all: the raw form is the leakage-free multilingual one.
             uid = f"{f.key}/{doc_id}" if cfg.form == "raw" else f"block/{doc_id}"
-            units.setdefault(uid, Unit(uid, {})).texts[f.lang] = body
+            unit = units.setdefault(uid, Unit(uid, {}))
+            unit.texts[f.lang] = body
+            if on_document is not None:
+                on_document(unit, f.lang)
     return [units[k] for k in sorted(units)]
 
 
@@ -392,7 +410,15 @@ def assign_splits(units: Sequence[Unit], cfg: PrepareConfig) -> dict[str, list[U
 
 
 def _write_tokens(path: Path, ids: np.ndarray, dtype: np.dtype) -> None:
-    ids.astype(dtype).tofile(path)
+    ids.astype(dtype, copy=False).tofile(path)
+
+
+def _array_encoder(enc) -> Callable[[str], np.ndarray]:
+    """``text -> token ids`` as a numpy array, ordinary text only (special-token strings
+    are encoded as text, like ``encode_ordinary``)."""
+    if hasattr(enc, "encode_to_numpy"):  # tiktoken >= 0.8: no Python list in between
+        return lambda text: enc.encode_to_numpy(text, disallowed_special=())
+    return lambda text: np.asarray(enc.encode_ordinary(text), dtype=np.uint32)
 
 
 def prepare(
@@ -416,34 +442,34 @@ def prepare(
 
     roots = resolve_source(source, cfg.form, cfg.langs)
     files = read_source(roots, cfg.form, cfg.langs)
-    units = collect_units(files, cfg)
-    nbytes = {(u.uid, lang): len(t.encode("utf-8")) for u in units for lang, t in u.texts.items()}
-    n_bytes = sum(nbytes.values())
-
-    # Encode in large batches on all cores: one call per batch of documents, not per line.
-    jobs = [(u, lang) for u in units for lang in cfg.langs if lang in u.texts]
+    # Each document is encoded on a worker thread (tiktoken releases the GIL) as soon as it
+    # is parsed, so parsing the next files overlaps with encoding; the ids come back as
+    # numpy arrays, never as Python lists.
     threads = min(8, os.cpu_count() or 1)
-    bar = tqdm(total=n_bytes, unit="B", unit_scale=True, desc="tokenize", disable=not show_bars(progress))
-    batch_bytes = 8 << 20
-    i = 0
-    while i < len(jobs):
-        batch, size = [], 0
-        while i < len(jobs) and (not batch or size < batch_bytes):
-            u, lang = jobs[i]
-            batch.append((u, lang))
-            size += nbytes[u.uid, lang]
-            i += 1
-        encoded = enc.encode_ordinary_batch([u.texts[l] for u, l in batch], num_threads=threads)
-        for (u, lang), ids in zip(batch, encoded):
-            u.tokens[lang] = np.asarray(ids, dtype=np.int64)
-        bar.update(size)
-    bar.close()
+    encode = _array_encoder(enc)
+    pending: dict[tuple[str, str], Future] = {}
+    with ThreadPoolExecutor(threads, thread_name_prefix="encode") as pool:
+        try:
+            units = collect_units(files, cfg, lambda u, lang: pending.__setitem__(
+                (u.uid, lang), pool.submit(encode, u.texts[lang])))
+            nbytes = {(u.uid, lang): len(t.encode("utf-8")) for u in units for lang, t in u.texts.items()}
+            n_bytes = sum(nbytes.values())
+            bar = tqdm(total=n_bytes, unit="B", unit_scale=True, desc="tokenize",
+                       disable=not show_bars(progress))
+            for u in units:
+                for lang in u.texts:
+                    u.tokens[lang] = pending.pop((u.uid, lang)).result()
+                    bar.update(nbytes[u.uid, lang])
+            bar.close()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
 
     splits = assign_splits(units, cfg)
     base_ids = build_compact_vocab(enc, [t for u in splits["train"] for t in u.tokens.values()])
     tok = Tokenizer(cfg.encoding, base_ids)
     dtype = np.dtype(np.uint16) if tok.vocab_size <= 1 << 16 else np.dtype(np.uint32)
-    eot = np.array([tok.eot_id], dtype=np.int64)
+    eot = np.array([tok.eot_id], dtype=dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -460,10 +486,11 @@ def prepare(
                     if lang in u.tokens:
                         ids = tok.to_compact(u.tokens[lang])
                         fallback += len(ids) - len(u.tokens[lang])
-                        docs[lang].append(np.concatenate([ids, eot]))
+                        # in the file's dtype from here on: a quarter of the bytes to copy
+                        docs[lang].append(np.concatenate([ids.astype(dtype), eot]))
                         by_unit.append(docs[lang][-1])
             for lang in cfg.langs:
-                arr = np.concatenate(docs[lang]) if docs[lang] else np.zeros(0, dtype=np.int64)
+                arr = np.concatenate(docs[lang]) if docs[lang] else np.zeros(0, dtype=dtype)
                 per_lang[lang] = {
                     "tokens": int(len(arr)),
                     "bytes": sum(nbytes[u.uid, lang] for u in members if lang in u.texts),
@@ -474,7 +501,7 @@ def prepare(
             # train.bin: unit by unit (a chapter, then its translation); val/test.bin: the
             # per-language files back to back.
             order = by_unit if split == "train" else [d for lang in cfg.langs for d in docs[lang]]
-            arr = np.concatenate(order) if order else np.zeros(0, dtype=np.int64)
+            arr = np.concatenate(order) if order else np.zeros(0, dtype=dtype)
             _write_tokens(tmp / f"{split}.bin", arr, dtype)
             stats[split] = {
                 "tokens": int(len(arr)),

@@ -687,10 +687,11 @@ class LexsimTable(list):
 
     def __str__(self) -> str:
         widths = [max([len(c)] + [len(self._fmt(r.get(c))) for r in self]) + 2 for c in self.columns]
-        head = f"{'model':<13}{'method':<12}" + "".join(f"{c:>{w}}" for c, w in zip(self.columns, widths))
+        mw = max([len("model")] + [len(str(r["model"])) for r in self]) + 2  # "backpack s1337"
+        head = f"{'model':<{mw}}{'method':<12}" + "".join(f"{c:>{w}}" for c, w in zip(self.columns, widths))
         lines = list(self.coverage) + [head]
         for r in self:
-            lines.append(f"{r['model']:<13}{r['method']:<12}"
+            lines.append(f"{r['model']:<{mw}}{r['method']:<12}"
                          + "".join(f"{self._fmt(r.get(c)):>{w}}" for c, w in zip(self.columns, widths)))
         return "\n".join(lines)
 

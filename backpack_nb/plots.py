@@ -39,11 +39,12 @@ def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "l
         ax = axes[0, i if side_by_side else 0]
         color = f"C{i}"
         if side_by_side:
-            for j, (other, olog) in enumerate(logs.items()):
-                if other != name and olog.get("val_loss"):
-                    oxs = olog.get(x) or olog["iterations"]
-                    ax.plot(oxs[: len(olog["val_loss"])], olog["val_loss"], "-", color=f"C{j}", alpha=0.25, lw=1,
-                            label=f"{other} val")
+            others = [(j, olog) for j, (other, olog) in enumerate(logs.items())
+                      if other != name and olog.get("val_loss")]
+            for n_other, (j, olog) in enumerate(others):
+                oxs = olog.get(x) or olog["iterations"]
+                ax.plot(oxs[: len(olog["val_loss"])], olog["val_loss"], "-", color=f"C{j}", alpha=0.25, lw=1,
+                        label="the other runs' val" if n_other == 0 else None)
         xs = log.get(x) or log["iterations"]
         if log.get("train_loss"):
             ax.plot(xs[: len(log["train_loss"])], log["train_loss"], "--", color=color, alpha=0.7, label=f"{name} train")

@@ -306,6 +306,14 @@ def pipeline(params_file: str, overrides: Mapping[str, Any], *, html: bool = Tru
     # The batch report of one model shows that model only, unless asked (-p compare_with).
     injected.setdefault("compare_with", [])
     steps = [nb for nb in PIPELINE if nb != "04_senses" or cfg.model_type == "backpack"]
+    report = paths.outputs_root() / cfg.run_name / "01_train.ipynb"
+    if _finished(out_dir, cfg.max_iters) and report.exists():
+        # Re-running the pipeline of a finished run (to refresh its evaluation) must not
+        # replace its training report with one that says "nothing to train".
+        steps.remove("01_train")
+        if verbose:
+            print(f"{out_dir} already reached max_iters {cfg.max_iters}: keeping {report}; "
+                  "raise max_iters to train further", flush=True)
     done = []
     for nb in steps:
         r = run_notebook(nb, injected, cfg.run_name, html=html, log_output=log_output)
@@ -313,6 +321,15 @@ def pipeline(params_file: str, overrides: Mapping[str, Any], *, html: bool = Tru
         if verbose:
             _print_run(r)
     return done
+
+
+def _finished(out_dir: Path, max_iters: int) -> bool:
+    """Whether the run in ``out_dir`` finished at ``max_iters`` or beyond (its run.json)."""
+    try:
+        info = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return info.get("status") == "finished" and (info.get("iterations") or 0) >= max_iters
 
 
 def compare(params_file: str, overrides: Mapping[str, Any], *, seeds: Sequence[int] = (),
@@ -705,9 +722,21 @@ def paired_bpb_difference(runs: Mapping[str, str | Path], a: str, b: str, *, spl
     return out
 
 
+def seed_pairs(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
+    """(Backpack label, Transformer label) pairs to compare window by window: runs with the
+    same seed, in order; the first of each model when no seeds match."""
+    bp = [r for r in rows if r["model_type"] == "backpack"]
+    tf = [r for r in rows if r["model_type"] == "transformer"]
+    pairs = [(b["run"], t["run"]) for b in bp for t in tf
+             if b.get("seed") is not None and b.get("seed") == t.get("seed")]
+    return pairs or ([(bp[0]["run"], tf[0]["run"])] if bp and tf else [])
+
+
 def findings(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | None = None,
              split: str = "val") -> str:
-    """What the numbers show, in words (Markdown), for a Backpack/Transformer comparison."""
+    """What the numbers show, in words (Markdown), for a Backpack/Transformer comparison.
+    ``paired``: :func:`paired_bpb_difference` of one pair ({lang: ...}), or of several
+    ({"<backpack> - <transformer>": {lang: ...}}, one pair per seed)."""
     bp = [r for r in rows if r["model_type"] == "backpack"]
     tf = [r for r in rows if r["model_type"] == "transformer"]
     if not bp or not tf:
@@ -724,21 +753,43 @@ def findings(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | None = Non
         out.append(f"- **Speed.** Training ran at {mean(sb):,.0f} tokens/s for the Backpack and "
                    f"{mean(st):,.0f} for the Transformer: the Backpack step costs {mean(st) / mean(sb):.2f}x "
                    "the Transformer's here (the paper reports about 1.4x for the forward pass at GPU scale). "
-                   "This machine's cores were shared with other work, so these rates are noisy.")
+                   "Rates measured on a shared machine are noisy.")
     vb = [r["bpb"].get(split, {}).get("all") for r in bp]
     vt = [r["bpb"].get(split, {}).get("all") for r in tf]
     if all(vb) and all(vt):
         b, t = mean([v[0] for v in vb]), mean([v[0] for v in vt])
         better = "Backpack" if b < t else "Transformer"
-        out.append(f"- **Held-out text ({split}).** {b:.4f} bits per byte for the Backpack, {t:.4f} for the "
-                   f"Transformer: the {better} is lower by {abs(b - t):.4f} bpb ({100 * abs(b - t) / max(b, t):.1f}%).")
+        spread = (f" (per seed: Backpack {', '.join(f'{v[0]:.4f}' for v in vb)}; Transformer "
+                  f"{', '.join(f'{v[0]:.4f}' for v in vt)})" if len(vb) > 1 or len(vt) > 1 else "")
+        what = "mean bits per byte" if len(vb) > 1 or len(vt) > 1 else "bits per byte"
+        out.append(f"- **Held-out text ({split}).** {b:.4f} {what} for the Backpack, {t:.4f} for the "
+                   f"Transformer{spread}: the {better} is lower by {abs(b - t):.4f} bpb "
+                   f"({100 * abs(b - t) / max(b, t):.1f}%).")
     if paired:
-        for lang, d in paired.items():
-            lo, hi = d["ci95"]
-            verdict = ("the interval excludes 0: a real difference on this text" if lo > 0 or hi < 0
-                       else "the interval includes 0: no difference this data can resolve")
-            out.append(f"  - {lang}: Backpack minus Transformer {d['difference']:+.4f} bpb, paired 95% interval "
-                       f"[{lo:+.4f}, {hi:+.4f}] over {d['windows']} windows; {verdict}.")
+        if all("difference" in d for d in paired.values()):  # one pair: {lang: ...}
+            paired = {"": paired}
+        outcome: dict[str, list[str]] = {}  # lang -> per pair: "lower", "higher" or "unresolved"
+        for pair, by_lang in paired.items():
+            if len(paired) > 1:
+                out.append(f"  - paired, {pair}:")
+            for lang, d in by_lang.items():
+                lo, hi = d["ci95"]
+                resolved = lo > 0 or hi < 0
+                outcome.setdefault(lang, []).append(
+                    ("lower" if hi < 0 else "higher") if resolved else "unresolved")
+                verdict = ("the interval excludes 0: a real difference on this text" if resolved
+                           else "the interval includes 0: no difference this data can resolve")
+                out.append(f"{'    ' if len(paired) > 1 else '  '}- {lang}: Backpack minus Transformer "
+                           f"{d['difference']:+.4f} bpb, paired 95% interval [{lo:+.4f}, {hi:+.4f}] over "
+                           f"{d['windows']} windows; {verdict}.")
+        if len(paired) > 1:
+            agree = [f"{lang} (Backpack {o[0]})" for lang, o in outcome.items()
+                     if len(o) == len(paired) and len(set(o)) == 1 and o[0] != "unresolved"]
+            out.append("  - Across seeds: " + (
+                f"every pair resolves the same direction for {', '.join(agree)}" if agree
+                else "no language has a difference of the same direction resolved in every pair")
+                + "; the paired intervals cover the choice of held-out windows, the seeds the "
+                  "variation between training runs.")
     still = [r["run"] for r in rows if r.get("best_iter") is not None and r["best_iter"] == r.get("last_iter")]
     peaked = [f"{r['run']} (best at iteration {r['best_iter']} of {r['last_iter']})" for r in rows
               if r.get("best_iter") is not None and r["best_iter"] != r.get("last_iter")]

@@ -438,6 +438,16 @@ def test_raw_parser_edges():
     assert data.parse_raw_day(text) == {"0": "before\n", "3": "last line\n"}
 
 
+def test_raw_parser_drops_exactly_markup_and_blank_lines():
+    """Markup lines (with trailing blanks, CR line ends), blank lines and whitespace-only
+    lines go, at the start, in the middle and at the end of a chapter; text lines that
+    merely contain or resemble markup stay; a chapter line must start its line."""
+    text = ("<P>  \r\nfirst\r\n \t\n<SPEAKER ID=1 NAME=\"B\">\nsays <P> here\n<Pa>\n"
+            "x <CHAPTER ID=5>\n\n<P>\n<CHAPTER ID=\"7\" >\n\n<P>\nseven\n<P>\n\n")
+    assert data.parse_raw_day(text) == {"0": "first\r\nsays <P> here\n<Pa>\nx <CHAPTER ID=5>\n",
+                                        "7": "seven\n"}
+
+
 # ----------------------------------------------------------------------------------------
 # reading prepared datasets
 

@@ -160,6 +160,23 @@ def test_changing_the_future_leaves_past_logits_unchanged(kind):
     assert not torch.allclose(before[:, t + 1 :], after[:, t + 1 :])
 
 
+@pytest.mark.parametrize("mixing", ["einsum", "blocked", "sdpa"])
+def test_every_mixing_kernel_is_causal(mixing):
+    """The same check for each way of computing the Backpack's sum, the blocked kernel (the
+    CPU default at real lengths) included: here 3 blocks of 4 positions, the change right
+    after a block boundary and inside a block."""
+    model = tiny_model("backpack/network")
+    model.mixing, model.mixing_block = mixing, 4
+    idx = torch.randint(0, 37, (2, 12))
+    before, _ = model(idx, all_logits=True)
+    for t in (3, 5):  # last position of block 0; a position inside block 1
+        changed = idx.clone()
+        changed[:, t + 1:] = (idx[:, t + 1:] + 1) % 37
+        after, _ = model(changed, all_logits=True)
+        torch.testing.assert_close(before[:, : t + 1], after[:, : t + 1], rtol=0, atol=1e-12)
+        assert not torch.allclose(before[:, t + 1:], after[:, t + 1:])
+
+
 # -- chunked linear cross-entropy ----------------------------------------------------------
 
 
