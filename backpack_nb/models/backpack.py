@@ -69,7 +69,7 @@ class BackpackLM(LanguageModel):
             n_blocks = idx.shape[1] // self.mixing_block
             values = self._block_major_senses(idx, n_blocks)  # (B, T*k, d)
             q, k = self._queries_keys(idx)  # 2 x (B, k, T, d/k)
-            return _CausalMixing.apply(q, k, values, n_blocks)  # (B, T, d)
+            return _blocked_mixing(q, k, values, n_blocks)  # (B, T, d)
         senses = self.sense_vectors(idx)  # (B, T, k, d)
         q, k = self._queries_keys(idx)  # 2 x (B, k, T, d/k)
         if kernel == "sdpa":
@@ -190,7 +190,15 @@ def causal_mixing(q: torch.Tensor, k: torch.Tensor, senses: torch.Tensor,
     B, T, n_senses, d = senses.shape
     # (B, T, k, d) -> (B, nb, k, bs, d) -> (B, T*k, d): block-major keys
     values = senses.view(B, n_blocks, T // n_blocks, n_senses, d).transpose(2, 3)
-    return _CausalMixing.apply(q, k, values.reshape(B, T * n_senses, d), n_blocks)
+    return _blocked_mixing(q, k, values.reshape(B, T * n_senses, d), n_blocks)
+
+
+@torch.compiler.disable
+def _blocked_mixing(q, key, values, n_blocks: int) -> torch.Tensor:
+    # Outside torch.compile graphs, like the chunked loss: traced, the writes into slices
+    # of the preallocated alpha / outputs become whole-tensor copies and the step's peak
+    # grows (measured by benchmarks/compile_memory.py); the kernel is bmm-bound anyway.
+    return _CausalMixing.apply(q, key, values, n_blocks)
 
 
 class _CausalMixing(torch.autograd.Function):
