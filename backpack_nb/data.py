@@ -609,6 +609,17 @@ def load_tokens(data_dir: str | os.PathLike, split: str, lang: str | None = None
     return np.memmap(path, dtype=meta["dtype"], mode="r")
 
 
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str | os.PathLike) -> None:
+    """Token ids beyond the vocabulary mean a damaged .bin of the right size, or a meta.json
+    from another preparation: one clear error here instead of an index error later."""
+    top = int(tokens.max()) if len(tokens) else -1
+    if top >= vocab_size:
+        raise UserError(
+            f"{path} holds token id {top}, outside the vocabulary of {vocab_size} tokens in "
+            "meta.json: the file is damaged or meta.json belongs to another preparation; "
+            "prepare the dataset again with --overwrite")
+
+
 def ensure_prepared(
     data_dir: str | os.PathLike,
     *,

@@ -228,6 +228,8 @@ def evaluate_model(
         parts, per_lang = [], {}
         for lang in meta["langs"]:
             toks = data.load_tokens(data_dir, split, lang)
+            data.check_token_ids(toks, tok.vocab_size,
+                                 data.resolve_data_dir(data_dir) / f"{split}_{lang}.bin")
             scores = score_tokens(
                 model, toks, lengths, block_size=model.config.block_size, stride=stride,
                 batch_size=batch_size, max_tokens=max_tokens, device=device,

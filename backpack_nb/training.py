@@ -492,15 +492,8 @@ def _check_weights_fit(weights: dict, model: torch.nn.Module, path: Path) -> Non
 
 
 def _check_token_ids(splits: dict[str, np.ndarray], vocab_size: int, data_dir: Path) -> None:
-    """Token ids beyond the vocabulary mean a damaged .bin of the right size, or a meta.json
-    from another preparation; caught here rather than as an index error mid-step."""
     for split, tokens in splits.items():
-        top = int(tokens.max()) if len(tokens) else -1
-        if top >= vocab_size:
-            raise UserError(
-                f"{data_dir / (split + '.bin')} holds token id {top}, outside the vocabulary of "
-                f"{vocab_size} tokens in meta.json: the file is damaged or meta.json belongs to "
-                "another preparation; prepare the dataset again with --overwrite")
+        data_mod.check_token_ids(tokens, vocab_size, data_dir / f"{split}.bin")
 
 
 def _all_finite(model: torch.nn.Module) -> bool:

@@ -161,6 +161,24 @@ def test_missing_checkpoint_exits_2(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+
+def test_damaged_held_out_file_exits_2(tiny_ckpts, prepared_europarl, tmp_path, capsys):
+    """A val_<lang>.bin of the right size with an id beyond the vocabulary: one error naming
+    the file and the fix, not an index error from the embedding."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(prepared_europarl, damaged)
+    meta = data.load_meta(damaged)
+    ids = np.fromfile(damaged / "val_fr.bin", dtype=meta["dtype"])
+    ids[7] = meta["vocab_size"] + 3
+    ids.tofile(damaged / "val_fr.bin")
+    with pytest.raises(SystemExit) as exc:
+        evaluation.main(["--model_path", str(tiny_ckpts["backpack"]), "--data_dir", str(damaged),
+                         "--max_tokens", "100", "--out", str(tmp_path / "eval.json")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "val_fr.bin holds token id" in err and "--overwrite" in err and "Traceback" not in err
+    assert not (tmp_path / "eval.json").exists()
+
 def test_sample_py(tiny_ckpts):
     cmd = [sys.executable, "sample.py", "--model_path", str(tiny_ckpts["backpack"]), "--start", "The Commission",
            "--num_samples", "2", "--max_new_tokens", "12", "--seed", "7"]

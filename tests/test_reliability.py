@@ -851,15 +851,10 @@ def _bad_inputs(run: Path, other_vocab_data: Path, garbage: Path) -> list[tuple]
     ]
 
 
-# Bad inputs that still end in a traceback, reported to the owners of those modules; each
-# flips to a pass once fixed (non-strict xfail, so a fix does not break the suite). Not run
-# here because it is slow when accepted: `evaluate.py --max_tokens -5` scores all but the last
-# 5 tokens of every file instead of refusing (see docs/reliability.md).
-KNOWN_GAPS = {
-    "evaluate --stride 100": "stride > block_size: evaluation.windows' ValueError (traceback)",
-    "evaluate --batch_size 0": "evaluation.score_tokens: range() step 0 (traceback)",
-    "reports render missing.ipynb": "reports.render_html: FileNotFoundError (traceback)",
-}
+# Bad inputs that used to end in a traceback (docs/reliability.md listed them as known gaps);
+# all are refused now, with exit status 2 and one message.
+FORMER_GAPS = ["evaluate --stride 100", "evaluate --batch_size 0", "evaluate --stride 0",
+               "evaluate --max_tokens -5", "reports render missing.ipynb"]
 
 
 def _front_door(name: str):
@@ -909,10 +904,9 @@ def test_bad_inputs_exit_2_with_one_message_and_touch_nothing(bad_input_world,
     assert handled >= 15
 
 
-@pytest.mark.parametrize("case", list(KNOWN_GAPS))
-def test_known_gaps(case, bad_input_world, capsys, request, tmp_path):
+@pytest.mark.parametrize("case", FORMER_GAPS)
+def test_former_gaps_exit_2(case, bad_input_world, capsys, tmp_path):
     run, _, _ = bad_input_world
-    request.applymarker(pytest.mark.xfail(reason=KNOWN_GAPS[case], strict=False))
     door, *argv = case.split()
     if door == "evaluate":
         argv = ["--model_path", str(run / ck.CKPT_NAME), "--device", "cpu", "--max_tokens",
