@@ -35,15 +35,18 @@ def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "l
     n = len(logs) if side_by_side else 1
     fig, axes = plt.subplots(1, n, figsize=(7, 4) if n == 1 else (1.5 + 3.3 * n, 4), sharey=True,
                              constrained_layout=True, squeeze=False)
+    # side by side, a colour per model type (as in bpb_bars); overlaid, a colour per run
+    colors = ([c for c, _ in _run_styles(list(logs), [None] * len(logs))] if side_by_side
+              else [f"C{i}" for i in range(len(logs))])
     for i, (name, log) in enumerate(logs.items()):
         ax = axes[0, i if side_by_side else 0]
-        color = f"C{i}"
+        color = colors[i]
         if side_by_side:
             others = [(j, olog) for j, (other, olog) in enumerate(logs.items())
                       if other != name and olog.get("val_loss")]
             for n_other, (j, olog) in enumerate(others):
                 oxs = olog.get(x) or olog["iterations"]
-                ax.plot(oxs[: len(olog["val_loss"])], olog["val_loss"], "-", color=f"C{j}", alpha=0.25, lw=1,
+                ax.plot(oxs[: len(olog["val_loss"])], olog["val_loss"], "-", color=colors[j], alpha=0.25, lw=1,
                         label="the other runs' val" if n_other == 0 else None)
         xs = log.get(x) or log["iterations"]
         if log.get("train_loss"):
@@ -64,6 +67,23 @@ def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "l
     return fig
 
 
+_HATCHES = ("", "//", "..", "xx", "\\\\", "++")
+
+
+def _run_styles(names: Sequence[str], kinds: Sequence[str | None]) -> list[tuple[str, str]]:
+    """(colour, hatch) per run: one colour per model type (the label's first word when the
+    type is unknown), so that several seeds of a model share a colour; a hatch per seed."""
+    groups: dict[str, int] = {}
+    seen: dict[str, int] = {}
+    styles = []
+    for name, kind in zip(names, kinds):
+        key = kind or str(name).split()[0]
+        groups.setdefault(key, len(groups))
+        n = seen[key] = seen.get(key, -1) + 1
+        styles.append((f"C{groups[key]}", _HATCHES[n % len(_HATCHES)]))
+    return styles
+
+
 def bpb_bars(evals: Mapping[str, Mapping], split: str = "val", title: str | None = None) -> Figure:
     """Bits per byte per language (and all) for each run, with the bootstrap 95% interval,
     from ``eval.json`` dicts."""
@@ -77,12 +97,14 @@ def bpb_bars(evals: Mapping[str, Mapping], split: str = "val", title: str | None
     width = 0.8 / max(len(names), 1)
     fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(langs), 4), constrained_layout=True)
     xs = np.arange(len(langs))
-    for i, name in enumerate(names):
+    styles = _run_styles(names, [evals[n].get("model_type") for n in names])
+    for i, (name, (color, hatch)) in enumerate(zip(names, styles)):
         s = evals[name]["splits"][split]
         vals = [s[l]["bits_per_byte"] if l in s else np.nan for l in langs]
         lo = [s[l]["bits_per_byte"] - s[l]["bpb_ci95"][0] if l in s else 0 for l in langs]
         hi = [s[l]["bpb_ci95"][1] - s[l]["bits_per_byte"] if l in s else 0 for l in langs]
-        bars = ax.bar(xs + (i - (len(names) - 1) / 2) * width, vals, width, yerr=[lo, hi], capsize=3, label=name, color=f"C{i}")
+        bars = ax.bar(xs + (i - (len(names) - 1) / 2) * width, vals, width, yerr=[lo, hi], capsize=3, label=name,
+                      color=color, hatch=hatch, edgecolor="white" if hatch else None)
         ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
     ax.set_xticks(xs, langs)
     ax.set_ylabel("bits per byte (lower is better)")
