@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import json
 import logging
 import math
 import os
@@ -826,6 +827,15 @@ class Trainer:
         """Train to ``max_iters`` (or until stopped) and return a summary."""
         cfg, rt, prog = self.cfg, self.rt, self.progress
         run_info = self._run_info()
+        # A resumed session that trains no step (max_iters already reached) keeps the
+        # throughput the earlier sessions measured instead of replacing it with nothing.
+        earlier = {}
+        if cfg.init_from == "resume" and (self.out_dir / RUN_NAME).exists():
+            try:
+                old = json.loads((self.out_dir / RUN_NAME).read_text(encoding="utf-8"))
+                earlier = {k: old.get(k) for k in ("tokens_per_s", "mfu")}
+            except (OSError, ValueError):
+                earlier = {}
         stale: list[Path] = []
         if rt.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -904,6 +914,8 @@ class Trainer:
         seconds = sum(w[0] for w in steady)
         tok_s = sum(w[1] for w in steady) / seconds if seconds else None
         mfu = self.flops_per_token * tok_s / self.peak_flops if (tok_s and self.peak_flops) else None
+        if tok_s is None:  # no step this session: keep the last measured rate
+            tok_s, mfu = earlier.get("tokens_per_s"), earlier.get("mfu")
         result = {
             "out_dir": str(self.out_dir), "iter_num": prog["iter_num"],
             "best_val_loss": prog["best_val_loss"], "best_iter": prog["best_iter"],

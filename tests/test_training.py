@@ -196,10 +196,14 @@ def test_transformer_finished_run_continues_bit_exactly(tiny_transformer_run, tm
     ref, got = _log(tiny_transformer_run["out_dir"]), _log(tmp_path / "tr")
     for key in COMPARED:
         assert got[key] == ref[key], key
-    # Nothing left to do: a resume at max_iters returns at once, without a new save.
+    # Nothing left to do: a resume at max_iters returns at once, without a new save, and
+    # run.json keeps the throughput measured when it trained.
     before = (tmp_path / "tr" / "ckpt.pt").stat().st_mtime_ns
+    rate = json.loads((tmp_path / "tr" / "run.json").read_text())["tokens_per_s"]
+    assert rate and rate > 0
     assert train(cfg.replace(init_from="resume", max_iters=200))["iter_num"] == 200
     assert (tmp_path / "tr" / "ckpt.pt").stat().st_mtime_ns == before
+    assert json.loads((tmp_path / "tr" / "run.json").read_text())["tokens_per_s"] == rate
 
 
 # --- torch.compile ------------------------------------------------------------------------------
