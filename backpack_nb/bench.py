@@ -1027,7 +1027,7 @@ def run_data(sample: Path, copies: int = 20, repeats: int = 3, *, log=print) -> 
             enc.encode_ordinary_batch(docs, num_threads=threads)
             bare.append(time.perf_counter() - t0)
     return {"section": "data", "mib": round(mib, 2), "documents": len(docs), "threads": threads,
-            "prepare_s": round(min(prep), 3), "encode_s": round(min(bare), 3),
+            "prepare_s": round(min(prep), 4), "encode_s": round(min(bare), 4),
             "prepare_mib_s": round(mib / min(prep), 1), "encode_mib_s": round(mib / min(bare), 1),
             "rate_ratio": round(min(bare) / min(prep), 3)}
 

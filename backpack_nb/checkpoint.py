@@ -24,6 +24,7 @@ the file and leaves the file it would have replaced untouched.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -35,12 +36,17 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from backpack_nb.errors import UserError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +189,57 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
 
     data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))
+
+
+@contextlib.contextmanager
+def run_lock(out_dir: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder while one trainer writes into it, so that a
+    second trainer started on the same ``out_dir`` (a notebook re-run beside a batch run,
+    two shells) stops with an error instead of both writing the same checkpoints. The lock
+    is ``flock`` on the folder itself: no file is left behind, and the kernel drops it when
+    the process dies, even by SIGKILL. Folders created only to be locked are removed again
+    if they stay empty (a run that fails on bad input leaves nothing)."""
+    if not enabled or fcntl is None:  # no flock (not POSIX): unprotected, as before
+        yield
+        return
+    out_dir = Path(out_dir)
+    created = []
+    d = out_dir
+    while not d.exists():
+        created.append(d)
+        d = d.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{out_dir} is in use by another training run{_running_run(out_dir)}; wait "
+                "for it to finish or stop it (Ctrl-C or SIGTERM saves a checkpoint), or choose "
+                "another --out_dir") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+        for d in created:  # deepest first
+            try:
+                d.rmdir()
+            except OSError:  # not empty: the run wrote into it
+                break
+
+
+def _running_run(out_dir: Path) -> str:
+    """`` (run 'x', started ...)`` from the folder's run.json, when it says."""
+    import json
+
+    try:
+        info = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
+        return f" (run {info.get('run_name')!r}, started {info.get('started_at')})"
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 # --- save / load -------------------------------------------------------------------------------

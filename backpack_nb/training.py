@@ -510,12 +510,15 @@ def train(cfg: TrainConfig, *, callback: EvalCallback | None = None) -> dict[str
     stop = _StopRequest()
     try:
         stop.install()
-        trainer = Trainer(cfg, rt, callback=callback)
-        result = trainer.run(stop)
-        if rt.ddp:
-            # Leave together: a rank that tears gloo down while its peer is still writing the
-            # final checkpoint can abort ("terminate called without an active exception").
-            dist.barrier()
+        # one trainer at a time in a run folder (rank 0 writes, so rank 0 holds it)
+        with ckpt_io.run_lock(resolve_in_root(cfg.out_dir), enabled=rt.master):
+            trainer = Trainer(cfg, rt, callback=callback)
+            result = trainer.run(stop)
+            if rt.ddp:
+                # Leave together: a rank that tears gloo down while its peer is still writing
+                # the final checkpoint can abort ("terminate called without an active
+                # exception").
+                dist.barrier()
         return result
     finally:
         stop.restore()

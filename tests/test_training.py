@@ -206,6 +206,25 @@ def test_transformer_finished_run_continues_bit_exactly(tiny_transformer_run, tm
     assert json.loads((tmp_path / "tr" / "run.json").read_text())["tokens_per_s"] == rate
 
 
+def test_a_second_trainer_on_a_busy_run_folder_exits_2(prepared_europarl, tmp_path, capsys):
+    """While a trainer holds a run folder, another one (resume or --overwrite) stops with
+    one message and changes nothing; a run that fails on bad input leaves no folder."""
+    out = tmp_path / "busy"
+    small = dict(max_iters=2, eval_interval=2, eval_iters=1, checkpoint_interval=100)
+    train(tiny_config("transformer", out, **small))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with ck.run_lock(out):  # as the running trainer holds it
+        for extra in (["--init_from", "resume", "--max_iters", "4"], ["--overwrite"]):
+            err = _exit2(_tiny_argv("transformer", out, *extra), capsys)
+            assert "in use by another training run (run 'tiny_transformer'" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert train(tiny_config("transformer", out, init_from="resume", **{**small, "max_iters": 4}))[
+        "iter_num"] == 4  # free again
+    fresh = tmp_path / "new" / "run"
+    _exit2(_tiny_argv("transformer", fresh, "--init_from", "resume"), capsys)
+    assert not (tmp_path / "new").exists()
+
+
 # --- torch.compile ------------------------------------------------------------------------------
 
 
