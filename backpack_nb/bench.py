@@ -87,8 +87,9 @@ def zipf_batches(vocab_size: int, batch_size: int, block_size: int, n: int,
 def europarl_batches(batch_size: int, block_size: int, n: int, seed: int = 0,
                      langs: Sequence[str] = ("en", "fr")) -> tuple[list[torch.Tensor], int]:
     """``n`` batches of real Europarl text (the sample in ``langs``, prepared into a
-    temporary folder) and the compact vocabulary size. Mixed en+fr windows hold about 540
-    distinct tokens per 1,024; English alone about 390 (one language repeats more)."""
+    temporary folder) and the compact vocabulary size. Batches of 4 x 256 hold about 530
+    distinct tokens of mixed en+fr text, about 450 of English alone (one language repeats
+    more)."""
     from backpack_nb import data
 
     source = os.environ.get("EUROPARL_SOURCE") or str(Path(__file__).resolve().parents[2]
@@ -1071,7 +1072,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--data", choices=["zipf", "europarl", "europarl-en"], default="zipf",
                        help="token batches: Zipf(1) over V (about 550 distinct a batch, like "
                        "en+fr Europarl), the en+fr sample (its compact V), or English windows "
-                       "only (about 390 distinct, at the reference V)")
+                       "only (about 450 distinct, at the reference V)")
         p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 with "
                        "--tiny)")
         p.add_argument("--device", default="cpu", help="cpu, or cuda (ms/step, MFU against "

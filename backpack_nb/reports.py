@@ -326,8 +326,8 @@ def pipeline(params_file: str, overrides: Mapping[str, Any], *, html: bool = Tru
 def _finished(out_dir: Path, max_iters: int) -> bool:
     """Whether the run in ``out_dir`` finished at ``max_iters`` or beyond (its run.json)."""
     try:
-        info = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        info = read_json(out_dir / "run.json")
+    except ValueError:  # a damaged run.json: let the training notebook report on the run
         return False
     return info.get("status") == "finished" and (info.get("iterations") or 0) >= max_iters
 

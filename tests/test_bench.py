@@ -153,3 +153,15 @@ def test_bad_variant_name_is_a_user_error(capsys):
         bench.main(["--tiny", "--only", "nonsense"])
     assert exc.value.code == 2
     assert "unknown variant" in capsys.readouterr().err
+
+
+def test_english_only_batches_repeat_more_than_mixed_ones(europarl_source, monkeypatch):
+    """--data europarl-en: windows of the English sample alone, its own compact vocabulary;
+    one language repeats more, so a batch holds fewer distinct tokens than en+fr batches."""
+    monkeypatch.setenv("EUROPARL_SOURCE", str(europarl_source))
+    en, v_en = bench.europarl_batches(4, 256, 4, langs=("en",))
+    both, v_both = bench.europarl_batches(4, 256, 4)
+    assert [tuple(b.shape) for b in en] == [(4, 257)] * 4 and v_en < v_both
+    assert int(max(b.max() for b in en)) < v_en
+    distinct = [sum(len(torch.unique(b[:, :-1])) for b in bs) / 4 for bs in (en, both)]
+    assert distinct[0] < distinct[1]

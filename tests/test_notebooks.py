@@ -179,6 +179,34 @@ def test_pipeline_resumes_an_existing_checkpoint(kernel, tiny_transformer_run, t
                                                     folder / "01_train.html", 0.0), min_images=0)
     assert "nothing to train" in text_of(train_outs)
     assert (tf / "eval.json").is_file()
+    # Run again on the finished run: it is re-evaluated, and its training report is kept.
+    before = (folder / "01_train.ipynb").stat().st_mtime_ns
+    assert reports.main(["pipeline", "-f", "params/tiny_transformer.yaml", "-p", "out_dir", str(tf),
+                         "-p", "data_dir", "europarl_sample", "-p", "max_tokens", "2000"]) == 0
+    out = capsys.readouterr().out
+    assert "already reached max_iters" in out and "01_train:" not in out and "03_evaluate:" in out
+    assert (folder / "01_train.ipynb").stat().st_mtime_ns == before
+
+
+def test_findings_pair_each_seed_and_say_which_directions_every_pair_resolves():
+    rows = [{"run": f"{m} s{seed}", "model_type": m, "seed": seed, "parameters": {"total": 1},
+             "tokens_per_s": None, "bpb": {"val": {"all": (1.0, (0.9, 1.1))}}}
+            for seed in (1, 2) for m in ("backpack", "transformer")]
+    assert reports.seed_pairs(rows) == [("backpack s1", "transformer s1"),
+                                        ("backpack s2", "transformer s2")]
+    assert reports.seed_pairs([{**r, "seed": None} for r in rows]) == [("backpack s1", "transformer s1")]
+
+    def diff(d, lo, hi):
+        return {"difference": d, "ci95": [lo, hi], "windows": 10}
+
+    paired = {"backpack s1 - transformer s1": {"en": diff(0.1, 0.05, 0.15), "fr": diff(-0.1, -0.2, -0.05)},
+              "backpack s2 - transformer s2": {"en": diff(0.1, 0.02, 0.2), "fr": diff(-0.01, -0.1, 0.05)}}
+    text = reports.findings(rows, paired)
+    assert "paired, backpack s2 - transformer s2:" in text and "mean bits per byte" in text
+    assert "every pair resolves the same direction for en (Backpack higher)" in text
+    assert "fr (Backpack" not in text  # resolved in one pair only
+    single = reports.findings(rows[:2], paired["backpack s1 - transformer s1"])
+    assert "paired, " not in single and "Across seeds" not in single and "- fr: Backpack minus" in single
 
 
 def test_failing_cell_fails_the_command_and_keeps_the_notebook(kernel, tmp_path, capsys):
