@@ -7,12 +7,14 @@ or the new complete file; the one it replaces is kept as ``ckpt.prev.pt``. Every
 tensor or a plain Python type, so ``torch.load(path, weights_only=True, map_location="cpu")``
 reads it: resuming never unpickles code and never needs GPU memory for a second copy.
 
-What a training checkpoint holds is defined by ``training.Trainer.state_dict``: ``model``
+What a training checkpoint holds is defined here, once (:data:`TRAINING_STATE`): ``model``
 (bare weights), ``model_type``, ``model_config``, ``config`` (the TrainConfig), ``optimizer``,
-``scaler``, ``schedule``, ``sampler``, ``rng`` (one entry per process), ``iter_num``,
-``best_val_loss``, ``progress``, ``training_log``, ``probe_words``, ``tokenizer`` (encoding
-and compact vocabulary), ``data`` (dataset folder and meta hash) and ``history``. ``best.pt``
-keeps the weights and what evaluation needs, without the optimizer.
+``scaler``, ``schedule``, ``sampler``, ``rng`` (one entry per process), ``progress``,
+``training_log``, ``probe_words``, ``tokenizer`` (encoding and compact vocabulary), ``data``
+(dataset folder and meta hash), ``history``, and for readers ``format``, ``iter_num``,
+``best_val_loss`` and ``saved_at``. ``training.Trainer.state_dict`` fills it through
+:func:`training_state`; a resume checks it with :func:`check_resumable`. ``best.pt`` keeps
+:data:`BEST_KEYS`: the weights and what evaluation needs, without the optimizer.
 
 Crash guarantees (tests/test_reliability.py kills training with SIGKILL at random moments):
 ``ckpt.pt`` always names a complete checkpoint once the first one is written (the previous one
@@ -24,29 +26,26 @@ the file and leaves the file it would have replaced untouched.
 
 from __future__ import annotations
 
-import contextlib
-import io
+import datetime
+import json
 import logging
 import os
 import pickle
 import random
 import re
-import sys
-import tempfile
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
 
+from backpack_nb import paths
 from backpack_nb.errors import UserError
-
-try:
-    import fcntl
-except ImportError:  # not POSIX
-    fcntl = None
+from backpack_nb.runfiles import atomic_write, write_json
+from backpack_nb.models import ModelConfig, build_model
+from backpack_nb.models.config import model_shape_keys
+from backpack_nb.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -56,190 +55,109 @@ BEST_NAME = "best.pt"
 # Files training writes with atomic_write; a crash may leave a ".<name>.*.tmp" beside each.
 RUN_FILES = (CKPT_NAME, PREV_NAME, BEST_NAME, "training_log.json", "run.json")
 
-# Test hook: with BACKPACK_NB_TEST_SLOW_SAVE=<seconds>, every *.pt write pauses twice (once
-# part-way through the temporary file, once when it is complete but not yet renamed), printing
-# a "slow-save:" line on stderr before each pause and one when the file is in place, so a test
-# can land a SIGKILL inside a save and tell afterwards where it landed.
-SLOW_SAVE_ENV = "BACKPACK_NB_TEST_SLOW_SAVE"
-_SLOW_SAVE_AFTER = 1 << 16  # bytes of the temporary file written before the first pause
-
-# Read once: os.umask can only be read by setting it, which is not thread-safe to repeat.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 # torch.compile wraps the model (keys gain "_orig_mod.") and DDP wraps it again ("module.").
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
-# --- atomic writes ---------------------------------------------------------------------------
+# --- what a training checkpoint holds -----------------------------------------------------------
+
+FORMAT = "backpack_nb.checkpoint/1"
+# Every entry of a training checkpoint and its type. A resume reads all but the first four.
+TRAINING_STATE: dict[str, type | tuple[type, ...]] = {
+    "format": str, "iter_num": int, "best_val_loss": float, "saved_at": str,  # for readers
+    "model": dict, "model_type": str, "model_config": dict, "config": dict, "optimizer": dict,
+    "scaler": dict, "schedule": dict, "sampler": dict, "rng": list, "progress": dict,
+    "training_log": dict, "probe_words": list, "tokenizer": dict, "data": dict, "history": dict,
+}
+_FOR_READERS = ("format", "iter_num", "best_val_loss", "saved_at")
+# The nested entries a resume reads.
+_NESTED_KEYS = {
+    "model_config": ("vocab_size",), "data": ("data_dir", "meta_hash"),
+    "sampler": ("generator", "batches_drawn", "world_size"), "schedule": ("last_iter",),
+    "progress": ("iter_num", "best_val_loss", "tokens_seen", "elapsed_s"),
+    "history": ("resumed_at",),
+}
+# best.pt: the weights and what evaluation needs.
+BEST_KEYS = ("format", "model_type", "model", "model_config", "config", "iter_num",
+             "best_val_loss", "probe_words", "tokenizer", "data", "saved_at")
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None],
-                 *, before_replace: Callable[[], None] | None = None) -> Path:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync it and rename it over
-    ``path``; then fsync the folder so the rename itself survives a power cut. A crash leaves
-    either the old file or the new one, never half of one. ``before_replace`` runs once the new
-    file is complete, just before the rename (used to keep the old file under another name).
-    An OSError (disk full, file too large, no permission) becomes a UserError naming the file;
-    the file it would have replaced is untouched and the temporary file removed."""
-    path = Path(path)
-    pause = _slow_save_seconds(path)
-    tmp: str | None = None
-    writer: _Writer | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual open() mode
-        with os.fdopen(fd, "wb") as f:
-            writer = _Writer(f, pause, path.name)
-            write(writer)
-            f.flush()
-            os.fsync(f.fileno())
-        if before_replace is not None:
-            before_replace()
-        if pause:
-            _slow_save_mark(f"{path.name} complete, pausing {pause:g} s before the rename")
-            time.sleep(pause)
-        os.replace(tmp, path)
-        tmp = None
-    except BaseException as exc:
-        # When a write fails (ENOSPC, EFBIG) or is interrupted (a second signal), torch.save's
-        # zip writer raises its own RuntimeError over it on the way out; the first is the one
-        # worth telling.
-        if writer is not None and writer.error is not None and writer.error is not exc:
-            exc = writer.error
-        if isinstance(exc, OSError):
-            raise UserError(_write_error(path, exc)) from exc
-        raise exc
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-    if pause:
-        _slow_save_mark(f"{path.name} in place")
-    return path
+def training_state(**entries: Any) -> dict[str, Any]:
+    """A training checkpoint from its entries (every key of :data:`TRAINING_STATE` but
+    ``format`` and ``saved_at``, which are added here); a missing or extra entry is a bug."""
+    state = {"format": FORMAT, **entries,
+             "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    if set(state) != set(TRAINING_STATE):
+        raise TypeError(f"training_state: missing {sorted(set(TRAINING_STATE) - set(state))}, "
+                        f"unexpected {sorted(set(state) - set(TRAINING_STATE))}")
+    return state
 
 
-def _write_error(path: Path, exc: OSError) -> str:
-    what = exc.strerror or type(exc).__name__
-    kept = (f"the existing {path.name} is untouched" if path.exists()
-            else f"no {path.name} was written")
-    return (f"could not write {path} ({what}); {kept}. Free disk space or fix the "
-            f"permissions of {path.parent} (or choose another --out_dir), then run again")
+def best_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """What best.pt keeps of a training checkpoint."""
+    return {k: state[k] for k in BEST_KEYS}
 
 
-def _slow_save_seconds(path: Path) -> float:
-    if not path.name.endswith(".pt"):
-        return 0.0
-    try:
-        return max(float(os.environ.get(SLOW_SAVE_ENV) or 0.0), 0.0)
-    except ValueError:
-        return 0.0
+def check_layout(state: Mapping[str, Any], path: Path) -> None:
+    """Every entry a resume reads is there, of the right kind (a checkpoint cut short by a
+    bug, edited by hand, or a best.pt copied over ckpt.pt is refused with a clear message)."""
+    layout = {k: t for k, t in TRAINING_STATE.items() if k not in _FOR_READERS}
+    missing = [k for k in layout if k not in state]
+    wrong = [f"{k} is a {type(state[k]).__name__}, not a {t.__name__}"
+             for k, t in layout.items() if k in state and not isinstance(state[k], t)]
+    for k, nested in _NESTED_KEYS.items():
+        if isinstance(state.get(k), dict):
+            missing += [f"{k}.{n}" for n in nested if n not in state[k]]
+    if missing or wrong:
+        hint = (" (it looks like a best.pt, which keeps the weights only and cannot be resumed)"
+                if {"optimizer", "sampler", "progress"} <= set(missing) else "")
+        raise UserError(f"checkpoint {path} is incomplete{hint}: "
+                        + "; ".join(([f"missing {', '.join(missing)}"] if missing else []) + wrong))
 
 
-def _slow_save_mark(message: str) -> None:
-    print(f"slow-save: {message}", file=sys.stderr, flush=True)
+def check_resumable(state: Mapping[str, Any], path: Path, config: Mapping[str, Any],
+                    data_hash: str, vocab_size: int) -> None:
+    """A checkpoint resumes only into the same model shape and the same dataset (``config``:
+    this run's TrainConfig as a dict); the schedule (max_iters, intervals, learning rates)
+    may change."""
+    saved = state["config"]
+    # sparse_table changes the optimizer state's layout, so it is fixed for a run too
+    keys = dict.fromkeys(model_shape_keys(saved.get("model_type", "backpack"))
+                         + model_shape_keys(config["model_type"]) + ("sparse_table",))
+    problems = [f"{k}: checkpoint has {saved.get(k)!r}, this run has {config[k]!r}"
+                for k in keys if saved.get(k, False) != config[k]]
+    if state["model_config"]["vocab_size"] != vocab_size:
+        problems.append(f"vocab_size: checkpoint has {state['model_config']['vocab_size']}, "
+                        f"the dataset has {vocab_size}")
+    if state["data"]["meta_hash"] != data_hash:
+        problems.append(f"dataset: checkpoint was trained on {state['data']['data_dir']} "
+                        f"(meta hash {state['data']['meta_hash'][:12]}), this run reads "
+                        f"{config['data_dir']} (meta hash {data_hash[:12]})")
+    if problems:
+        raise UserError(
+            f"cannot resume from {path}: it does not match this run's model shape or data:\n"
+            + "\n".join(f"  - {p}" for p in problems)
+            + "\nResume with the checkpoint's values (the same --config and shape options), "
+              "or start a new run in another --out_dir."
+        )
 
 
-class _Writer:
-    """The temporary file as ``write`` sees it: passes writes through, remembers the exception
-    of a failed or interrupted one (torch.save hides it behind its own error) and, for the
-    slow-save hook, pauses once part-way."""
-
-    def __init__(self, f: io.BufferedWriter, pause: float, name: str):
-        self._f, self._pause, self._name = f, pause, name
-        self._written = 0
-        self.error: BaseException | None = None
-
-    def write(self, data: bytes) -> int:
-        try:
-            n = self._f.write(data)
-            self._written += len(data)
-            if self._pause and self._written >= _SLOW_SAVE_AFTER:
-                pause, self._pause = self._pause, 0.0
-                self._f.flush()  # the partial temporary file is on disk while we wait
-                _slow_save_mark(f"{self._name} part-written ({self._written} bytes), pausing "
-                                f"{pause:g} s")
-                time.sleep(pause)
-        except BaseException as exc:
-            self.error = exc
-            raise
-        return n
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._f, name)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (training_log.json, run.json)."""
-    import json
-
-    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    return atomic_write(path, lambda f: f.write(data))
-
-
-@contextlib.contextmanager
-def run_lock(out_dir: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
-    """Hold an exclusive lock on the run folder while one trainer writes into it, so that a
-    second trainer started on the same ``out_dir`` (a notebook re-run beside a batch run,
-    two shells) stops with an error instead of both writing the same checkpoints. The lock
-    is ``flock`` on the folder itself: no file is left behind, and the kernel drops it when
-    the process dies, even by SIGKILL. Folders created only to be locked are removed again
-    if they stay empty (a run that fails on bad input leaves nothing)."""
-    if not enabled or fcntl is None:  # no flock (not POSIX): unprotected, as before
-        yield
-        return
-    out_dir = Path(out_dir)
-    created = []
-    d = out_dir
-    while not d.exists():
-        created.append(d)
-        d = d.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"{out_dir} is in use by another training run{_running_run(out_dir)}; wait "
-                "for it to finish or stop it (Ctrl-C or SIGTERM saves a checkpoint), or choose "
-                "another --out_dir") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-        for d in created:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:  # not empty: the run wrote into it
-                break
-
-
-def _running_run(out_dir: Path) -> str:
-    """`` (run 'x', started ...)`` from the folder's run.json, when it says."""
-    import json
-
-    try:
-        info = json.loads((out_dir / "run.json").read_text(encoding="utf-8"))
-        return f" (run {info.get('run_name')!r}, started {info.get('started_at')})"
-    except (OSError, ValueError, AttributeError):
-        return ""
+def check_weights_fit(weights: Mapping[str, Any], model: torch.nn.Module, path: Path) -> None:
+    """The checkpoint's weights have exactly this model's names and shapes."""
+    got = clean_state_dict(weights)
+    expected = model.state_dict()
+    problems = [f"missing {k}" for k in expected if k not in got]
+    problems += [f"unexpected {k}" for k in got if k not in expected]
+    for k, v in expected.items():
+        if k in got and not isinstance(got[k], torch.Tensor):
+            problems.append(f"{k} is not a tensor")
+        elif k in got and tuple(got[k].shape) != tuple(v.shape):
+            problems.append(f"{k} has shape {tuple(got[k].shape)}, the model {tuple(v.shape)}")
+    if problems:
+        more = f" and {len(problems) - 4} more" if len(problems) > 4 else ""
+        raise UserError(f"checkpoint {path} does not fit this run's model: "
+                        f"{'; '.join(problems[:4])}{more}")
 
 
 # --- save / load -------------------------------------------------------------------------------
@@ -392,6 +310,45 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
                     key, stripped = key[len(prefix):], True
         out[key] = value
     return out
+
+
+def load_model(model_path: str | os.PathLike, device: str | torch.device = "cpu",
+               model_type: str | None = None) -> tuple[torch.nn.Module, Tokenizer, dict]:
+    """The model (in eval mode, on ``device``), tokenizer and checkpoint dict of a ``ckpt.pt``
+    or ``best.pt``. The shape comes from the checkpoint; ``model_type``, when given, must
+    match it."""
+    path = paths.resolve_in_root(model_path)
+    state = read_checkpoint(path)
+    missing = [k for k in ("model_type", "model_config", "tokenizer") if k not in state]
+    if missing:
+        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by backpack_nb's train.py")
+    if model_type is not None and model_type != state["model_type"]:
+        raise UserError(
+            f"--model_type {model_type} does not match checkpoint {path}, which holds a "
+            f"{state['model_type']}; pass --model_type {state['model_type']} (or another checkpoint)"
+        )
+    model = build_model(state["model_type"], ModelConfig.from_dict(state["model_config"]))
+    try:
+        model.load_state_dict(clean_state_dict(state["model"]))
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not fit its own model config ({str(exc).splitlines()[0]})") from exc
+    model.to(device).eval()
+    return model, Tokenizer.from_state_dict(state["tokenizer"]), state
+
+
+def merge_eval_json(target: Path, model_path: Path, sections: dict) -> None:
+    """Write ``sections`` into ``target`` (an eval.json beside a checkpoint) atomically,
+    keeping the sections already there (``splits``, ``lexsim``...) when that file belongs to
+    the same checkpoint."""
+    previous: dict = {}
+    if target.is_file():
+        try:
+            previous = json.loads(target.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = {}
+        if previous.get("checkpoint") != str(model_path):
+            previous = {}
+    write_json(target, {**previous, **sections})
 
 
 # --- random number generators ----------------------------------------------------------------

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 import time
 
-from . import data, paths
+from . import data, dataset, paths
 from .errors import UserError, exit_on_user_error
 from .params import load_params
 from .reports import NotebookFailed, pipeline
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
             # The Backpack's evaluation report draws the Transformer's curves and bars beside it.
             extra = {"compare_with": ["out/tiny_transformer"]} if cfg.model_type == "backpack" else {}
             reports += pipeline(name, extra)
-        meta = data.load_meta(load_params(RUNS[0]).data_dir)
-        print(f"\ndataset {data.resolve_data_dir(load_params(RUNS[0]).data_dir)} (source: {meta['source']})")
+        meta = dataset.load_meta(load_params(RUNS[0]).data_dir)
+        print(f"\ndataset {dataset.resolve_data_dir(load_params(RUNS[0]).data_dir)} (source: {meta['source']})")
         print(data.format_stats(meta))
     except UserError as exc:
         exit_on_user_error(exc)

@@ -14,7 +14,6 @@ tokens. Scores are kept per window, so a bootstrap over windows gives a 95% inte
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -26,9 +25,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data, paths
+from . import data, dataset, lexsim, paths, stats
+from .checkpoint import load_model, merge_eval_json
 from .console import show_bars
+from .devices import DTYPES, autocast_dtype, resolve_device
 from .errors import UserError, exit_on_user_error
+from .params import load_params
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -57,13 +59,8 @@ class WindowScores:
         """loss (nats/token), ppl, bits_per_byte with a bootstrap 95% interval over windows."""
         nats, toks, nbytes = self.nats.sum(), self.tokens.sum(), self.bytes.sum()
         loss = float(nats / toks) if toks else float("nan")
-        bpb = float(nats / math.log(2) / nbytes) if nbytes else float("nan")
-        ci = [float("nan"), float("nan")]
-        if len(self.nats) > 1 and nbytes:
-            rng = np.random.default_rng(seed)
-            picks = rng.integers(0, len(self.nats), size=(n_boot, len(self.nats)))
-            boot = self.nats[picks].sum(1) / math.log(2) / np.maximum(self.bytes[picks].sum(1), 1)
-            ci = [float(x) for x in np.percentile(boot, [2.5, 97.5])]
+        bpb = stats.ratio(self.nats, self.bytes, unit=math.log(2))
+        ci = stats.bootstrap_ratio(self.nats, self.bytes, n_boot, seed, unit=math.log(2))
         return {
             "loss": loss,
             "ppl": float(math.exp(loss)) if toks else float("nan"),
@@ -161,47 +158,6 @@ def score_tokens(
 
 
 # ----------------------------------------------------------------------------------------
-# checkpoints -> models
-
-
-def load_model(model_path: str | os.PathLike, device: str | torch.device = "cpu",
-               model_type: str | None = None) -> tuple[torch.nn.Module, Tokenizer, dict]:
-    """The model (in eval mode, on ``device``), tokenizer and checkpoint dict of a ``ckpt.pt``
-    or ``best.pt``. The shape comes from the checkpoint; ``model_type``, when given, must
-    match it."""
-    from . import checkpoint as ckpt_io
-    from .models import ModelConfig, build_model
-
-    path = paths.resolve_in_root(model_path)
-    state = ckpt_io.read_checkpoint(path)
-    missing = [k for k in ("model_type", "model_config", "tokenizer") if k not in state]
-    if missing:
-        raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by backpack_nb's train.py")
-    if model_type is not None and model_type != state["model_type"]:
-        raise UserError(
-            f"--model_type {model_type} does not match checkpoint {path}, which holds a "
-            f"{state['model_type']}; pass --model_type {state['model_type']} (or another checkpoint)"
-        )
-    model = build_model(state["model_type"], ModelConfig.from_dict(state["model_config"]))
-    try:
-        model.load_state_dict(ckpt_io.clean_state_dict(state["model"]))
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint {path} does not fit its own model config ({str(exc).splitlines()[0]})") from exc
-    model.to(device).eval()
-    return model, Tokenizer.from_state_dict(state["tokenizer"]), state
-
-
-def check_same_vocabulary(tok: Tokenizer, meta: dict, data_dir: Path, model_path: Path) -> None:
-    if meta["encoding"] != tok.encoding_name or list(meta["base_ids"]) != tok.base_ids.tolist():
-        raise UserError(
-            f"{data_dir} was prepared with another tokenizer or vocabulary ({meta['encoding']}, "
-            f"{meta['vocab_size']} tokens) than checkpoint {model_path} ({tok.encoding_name}, "
-            f"{tok.vocab_size} tokens); evaluate on the data the model was trained on "
-            "(--data_dir, or the config it was trained with)"
-        )
-
-
-# ----------------------------------------------------------------------------------------
 # evaluating a checkpoint
 
 
@@ -221,15 +177,15 @@ def evaluate_model(
 ) -> dict:
     """``{"val": {"all": {...}, "en": {...}, ...}, "test": {...}}``; each language's file is
     scored separately and "all" pools their windows (``max_tokens`` caps each language)."""
-    meta = data.load_meta(data_dir)
+    meta = dataset.load_meta(data_dir)
     lengths = token_byte_lengths(tok)
     out: dict[str, dict] = {}
     for split in splits:
         parts, per_lang = [], {}
         for lang in meta["langs"]:
-            toks = data.load_tokens(data_dir, split, lang)
-            data.check_token_ids(toks, tok.vocab_size,
-                                 data.resolve_data_dir(data_dir) / f"{split}_{lang}.bin")
+            toks = dataset.load_tokens(data_dir, split, lang)
+            dataset.check_token_ids(toks, tok.vocab_size,
+                                 dataset.resolve_data_dir(data_dir) / f"{split}_{lang}.bin")
             scores = score_tokens(
                 model, toks, lengths, block_size=model.config.block_size, stride=stride,
                 batch_size=batch_size, max_tokens=max_tokens, device=device,
@@ -250,22 +206,6 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def merge_eval_json(target: Path, model_path: Path, sections: dict) -> None:
-    """Write ``sections`` into ``target`` (an eval.json) atomically, keeping the sections
-    already there (``splits``, ``lexsim``...) when that file belongs to the same checkpoint."""
-    from . import checkpoint as ckpt_io
-
-    previous: dict = {}
-    if target.is_file():
-        try:
-            previous = json.loads(target.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            previous = {}
-        if previous.get("checkpoint") != str(model_path):
-            previous = {}
-    ckpt_io.write_json(target, {**previous, **sections})
-
-
 def evaluate_checkpoint(
     model_path: str | os.PathLike,
     *,
@@ -280,17 +220,17 @@ def evaluate_checkpoint(
     dtype: str = "float32",
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    strict_device: bool = False,
 ) -> dict:
     """Evaluate a checkpoint and write ``eval.json`` beside it (other sections of an
     existing ``eval.json`` of the same checkpoint, such as ``lexsim``, are kept).
 
     ``config`` (a params name) supplies the data settings only; without it, the data the
     checkpoint was trained on."""
-    from .params import load_params
-
-    if device == "cuda" and not torch.cuda.is_available():
-        log.warning("CUDA is not available: evaluating on the CPU")
-        device = "cpu"
+    device, dtype, notes = resolve_device(str(device), dtype, strict=strict_device,
+                                          task="evaluation")
+    for note in notes:
+        log.warning(note)
     model_path = paths.resolve_in_root(model_path)
     model, tok, state = load_model(model_path, device, model_type)
     if config is not None:
@@ -301,14 +241,12 @@ def evaluate_checkpoint(
             encoding=cfg.encoding, progress=progress,
         )
     else:
-        ddir = data.resolve_data_dir(data_dir or state.get("data", {}).get("data_dir", "europarl"))
-    meta = data.load_meta(ddir)
-    check_same_vocabulary(tok, meta, ddir, model_path)
+        ddir = dataset.resolve_data_dir(data_dir or state.get("data", {}).get("data_dir", "europarl"))
+    meta = dataset.load_meta(ddir)
+    dataset.check_same_vocabulary(tok, meta, ddir, model_path)
     if stride is not None and not 0 < stride <= model.config.block_size:
         raise UserError(f"--stride must be in 1..{model.config.block_size} (the model's block_size), got {stride}")
-    autocast = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    if autocast is torch.float16 and torch.device(device).type == "cpu":
-        autocast = torch.bfloat16
+    autocast = autocast_dtype(dtype)
     result = {
         "model_type": state["model_type"],
         "checkpoint": str(model_path),
@@ -338,7 +276,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--stride", type=int, default=None, help="window stride (default block_size: non-overlapping)")
     ap.add_argument("--batch_size", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                    help="float16 on a CPU runs in float32")
+    ap.add_argument("--strict_device", action="store_true",
+                    help="refuse to fall back to the CPU (or to another dtype)")
     ap.add_argument("--out", default=None, help="where to write the JSON (default: eval.json beside the checkpoint)")
     ap.add_argument("--lexsim", action="store_true", help="also score Multi-SimLex word similarity (a lexsim section in eval.json)")
     ap.add_argument("--multisimlex", default=None, metavar="PATH",
@@ -355,13 +296,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if bad:
             raise UserError(f"unknown split(s) {', '.join(bad)}; use val, test")
         if args.lexsim:  # read Multi-SimLex first: a bad file fails before anything is written
-            from . import lexsim
-
             bench = lexsim.load_multisimlex(args.multisimlex)
         result = evaluate_checkpoint(
             args.model_path, config=args.config, model_type=args.model_type, data_dir=args.data_dir,
             splits=splits, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
-            device=args.device, dtype=args.dtype, out=args.out,
+            device=args.device, dtype=args.dtype, out=args.out, strict_device=args.strict_device,
         )
         if args.lexsim:
             result["lexsim"] = lexsim.write_lexsim(result["checkpoint"], bench, data_dir=result["data_dir"],

@@ -16,24 +16,46 @@ import difflib
 import inspect
 import math
 import re
+import textwrap
+import typing
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NoReturn, Sequence
 
 import yaml
 
-from backpack_nb.data import EUROPARL_LANGS, FORMS as DATA_FORMS, parse_langs
-from backpack_nb.errors import UserError
-from backpack_nb.models.config import MODEL_KEYS, MODEL_TYPES, config_problems
+from backpack_nb.europarl import EUROPARL_LANGS, FORMS as DATA_FORMS, parse_langs
+from backpack_nb.devices import DTYPES, device_problem
+from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.models.config import MODEL_KEYS, MODEL_TYPES, ModelConfig, config_problems
 from backpack_nb.paths import params_dir, resolve_in_root
 
 INIT_FROM = ("scratch", "resume")
-DTYPES = ("float32", "bfloat16", "float16")
-_DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
+
+
+class _ModelShape:
+    """Marks where TrainConfig takes the model's fields from ModelConfig."""
+
+
+def _with_model_shape(cls: type) -> type:
+    """Put ModelConfig's fields (but vocab_size) where ``cls`` declares ``model_shape``, so the
+    model's keys, types and defaults are defined once, in :mod:`backpack_nb.models.config`."""
+    annotations: dict[str, Any] = {}
+    for name, typ in cls.__dict__["__annotations__"].items():
+        if name != "model_shape":
+            annotations[name] = typ
+            continue
+        for f in dataclasses.fields(ModelConfig):
+            if f.name in MODEL_KEYS:
+                annotations[f.name] = f.type
+                setattr(cls, f.name, f.default)
+    cls.__annotations__ = annotations
+    return cls
 
 
 @dataclass
+@_with_model_shape
 class TrainConfig:
     """Everything one training run needs. Defaults are the seed's Backpack run
     (``params/train_europarl_scratch.yaml``)."""
@@ -53,24 +75,10 @@ class TrainConfig:
     """Let ``init_from: scratch`` replace the checkpoints already in ``out_dir``."""
 
     # --- model shape (must not change on resume) -----------------------------------------
-    block_size: int = 512
-    """Context length in tokens."""
-    n_layer: int = 6
-    """Transformer layers (the Backpack's contextualization network has the same)."""
-    n_head: int = 6
-    """Attention heads per layer; must divide ``n_embd``."""
-    n_embd: int = 384
-    """Model width d."""
-    n_senses: int = 16
-    """Sense vectors per word (Backpack only; must divide ``n_embd``). Ignored by the
-    Transformer, which keeps the key so the two configs stay comparable."""
-    sense_source: str = "network"
-    """Where sense vectors come from: ``network`` (the paper's feed-forward sense network)
-    or ``table`` (a V x k x d lookup table, the seed's parameter count)."""
-    dropout: float = 0.1
-    """Dropout rate in [0, 1)."""
-    bias: bool = False
-    """Biases in Linear and LayerNorm layers."""
+    model_shape: _ModelShape
+    """Stands for ModelConfig's fields (all but vocab_size, which the dataset decides), with
+    their types, defaults and docs: block_size, n_layer, n_head, n_embd, n_senses,
+    sense_source, dropout, bias. :func:`_with_model_shape` puts them here."""
 
     # --- data ----------------------------------------------------------------------------
     data_dir: str = "europarl"
@@ -246,8 +254,8 @@ class TrainConfig:
         choice("init_from", INIT_FROM)
         choice("data_form", DATA_FORMS)
         choice("dtype", DTYPES)
-        if not _DEVICE_RE.match(self.device):
-            p.append(f"device: {self.device!r} is not one of cpu, cuda, cuda:N, mps")
+        if device_problem(self.device):
+            p.append(device_problem(self.device))
         # The model's shape is checked by the models' own rules, so the two never disagree.
         model_type = self.model_type if self.model_type in MODEL_TYPES else None
         shape = {k: getattr(self, k) for k in MODEL_KEYS}
@@ -281,15 +289,6 @@ class TrainConfig:
         if self.stop_after is not None and self.stop_after < 0:
             p.append(f"stop_after: must be >= 0 or null, got {self.stop_after}")
         return p
-
-
-def model_shape_keys(model_type: str = "backpack") -> tuple[str, ...]:
-    """Keys that fix the shape of the weights: a checkpoint can only be resumed with the same
-    values. Schedule keys (max_iters, intervals, learning rates) may change on resume."""
-    keys = ("model_type", "block_size", "n_layer", "n_head", "n_embd", "bias")
-    if model_type == "backpack":
-        keys += ("n_senses", "sense_source")
-    return keys
 
 
 # --- YAML files ----------------------------------------------------------------------------
@@ -352,7 +351,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse that raises UserError instead of printing usage and exiting, so front doors
     print one ``error:`` line and tests can call ``main(argv)`` in-process."""
 
-    def error(self, message: str) -> "NoReturn":  # noqa: F821
+    def error(self, message: str) -> NoReturn:
         m = re.search(r"unrecognized arguments: (.*)", message)
         if m:
             hints = []
@@ -409,17 +408,23 @@ def config_from_argv(argv: Sequence[str] | None) -> TrainConfig:
 @lru_cache(maxsize=None)
 def _field_types() -> dict[str, Any]:
     # `from __future__ import annotations` makes annotations strings; resolve them once.
-    import typing
-
     hints = typing.get_type_hints(TrainConfig)
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
 @lru_cache(maxsize=None)
 def field_docs() -> dict[str, str]:
-    """Each field's docstring (the string literal under it), for --help and notebooks."""
+    """Each field's docstring (the string literal under it), for --help and notebooks; the
+    model's fields carry ModelConfig's."""
+    docs = _class_field_docs(TrainConfig)
+    model_docs = _class_field_docs(ModelConfig)
+    return {name: model_docs.get(name, "") if name in MODEL_KEYS else docs.get(name, "")
+            for name in TrainConfig.keys() if name in docs or name in model_docs}
+
+
+def _class_field_docs(cls: type) -> dict[str, str]:
     try:
-        tree = ast.parse(inspect.getsource(TrainConfig))
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     except (OSError, TypeError):  # source unavailable (frozen app): help stays terse
         return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
@@ -442,8 +447,6 @@ def _describe(value: Any) -> str:
 
 def _coerce(value: Any, typ: Any) -> Any:
     """``value`` as ``typ`` (bool, int, float, str, list[str], int | None) or ValueError."""
-    import typing
-
     args = typing.get_args(typ)
     if type(None) in args:  # Optional[X]; for a switch (bool | None), None is "auto"
         (inner,) = [a for a in args if a is not type(None)]
@@ -497,3 +500,47 @@ def _coerce(value: Any, typ: Any) -> Any:
             return [w for w in value if w.strip()]
         raise ValueError(f"expected a list of words or a comma-separated string, got {_describe(value)}")
     raise TypeError(f"unsupported config field type {typ!r}")  # a programming error
+
+
+# --- python -m backpack_nb.params --------------------------------------------------------------
+
+
+def format_value(value: Any) -> str:
+    """A config value as shell scripts read it: true/false, empty for null, lists
+    comma-joined, numbers as Python prints them."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``get CONFIG KEY [KEY ...]``: each key's validated value (defaults included), one per
+    line, for shell scripts such as the VM side of gcp_setup.sh."""
+    parser = _Parser(prog="python -m backpack_nb.params",
+                     description="Read validated values from a params file.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    get = sub.add_parser("get", help="print each key's value (after validation) on its own line")
+    get.add_argument("config", help="params/NAME.yaml (a name) or a path to a YAML file")
+    get.add_argument("keys", nargs="+", metavar="KEY")
+    try:
+        args = parser.parse_args(argv)
+        cfg = load_params(args.config)
+        unknown = [k for k in args.keys if k not in TrainConfig.keys()]
+        if unknown:
+            hints = [h for k in unknown for h in difflib.get_close_matches(k, TrainConfig.keys(), n=1)]
+            raise UserError(f"unknown key(s) {', '.join(unknown)}"
+                            + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                            + f"; keys: {', '.join(TrainConfig.keys())}")
+    except UserError as exc:
+        exit_on_user_error(exc)
+    for key in args.keys:
+        print(format_value(getattr(cfg, key)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

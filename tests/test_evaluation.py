@@ -16,8 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from backpack_nb import dataset
 from backpack_nb import data, evaluation
-from backpack_nb.evaluation import load_model, windows
+from backpack_nb.checkpoint import load_model
+from backpack_nb.evaluation import windows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,10 +58,10 @@ def test_bits_per_byte_equals_direct_computation(model_type, tiny_ckpts, prepare
     model, tok, _ = load_model(tiny_ckpts[model_type])
     cap = 700  # several windows per language, not a multiple of block_size
     result = evaluation.evaluate_model(model, tok, prepared_europarl, splits=["val"], max_tokens=cap, progress=False)
-    meta = data.load_meta(prepared_europarl)
+    meta = dataset.load_meta(prepared_europarl)
     pooled = [0.0, 0, 0]
     for lang in meta["langs"]:
-        tokens = np.array(data.load_tokens(prepared_europarl, "val", lang)[:cap])
+        tokens = np.array(dataset.load_tokens(prepared_europarl, "val", lang)[:cap])
         nats, count, nbytes = _direct_scores(model, tok, tokens)
         # the byte count is the text's: decoding the scored tokens without separators
         text = tok.decode_bytes([t for t in tokens[1:].tolist() if t != tok.eot_id])
@@ -81,7 +83,7 @@ def test_bits_per_byte_equals_direct_computation(model_type, tiny_ckpts, prepare
 
 def test_stride_scores_every_token_once(tiny_ckpts, prepared_europarl):
     model, tok, _ = load_model(tiny_ckpts["transformer"])
-    tokens = np.array(data.load_tokens(prepared_europarl, "val", "en")[:500])
+    tokens = np.array(dataset.load_tokens(prepared_europarl, "val", "en")[:500])
     lengths = evaluation.token_byte_lengths(tok)
     plain = evaluation.score_tokens(model, tokens, lengths, block_size=64, progress=False)
     sliding = evaluation.score_tokens(model, tokens, lengths, block_size=64, stride=16, progress=False)
@@ -114,7 +116,7 @@ def test_seed_evaluate_command_verbatim(model_type, config, tiny_ckpts):
         for r in result["splits"][split].values():
             assert set(r) >= {"loss", "ppl", "bits_per_byte", "bpb_ci95", "tokens", "bytes"}
             assert 0 < r["bits_per_byte"] < 10
-    meta = data.load_meta(result["data_dir"])
+    meta = dataset.load_meta(result["data_dir"])
     # the full split is evaluated: every token but the first of each language file
     assert result["splits"]["val"]["en"]["tokens"] == meta["splits"]["val"]["langs"]["en"]["tokens"] - 1
 
@@ -167,7 +169,7 @@ def test_damaged_held_out_file_exits_2(tiny_ckpts, prepared_europarl, tmp_path, 
     the file and the fix, not an index error from the embedding."""
     damaged = tmp_path / "damaged"
     shutil.copytree(prepared_europarl, damaged)
-    meta = data.load_meta(damaged)
+    meta = dataset.load_meta(damaged)
     ids = np.fromfile(damaged / "val_fr.bin", dtype=meta["dtype"])
     ids[7] = meta["vocab_size"] + 3
     ids.tofile(damaged / "val_fr.bin")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from backpack_nb import optim
 from backpack_nb.models import ModelConfig, build_model, linear_cross_entropy
-from backpack_nb.models.backpack import causal_mixing
+from backpack_nb.models.mixing import Senses, causal_mixing, choose_kernel, weighted_sum_of_senses
 
 V = 41
 
@@ -96,6 +96,40 @@ def test_causal_mixing_function_against_a_direct_sum(n_blocks):
 
     out = causal_mixing(q, key, senses, n_blocks)
     grads = torch.autograd.grad(out, (q, key, senses), grad_o)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mixing, block, kernel", [
+    ("auto", 4, "blocked"), ("auto", 16, "einsum"),  # 16 = T: a single block is not worth it
+    ("einsum", 4, "einsum"), ("sdpa", 4, "sdpa"), ("blocked", 4, "blocked")])
+@pytest.mark.parametrize("by_type", [True, False], ids=["senses-by-type", "senses-by-position"])
+def test_the_one_mixing_call_equals_a_direct_sum_for_every_kernel(mixing, block, kernel, by_type):
+    torch.manual_seed(0)
+    B, k, T, d, U = 2, 3, 16, 6, 5
+    assert choose_kernel(mixing, block, T, torch.device("cpu")) == kernel
+    q = torch.randn(B, k, T, d // k, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(B, k, T, d // k, dtype=torch.float64, requires_grad=True)
+    if by_type:  # U distinct tokens, each position pointing at its token's row
+        per_type = torch.randn(U, k * d, dtype=torch.float64, requires_grad=True)
+        where = torch.randint(0, U, (B, T))
+        C = per_type[where].view(B, T, k, d)
+    else:
+        per_type = torch.randn(B * T, k * d, dtype=torch.float64, requires_grad=True)
+        where = None
+        C = per_type.view(B, T, k, d)
+    grad_o = torch.randn(B, T, d, dtype=torch.float64)
+
+    # o_i = sum_l sum_{j <= i} alpha_l[i, j] C(x_j)_l with alpha's softmax written out
+    scores = torch.exp(q @ key.transpose(-1, -2) / math.sqrt(d / k))  # (B, k, T, T)
+    scores = scores * torch.ones(T, T, dtype=torch.float64).tril()
+    alpha = scores / scores.sum(-1, keepdim=True)
+    ref = sum(alpha[:, l] @ C[:, :, l] for l in range(k))  # (B, T, d)
+    ref_grads = torch.autograd.grad(ref, (q, key, per_type), grad_o)
+
+    out = weighted_sum_of_senses(q, key, Senses(per_type, where, (B, T, k, d)), mixing, block)
+    grads = torch.autograd.grad(out, (q, key, per_type), grad_o)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-12)

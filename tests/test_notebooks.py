@@ -12,7 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from backpack_nb import reports
+from backpack_nb import comparison, reports
 from backpack_nb.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_03_evaluate(kernel, tiny_backpack_run, tiny_transformer_run, tmp_path):
 
 
 def test_04_senses_html_has_the_sense_tables(kernel, tiny_backpack_run, tmp_path):
-    from backpack_nb.evaluation import load_model
+    from backpack_nb.checkpoint import load_model
     from backpack_nb.senses import sense_words
 
     bp = copy_run(tiny_backpack_run, tmp_path / "bp")
@@ -192,20 +192,20 @@ def test_findings_pair_each_seed_and_say_which_directions_every_pair_resolves():
     rows = [{"run": f"{m} s{seed}", "model_type": m, "seed": seed, "parameters": {"total": 1},
              "tokens_per_s": None, "bpb": {"val": {"all": (1.0, (0.9, 1.1))}}}
             for seed in (1, 2) for m in ("backpack", "transformer")]
-    assert reports.seed_pairs(rows) == [("backpack s1", "transformer s1"),
+    assert comparison.seed_pairs(rows) == [("backpack s1", "transformer s1"),
                                         ("backpack s2", "transformer s2")]
-    assert reports.seed_pairs([{**r, "seed": None} for r in rows]) == [("backpack s1", "transformer s1")]
+    assert comparison.seed_pairs([{**r, "seed": None} for r in rows]) == [("backpack s1", "transformer s1")]
 
     def diff(d, lo, hi):
         return {"difference": d, "ci95": [lo, hi], "windows": 10}
 
     paired = {"backpack s1 - transformer s1": {"en": diff(0.1, 0.05, 0.15), "fr": diff(-0.1, -0.2, -0.05)},
               "backpack s2 - transformer s2": {"en": diff(0.1, 0.02, 0.2), "fr": diff(-0.01, -0.1, 0.05)}}
-    text = reports.findings(rows, paired)
+    text = comparison.findings(rows, paired)
     assert "paired, backpack s2 - transformer s2:" in text and "mean bits per byte" in text
     assert "every pair resolves the same direction for en (Backpack higher)" in text
     assert "fr (Backpack" not in text  # resolved in one pair only
-    single = reports.findings(rows[:2], paired["backpack s1 - transformer s1"])
+    single = comparison.findings(rows[:2], paired["backpack s1 - transformer s1"])
     assert "paired, " not in single and "Across seeds" not in single and "- fr: Backpack minus" in single
 
 
@@ -225,3 +225,20 @@ def test_unknown_parameter_is_refused_before_running(capsys):
         reports.main(["run", "03_evaluate", "-p", "max_tokenz", "10"])
     assert exc.value.code == 2
     assert "did you mean 'max_tokens'" in capsys.readouterr().err
+
+
+def test_relayed_hints_are_spelled_as_the_runner_takes_them():
+    """A UserError raised in a notebook names train.py's flags; relayed by the runner, its
+    hint must work in the runner's command (-p KEY VALUE), except inside a quoted command and
+    for a data-preparation command's own flags."""
+    spell = reports.runner_spelling
+    assert spell("out/x already holds a run (ckpt.pt); continue it with --init_from resume, pick "
+                 "another --out_dir, or pass --overwrite to replace it") == (
+        "out/x already holds a run (ckpt.pt); continue it with -p init_from resume, pick "
+        "another -p out_dir, or pass -p overwrite true to replace it")
+    assert spell("--compile false; --strict_device") == "-p compile false; -p strict_device true"
+    quoted = "use another --data_dir or re-prepare it with `python -m backpack_nb.data prepare --out d --overwrite`"
+    assert spell(quoted) == quoted.replace("--data_dir", "-p data_dir", 1)
+    assert spell("d: too short; prepare it with --block_size 64 --overwrite") == \
+        "d: too short; prepare it with --block_size 64 --overwrite"
+    assert spell("--model_path x, --no-compile") == "--model_path x, --no-compile"  # not training settings

@@ -11,9 +11,10 @@ import yaml
 
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
+from backpack_nb.models.config import model_shape_keys
 from backpack_nb.params import (
     TrainConfig, available_configs, config_from_argv, field_docs, load_params,
-    model_shape_keys, params_path, read_params_file,
+    params_path, read_params_file,
 )
 from backpack_nb.paths import params_dir
 

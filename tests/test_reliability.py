@@ -30,6 +30,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from backpack_nb import dataset
+from backpack_nb import runfiles
 from backpack_nb import checkpoint as ck
 from backpack_nb import data as data_mod
 from backpack_nb import evaluation
@@ -120,7 +122,7 @@ class Zygote:
         script.write_text(_ZYGOTE)
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONUNBUFFERED": "1"}
-        env.pop(ck.SLOW_SAVE_ENV, None)
+        env.pop(runfiles.SLOW_SAVE_ENV, None)
         warm = _small_argv("backpack", folder / "warm-up", "--max_iters", "1")
         self.proc = subprocess.Popen(
             [sys.executable, str(script), str(ROOT), json.dumps(warm), str(folder / "warm.log")],
@@ -139,7 +141,7 @@ class Zygote:
     def launch(self, argv: list[str], log: Path, *, slow_save: float = 0.0,
                fsize: int | None = None) -> int:
         self.count += 1
-        env = {ck.SLOW_SAVE_ENV: str(slow_save)} if slow_save else {}
+        env = {runfiles.SLOW_SAVE_ENV: str(slow_save)} if slow_save else {}
         # The first answer waits for the warm-up.
         return self._ask({"argv": argv, "log": str(log), "env": env, "fsize": fsize},
                          timeout=300 if self.count == 1 else 60)["pid"]
@@ -626,7 +628,7 @@ def test_unwritable_out_dir_gives_a_clear_error_and_changes_nothing(references, 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(ck.tempfile, "mkstemp", refuse)
+    monkeypatch.setattr(runfiles.tempfile, "mkstemp", refuse)
     with pytest.raises(SystemExit) as exc:
         train_main(_small_argv("transformer", out, "--max_iters", "70", resume=True))
     assert exc.value.code == 2
@@ -727,7 +729,7 @@ def test_non_finite_loss_stops_before_saving(poison, prepared_europarl, tmp_path
     """From training step 13 on the model's loss is NaN (or inf): the run stops at the next
     check (before the save due at 15) with one error line; the checkpoint of step 10 and the
     log are untouched and hold only finite numbers."""
-    build = training.build_model
+    build = training.loop.build_model
     calls = {"n": 0}
 
     def poisoned_build(*args, **kwargs):
@@ -745,7 +747,7 @@ def test_non_finite_loss_stops_before_saving(poison, prepared_europarl, tmp_path
         model.forward = poisoned
         return model
 
-    monkeypatch.setattr(training, "build_model", poisoned_build)
+    monkeypatch.setattr(training.loop, "build_model", poisoned_build)
     out = tmp_path / "run"
     argv = _small_argv("backpack", out, "--eval_interval", "10", "--log_interval", "100")
     with pytest.raises(SystemExit) as exc:
@@ -874,7 +876,7 @@ def bad_input_world(references, prepared_europarl, tmp_path_factory):
     other = data_mod.prepare(os.environ["EUROPARL_SOURCE"], root / "other_vocab",
                              data_mod.PrepareConfig(langs=("en", "fr"), form="raw",
                                                     block_size=64, seed=7), progress=False)
-    assert data_mod.load_meta(other)["base_ids"] != data_mod.load_meta(prepared_europarl)[
+    assert dataset.load_meta(other)["base_ids"] != dataset.load_meta(prepared_europarl)[
         "base_ids"]
     garbage = root / "garbage.pt"
     garbage.write_bytes(b"PK\x03\x04 not really a zip")

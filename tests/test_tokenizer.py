@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from backpack_nb import tokenizer
+from backpack_nb import dataset
 from backpack_nb.errors import UserError
 from backpack_nb.tokenizer import Tokenizer, get_encoding
 
@@ -17,7 +17,7 @@ CJK = "日本語のテキストを分割します。中文字符串测试，한�
 
 @pytest.fixture(scope="module")
 def tok(prepared_europarl) -> Tokenizer:
-    return tokenizer.load(prepared_europarl)
+    return dataset.load_tokenizer(prepared_europarl)
 
 
 # ----------------------------------------------------------------------------------------

@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from backpack_nb import checkpoint as ck
-from backpack_nb import senses, tokenizer
+from backpack_nb import dataset, runfiles, senses
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.params import TrainConfig
-from backpack_nb.training import BatchSampler, WarmupCosineSchedule, resolve_device, train
+from backpack_nb.devices import resolve_device
+from backpack_nb.training import BatchSampler, WarmupCosineSchedule, train
 from conftest import ROOT, tiny_config
 
 sys.path.insert(0, str(ROOT))
@@ -86,18 +87,18 @@ def test_sampler_is_deterministic_resumable_and_sliced_per_rank():
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the fallback on a machine without CUDA")
 def test_device_fallbacks_without_cuda():
-    device, dtype, notes = resolve_device(TrainConfig(device="cuda", dtype="float16"))
+    device, dtype, notes = resolve_device("cuda", "float16")
     assert (device.type, dtype) == ("cpu", "float32")
     assert len(notes) == 2 and "CUDA is not available" in notes[0] and "float32" in notes[1]
     assert notes[0].endswith("training on the CPU instead (much slower); pass --device cpu to "
                              "silence this")
-    assert resolve_device(TrainConfig(device="cpu", dtype="bfloat16"))[1:] == ("bfloat16", [])
+    assert resolve_device("cpu", "bfloat16")[1:] == ("bfloat16", [])
     with pytest.raises(UserError, match="strict_device"):
-        resolve_device(TrainConfig(device="cuda", strict_device=True))
+        resolve_device("cuda", strict=True)
 
 
 def test_sense_words_and_default_probe_words(prepared_europarl):
-    tok = tokenizer.load(prepared_europarl)
+    tok = dataset.load_tokenizer(prepared_europarl)
     torch.manual_seed(0)
     model = build_model("backpack", ModelConfig(vocab_size=tok.vocab_size, block_size=16,
                                                 n_layer=1, n_head=2, n_embd=16, n_senses=4,
@@ -108,11 +109,9 @@ def test_sense_words_and_default_probe_words(prepared_europarl):
     assert [r["sense"] for r in rows] == [0, 1, 2, 3] and rows[0]["token"] == " vote"
     assert all(len(r["top"]) == 5 and len(r["bottom"]) == 5 for r in rows)
     assert rows == senses.sense_words(model, tok, " vote", top=5)  # eval mode: deterministic
-    from backpack_nb import data
-
     words = senses.frequent_content_words(
-        data.load_tokens(prepared_europarl, "train"), tok,
-        {l: data.load_tokens(prepared_europarl, "val", l) for l in ("en", "fr")}, 3)
+        dataset.load_tokens(prepared_europarl, "train"), tok,
+        {l: dataset.load_tokens(prepared_europarl, "val", l) for l in ("en", "fr")}, 3)
     assert len(words) == 6 and all(w.isalpha() and len(w) >= 4 for w in words)
     assert "Commission" in words[:3]  # English first, then French
 
@@ -213,7 +212,7 @@ def test_a_second_trainer_on_a_busy_run_folder_exits_2(prepared_europarl, tmp_pa
     small = dict(max_iters=2, eval_interval=2, eval_iters=1, checkpoint_interval=100)
     train(tiny_config("transformer", out, **small))
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with ck.run_lock(out):  # as the running trainer holds it
+    with runfiles.run_lock(out):  # as the running trainer holds it
         for extra in (["--init_from", "resume", "--max_iters", "4"], ["--overwrite"]):
             err = _exit2(_tiny_argv("transformer", out, *extra), capsys)
             assert "in use by another training run (run 'tiny_transformer'" in err, err

@@ -16,13 +16,12 @@ import torch
 
 from backpack_nb.errors import UserError, exit_on_user_error
 from backpack_nb.models import ConfigError, ModelConfig, build_model
+from backpack_nb.params import read_params_file
 
 
 def load_params(config: str) -> dict[str, Any]:
     """A params mapping from a name under ``params/`` or a path to a YAML file (read the
     same way as ``train.py --config`` reads it)."""
-    from backpack_nb.params import read_params_file
-
     return read_params_file(config)
 
 

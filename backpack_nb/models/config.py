@@ -55,18 +55,19 @@ class ModelConfig:
     """Sense vectors k per token type (Backpack only; n_embd must be divisible by it, since
     the k contextualization heads split d). The Transformer ignores it (the seed sets 1)."""
 
-    dropout: float = 0.0
-    """Dropout probability in [0, 1) on embeddings, residual adds and attention."""
+    sense_source: str = "network"
+    """Where the Backpack's sense vectors C(x) come from: ``"network"`` (the paper's sense
+    network on the shared embedding) or ``"table"`` (a free V x k x d lookup, this project's
+    extension; huge at large V)."""
+
+    dropout: float = 0.1
+    """Dropout probability in [0, 1) on embeddings, residual adds and attention (the seed
+    trains with 0.1; a model only evaluated or sampled runs in eval mode, without it)."""
 
     bias: bool = False
     """Biases in the Linear and LayerNorm layers. The Backpack's d -> 2d contextualization
     projection always has one, as in the paper. ``False`` (the seed) gives the counts in
     design/backpack.md (41.6M Backpack-Micro); ``True`` gives the official code's 41.7M."""
-
-    sense_source: str = "network"
-    """Where the Backpack's sense vectors C(x) come from: ``"network"`` (the paper's sense
-    network on the shared embedding) or ``"table"`` (a free V x k x d lookup, this project's
-    extension; huge at large V)."""
 
     def __post_init__(self) -> None:
         problems = config_problems(dataclasses.asdict(self))
@@ -111,8 +112,19 @@ class ModelConfig:
             raise ConfigError(problems)
 
 
-# The keys of a flat params file that belong to the model (model_type picks the class).
+# The keys of a flat params file that belong to the model (model_type picks the class); the
+# training config (backpack_nb.params.TrainConfig) takes these fields from ModelConfig.
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size")
+# Keys only the Backpack reads (the Transformer ignores them).
+BACKPACK_KEYS = ("n_senses", "sense_source")
+
+
+def model_shape_keys(model_type: str = "backpack") -> tuple[str, ...]:
+    """Keys that fix the shape of the weights (``model_type`` and the model keys but dropout):
+    a checkpoint resumes only with the same values. Schedule keys may change on resume."""
+    return ("model_type",) + tuple(
+        k for k in MODEL_KEYS
+        if k != "dropout" and (model_type == "backpack" or k not in BACKPACK_KEYS))
 
 
 def _defaults() -> dict[str, Any]:

@@ -1,0 +1,108 @@
+"""A prepared dataset, read: where it is, its ``meta.json``, its token files, its tokenizer.
+
+:mod:`backpack_nb.data` writes a dataset folder (``train.bin``, ``val.bin``, ``test.bin``, the
+per-language ``val_<lang>.bin`` / ``test_<lang>.bin`` and ``meta.json``); everything that reads
+one (training, evaluation, lexsim, the notebooks) goes through this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import paths
+from .errors import UserError
+from .tokenizer import Tokenizer
+
+META_KEYS = ("encoding", "vocab_size", "dtype", "langs", "splits", "base_ids")
+
+def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
+    """``europarl`` (a bare name, as in the seed's ``--data_dir europarl``) is a folder of
+    the data root; anything with a slash, or absolute, is a path from the project root."""
+    s = str(data_dir)
+    if os.sep in s or "/" in s or s.startswith("."):
+        return paths.resolve_in_root(s)
+    return paths.data_root() / s
+
+
+def load_meta(data_dir: str | os.PathLike) -> dict:
+    """``meta.json`` of a prepared dataset (a bare name is looked up in the data root)."""
+    path = resolve_data_dir(data_dir) / "meta.json"
+    if not path.is_file():
+        raise UserError(
+            f"{data_dir} is not a prepared dataset (no meta.json); prepare it with "
+            f"`python -m backpack_nb.data prepare --out {data_dir}`"
+        )
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path} is damaged ({exc}); prepare the dataset again with --overwrite") from exc
+    missing = [k for k in META_KEYS if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; prepare the dataset again with --overwrite")
+    return meta
+
+
+def meta_hash(data_dir: str | os.PathLike) -> str:
+    """SHA-256 naming the exact dataset (vocabulary, split, source file hashes): the same
+    source prepared twice with the same settings gets the same hash (timings and the
+    source's path are left out)."""
+    meta = load_meta(data_dir)
+    stable = {k: v for k, v in meta.items() if k not in ("prepare_seconds", "source")}
+    return hashlib.sha256(json.dumps(stable, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def load_tokens(data_dir: str | os.PathLike, split: str, lang: str | None = None) -> np.memmap:
+    """Token ids of a split (all languages, or one), as a read-only memmap."""
+    meta = load_meta(data_dir)
+    if split not in ("train", "val", "test"):
+        raise UserError(f"unknown split {split!r}; use train, val or test")
+    if lang is not None and lang not in meta["langs"]:
+        raise UserError(f"{data_dir} has no language {lang!r}; it has {', '.join(meta['langs'])}")
+    if lang is not None and split == "train":
+        raise UserError("per-language token files exist for val and test only")
+    name = f"{split}.bin" if lang is None else f"{split}_{lang}.bin"
+    path = resolve_data_dir(data_dir) / name
+    expected = meta["splits"][split]["tokens"] if lang is None else meta["splits"][split]["langs"][lang]["tokens"]
+    itemsize = np.dtype(meta["dtype"]).itemsize
+    if not path.is_file() or path.stat().st_size != expected * itemsize:
+        have = path.stat().st_size if path.is_file() else "no file"
+        raise UserError(
+            f"{path} does not match meta.json ({expected} tokens x {itemsize} bytes expected, "
+            f"found {have} bytes); prepare the dataset again with --overwrite"
+        )
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
+
+
+def check_token_ids(tokens: np.ndarray, vocab_size: int, path: str | os.PathLike) -> None:
+    """Token ids beyond the vocabulary mean a damaged .bin of the right size, or a meta.json
+    from another preparation: one clear error here instead of an index error later."""
+    top = int(tokens.max()) if len(tokens) else -1
+    if top >= vocab_size:
+        raise UserError(
+            f"{path} holds token id {top}, outside the vocabulary of {vocab_size} tokens in "
+            "meta.json: the file is damaged or meta.json belongs to another preparation; "
+            "prepare the dataset again with --overwrite")
+
+
+
+def load_tokenizer(data_dir: str | os.PathLike) -> Tokenizer:
+    """The tokenizer of a prepared dataset (its encoding and compact vocabulary)."""
+    meta = load_meta(resolve_data_dir(data_dir))
+    return Tokenizer(meta["encoding"], meta["base_ids"])
+
+
+def check_same_vocabulary(tok: Tokenizer, meta: dict, data_dir: Path, model_path: Path) -> None:
+    """A model scores only the data of its own vocabulary: the same encoding and the same
+    compact ids, or token ids would mean other tokens."""
+    if meta["encoding"] != tok.encoding_name or list(meta["base_ids"]) != tok.base_ids.tolist():
+        raise UserError(
+            f"{data_dir} was prepared with another tokenizer or vocabulary ({meta['encoding']}, "
+            f"{meta['vocab_size']} tokens) than checkpoint {model_path} ({tok.encoding_name}, "
+            f"{tok.vocab_size} tokens); evaluate on the data the model was trained on "
+            "(--data_dir, or the config it was trained with)"
+        )

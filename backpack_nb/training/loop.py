@@ -1,0 +1,523 @@
+"""The training loop: :func:`train` and the :class:`Trainer` that holds one run's state.
+
+:meth:`Trainer.run` reads as the loop it is: at each iteration it asks whether to evaluate
+and whether to save, takes one optimizer step and meters it. Its helpers own the rest: the
+checkpoint's contents (:mod:`backpack_nb.checkpoint`), batches, the schedule, throughput and
+the progress bar, training_log.json and run.json (:mod:`.records`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from backpack_nb import checkpoint as ckpt_io
+from backpack_nb import data, dataset, senses
+from backpack_nb.errors import UserError
+from backpack_nb.models import ModelConfig, build_model
+from backpack_nb.models.flops import mean_distinct_tokens
+from backpack_nb.optim import clip_grad_norm_, make_optimizer
+from backpack_nb.params import TrainConfig
+from backpack_nb.paths import resolve_in_root
+from backpack_nb.runfiles import run_lock, write_json
+
+from . import records
+from .batches import BatchSampler
+from .meters import Progress, Throughput, flops_per_token, peak_flops
+from .runtime import Runtime, StopRequest, setup_runtime
+from .schedule import WarmupCosineSchedule
+
+EvalCallback = Callable[[dict], Any]
+# Offsets that give evaluation its own fixed generators, far from the training seed's.
+_EVAL_SEED_OFFSET = {"train": 1_000_003, "val": 2_000_003}
+
+
+class TrainingDiverged(UserError):
+    """The loss or the weights became NaN or infinite; nothing was saved after that."""
+
+
+def train(cfg: TrainConfig, *, callback: EvalCallback | None = None) -> dict[str, Any]:
+    """Train (or resume) the run described by ``cfg``. ``callback(record)`` is called on rank 0
+    after each evaluation with the eval record (iteration, train_loss, val_loss, lr,
+    tokens_seen, elapsed_s, best_val_loss, improved, top_activating_words), e.g. for a live
+    plot. Returns a summary dict; raises UserError for bad input and never calls sys.exit."""
+    rt = setup_runtime(cfg)
+    stop = StopRequest()
+    try:
+        stop.install()
+        # one trainer at a time in a run folder (rank 0 writes, so rank 0 holds it)
+        with run_lock(resolve_in_root(cfg.out_dir), enabled=rt.master):
+            trainer = Trainer(cfg, rt, callback=callback)
+            result = trainer.run(stop)
+            if rt.ddp:
+                # Leave together: a rank that tears gloo down while its peer is still writing
+                # the final checkpoint can abort ("terminate called without an active
+                # exception").
+                dist.barrier()
+        return result
+    finally:
+        stop.restore()
+        if rt.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _prepare_data(cfg: TrainConfig, rt: Runtime, data_dir: Path) -> None:
+    """Prepare the dataset on first use, once per machine (local rank 0). The other processes
+    wait for its meta.json (the dataset folder appears atomically, complete) rather than at a
+    collective: a first preparation can outlast NCCL's timeout, and if rank 0 fails torchrun
+    stops them all."""
+    if rt.local_rank != 0:
+        while not (data_dir / "meta.json").exists():
+            time.sleep(1.0)
+    # on the other ranks this only checks that the dataset fits this run
+    data.ensure_prepared(
+        data_dir, source=cfg.data_source or None, langs=cfg.languages, form=cfg.data_form,
+        block_size=cfg.block_size, seed=cfg.seed, encoding=cfg.encoding, progress=rt.master)
+
+
+def _all_finite(model: torch.nn.Module) -> bool:
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
+class Trainer:
+    """One run: data, model, optimizer, scaler, schedule, sampler, log and RNGs. Its
+    :meth:`state_dict` is the checkpoint and :meth:`load_state_dict` resumes from one."""
+
+    def __init__(self, cfg: TrainConfig, rt: Runtime, *, callback: EvalCallback | None = None):
+        self.cfg, self.rt, self.callback = cfg, rt, callback
+        self.out_dir = resolve_in_root(cfg.out_dir)
+        existing = ckpt_io.existing_checkpoints(self.out_dir)
+        if cfg.init_from == "scratch" and existing and not cfg.overwrite:
+            raise UserError(
+                f"{self.out_dir} already holds a run ({', '.join(p.name for p in existing)}); "
+                "continue it with --init_from resume, pick another --out_dir, or pass "
+                "--overwrite to replace it"
+            )
+        if cfg.init_from == "resume":
+            ckpt_io.require_checkpoint(self.out_dir)  # before the data and the model: fail fast
+
+        # Data: prepared on first use (by rank 0), then the compact-vocabulary tokenizer.
+        self.data_dir = dataset.resolve_data_dir(cfg.data_dir)
+        _prepare_data(cfg, rt, self.data_dir)
+        self.meta = dataset.load_meta(self.data_dir)
+        self.data_hash = dataset.meta_hash(self.data_dir)
+        self.tok = dataset.load_tokenizer(self.data_dir)
+        self.splits = {split: dataset.load_tokens(self.data_dir, split)
+                       for split in ("train", "val")}
+        for split, tokens in self.splits.items():
+            dataset.check_token_ids(tokens, self.tok.vocab_size, self.data_dir / f"{split}.bin")
+
+        if cfg.init_from == "scratch" and cfg.overwrite and rt.master:
+            for name in (ckpt_io.CKPT_NAME, ckpt_io.PREV_NAME, ckpt_io.BEST_NAME,
+                         records.LOG_NAME):
+                (self.out_dir / name).unlink(missing_ok=True)  # never resume the replaced run
+
+        torch.manual_seed(cfg.seed + rt.rank)  # same weights (DDP syncs them), own dropout
+        self.model_config = ModelConfig.from_params(cfg.to_dict(), self.tok.vocab_size)
+        self.raw_model = build_model(cfg.model_type, self.model_config).to(rt.device)
+        self.optimizer = make_optimizer(
+            self.raw_model, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+            weight_decay=cfg.weight_decay, sparse_table=cfg.sparse_table)
+        self.scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == "float16")
+        self.schedule = WarmupCosineSchedule(cfg)
+        self.sampler = BatchSampler(
+            self.splits["train"], block_size=cfg.block_size, batch_size=cfg.batch_size,
+            seed=cfg.seed, device=rt.device, rank=rt.rank, world_size=rt.world_size)
+        self.log = records.new_training_log()
+        self.progress = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": None,
+                         "tokens_seen": 0, "elapsed_s": 0.0, "last_eval_iter": None}
+        self.history = {"started_at": records.now(), "resumed_at": []}
+        self.probe_words: list[str] = list(cfg.probe_words)
+
+        self.raw_model.set_activation_checkpointing(cfg.activation_checkpointing)
+        self.model: torch.nn.Module = self.raw_model
+        self.compiled = cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
+        if self.compiled:
+            self.model = torch.compile(self.raw_model)
+        self.eval_model = self.model  # evaluation skips DDP's gradient hooks
+        if rt.ddp:
+            self.model = DDP(self.model,
+                             device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+        self.tokens_per_iter = (cfg.batch_size * cfg.block_size
+                                * cfg.gradient_accumulation_steps * rt.world_size)
+        # the sense network's share depends on how many distinct tokens a batch holds
+        self.distinct_tokens = mean_distinct_tokens(self.splits["train"], cfg.batch_size,
+                                                    cfg.block_size)
+        self.flops_per_token = flops_per_token(self.raw_model, cfg, self.distinct_tokens)
+        self.peak_flops = peak_flops(rt.device, rt.dtype)
+        self.throughput = Throughput(self.tokens_per_iter, self.flops_per_token, self.peak_flops)
+        self.display = Progress(False, cfg.max_iters, 0, cfg.run_name)  # shown once run() starts
+
+        # Non-finite losses since the last check, counted on the device (no sync per step).
+        self._nonfinite = torch.zeros((), dtype=torch.int32, device=rt.device)
+        self._checked_iter = 0
+        self.last_saved = -1  # the iteration of the last checkpoint (-1: none this session)
+        self._t_run, self._elapsed_base = time.perf_counter(), 0.0
+        self.resumed_from: Path | None = None
+        # What earlier sessions measured, kept by a resumed session that trains no step.
+        self.earlier_throughput = (records.earlier_throughput(self.out_dir)
+                                   if cfg.init_from == "resume" else {})
+        if cfg.init_from == "resume":  # last: it restores the RNGs
+            _, self.resumed_from = ckpt_io.load_checkpoint(self.out_dir, accept=self._resume)
+            self.history["resumed_at"].append(records.now())
+            self.last_saved = self.progress["iter_num"]
+        if cfg.model_type == "backpack" and not self.probe_words:
+            val_by_lang = {lang: dataset.load_tokens(self.data_dir, "val", lang)
+                           for lang in self.meta["langs"]}
+            self.probe_words = senses.frequent_content_words(
+                self.splits["train"], self.tok, val_by_lang, cfg.probe_words_per_language)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run(self, stop: StopRequest) -> dict[str, Any]:
+        """Train to ``max_iters`` (or until stopped) and return a summary."""
+        cfg, prog = self.cfg, self.progress
+        run_info = self._start()
+        stopped: str | None = None
+        while True:
+            it = prog["iter_num"]
+            lr = self.schedule.step_to(it, self.optimizer)
+            done = it >= cfg.max_iters
+            stopped = None if done else self._stop_reason(stop)  # `done` agrees on all ranks
+            evaluate, save = self._evaluation_due(it, done, stopped), self._save_due(it, done, stopped)
+            if evaluate or save:
+                self._check_finite()
+            if evaluate and self.evaluate(lr) and it > 0:
+                self.save(best=True)
+            if save and it != self.last_saved:
+                self.save()
+            if done or stopped:
+                break
+
+            t_step = time.perf_counter()
+            loss = self.train_step()
+            log_now = prog["iter_num"] % cfg.log_interval == 0 or prog["iter_num"] == cfg.max_iters
+            if log_now:
+                loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs the GPU
+                self._check_finite()
+            self.throughput.add_step(time.perf_counter() - t_step)
+            if log_now:
+                tok_s, mfu = self.throughput.end_window()
+                self.display.update(prog["iter_num"], f"loss {loss_value:.4f} | lr {lr:.2e} | "
+                                    f"{tok_s:,.0f} tok/s | mfu "
+                                    f"{f'{100 * mfu:.1f}%' if mfu else '-'}")
+        self.display.close()
+        return self._finish(run_info, stopped)
+
+    def _evaluation_due(self, it: int, done: bool, stopped: str | None) -> bool:
+        # A stop saves at once and leaves a due evaluation to the resume, which runs it
+        # (evaluation never touches the training RNGs, so the run stays bit-exact).
+        return (not stopped and (it % self.cfg.eval_interval == 0 or done)
+                and it != self.progress["last_eval_iter"])
+
+    def _save_due(self, it: int, done: bool, stopped: str | None) -> bool:
+        return it > 0 and it != self.last_saved and bool(
+            done or stopped or it % self.cfg.checkpoint_interval == 0)
+
+    def _start(self) -> dict[str, Any]:
+        """Open the session: run.json says "running", the progress bar and its first lines."""
+        cfg, rt, prog = self.cfg, self.rt, self.progress
+        run_info = self._run_info()
+        stale: list[Path] = []
+        if rt.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            stale = ckpt_io.remove_stale_temps(self.out_dir)  # left by a crash mid-save
+            write_json(self.out_dir / records.RUN_NAME, {**run_info, "status": "running"})
+        self.display = Progress(rt.master, cfg.max_iters, prog["iter_num"], cfg.run_name)
+        if stale:
+            self.display.line(f"removed {len(stale)} temporary file(s) left by an interrupted "
+                              f"save: {', '.join(p.name for p in stale)}")
+        params = run_info["parameters"]
+        parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items() if k != "total")
+        self.display.line(
+            f"{cfg.model_type}: {params['total'] / 1e6:.2f}M parameters ({parts}); vocab "
+            f"{self.tok.vocab_size:,}; {rt.device} {rt.dtype}{' compiled' if self.compiled else ''}"
+            f"{', activation checkpointing' if cfg.activation_checkpointing else ''}"
+            f"; {rt.world_size} process(es); {self.tokens_per_iter:,} tokens/iteration")
+        if self.resumed_from is not None:
+            self.display.line(f"resumed at iteration {prog['iter_num']} from "
+                              f"{self.resumed_from.name} (best val loss "
+                              f"{prog['best_val_loss']:.4f})")
+        if prog["iter_num"] >= cfg.max_iters:
+            self.display.line(f"iteration {prog['iter_num']} already reaches max_iters "
+                              f"{cfg.max_iters}: nothing to train (raise --max_iters to continue)")
+        self.model.train()
+        self._t_run, self._elapsed_base = time.perf_counter(), prog["elapsed_s"]
+        return run_info
+
+    def _finish(self, run_info: dict[str, Any], stopped: str | None) -> dict[str, Any]:
+        """Close the session: the summary, and run.json with how it ended and how fast."""
+        rt, prog = self.rt, self.progress
+        prog["elapsed_s"] = self._elapsed()
+        tok_s, mfu = self.throughput.summary()
+        if tok_s is None:  # no step this session
+            tok_s = self.earlier_throughput.get("tokens_per_s")
+            mfu = self.earlier_throughput.get("mfu")
+        result = {
+            "out_dir": str(self.out_dir), "iter_num": prog["iter_num"],
+            "best_val_loss": prog["best_val_loss"], "best_iter": prog["best_iter"],
+            "stopped": stopped, "tokens_seen": prog["tokens_seen"],
+            "tokens_per_s": tok_s, "mfu": mfu, "device": str(rt.device), "dtype": rt.dtype,
+            "world_size": rt.world_size, "parameters": run_info["parameters"],
+            "warnings": list(rt.warnings), "training_log": self.log,
+        }
+        if rt.master:
+            write_json(self.out_dir / records.RUN_NAME, {
+                **run_info, "status": "interrupted" if stopped else "finished",
+                "stopped_by": stopped, "ended_at": records.now(), "iterations": prog["iter_num"],
+                "tokens_seen": prog["tokens_seen"], "tokens_per_s": tok_s, "mfu": mfu})
+            if stopped:
+                print(f"stopped at iteration {prog['iter_num']} ({stopped}); checkpoint in "
+                      f"{self.out_dir / ckpt_io.CKPT_NAME}; continue with --init_from resume",
+                      flush=True)
+        return result
+
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over gradient_accumulation_steps micro-batches; returns the
+        last micro-batch's loss (scaled down by the accumulation)."""
+        accum = self.cfg.gradient_accumulation_steps
+        for micro in range(accum):
+            x, y = self.sampler.next_batch()
+            # Under DDP, all-reduce gradients once per step, on the last micro-batch.
+            skip_sync = self.rt.ddp and micro < accum - 1
+            with self.model.no_sync() if skip_sync else contextlib.nullcontext():
+                with self.rt.autocast():
+                    _, loss = self.model(x, y)
+                    loss = loss / accum
+                self._nonfinite += (~torch.isfinite(loss.detach())).to(torch.int32)
+                self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)  # sparse-aware
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.progress["iter_num"] += 1
+        self.progress["tokens_seen"] += self.tokens_per_iter
+        return loss
+
+    # -- evaluation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def estimate_loss(self) -> dict[str, float]:
+        """Mean loss over ``eval_iters`` batches of each split. The same fixed batches at every
+        evaluation (a smoother curve), drawn from their own generators (evaluating never
+        changes the training run); under DDP the ranks share the batches out."""
+        cfg, rt = self.cfg, self.rt
+        self.eval_model.eval()
+        losses = {}
+        for split, tokens in self.splits.items():
+            fixed = BatchSampler(tokens, block_size=cfg.block_size, batch_size=cfg.batch_size,
+                                 seed=cfg.seed + _EVAL_SEED_OFFSET[split], device=rt.device,
+                                 name=split)
+            total = torch.zeros((), dtype=torch.float64, device=rt.device)
+            for k in range(cfg.eval_iters):
+                x, y = fixed.next_batch()
+                if k % rt.world_size == rt.rank:
+                    with rt.autocast():
+                        _, loss = self.eval_model(x, y)
+                    total += loss.double()
+            if rt.ddp:
+                dist.all_reduce(total)
+            losses[split] = total.item() / cfg.eval_iters
+        self.eval_model.train()
+        return losses
+
+    def evaluate(self, lr: float) -> bool:
+        """Evaluate at the current iteration: append to the log, write training_log.json and
+        call the callback. Returns whether the val loss improved (the caller saves best.pt)."""
+        it = self.progress["iter_num"]
+        losses = self.estimate_loss()
+        self.progress["last_eval_iter"] = it
+        self.progress["elapsed_s"] = self._elapsed()
+        improved = losses["val"] < self.progress["best_val_loss"]
+        if improved:
+            self.progress["best_val_loss"], self.progress["best_iter"] = losses["val"], it
+        entry = {"iterations": it, "train_loss": losses["train"], "val_loss": losses["val"],
+                 "lr": lr, "tokens_seen": self.progress["tokens_seen"],
+                 "elapsed_s": round(self.progress["elapsed_s"], 3)}
+        records.append_evaluation(self.log, entry)
+        if self.rt.master:
+            words = None
+            if self.cfg.model_type == "backpack":
+                words = senses.probe_records(self.raw_model, self.tok, self.probe_words,
+                                             self.cfg.sense_top_k)
+                self.log["top_activating_words"].append({"iteration": it, "words": words})
+            write_json(self.out_dir / records.LOG_NAME, self.log)
+            self.display.line(f"eval {it}: train loss {losses['train']:.4f}, val loss "
+                              f"{losses['val']:.4f}{' (best)' if improved else ''}")
+            if self.callback is not None:
+                record = {"iteration": it, **{k: v for k, v in entry.items() if k != "iterations"}}
+                self.callback({**record, "best_val_loss": self.progress["best_val_loss"],
+                               "improved": improved, "top_activating_words": words})
+        return improved
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint (:data:`backpack_nb.checkpoint.TRAINING_STATE`): tensors and plain
+        Python values only (weights_only-loadable). Collective under DDP (every rank's RNG
+        state is gathered)."""
+        rng = [ckpt_io.rng_state()]
+        if self.rt.ddp:  # ranks differ (per-rank dropout seeds): keep all of them
+            rng = [None] * self.rt.world_size
+            dist.all_gather_object(rng, ckpt_io.rng_state())
+        return ckpt_io.training_state(
+            model_type=self.cfg.model_type,
+            model=self.raw_model.state_dict(),  # the bare model: no _orig_mod./module.
+            model_config=self.model_config.to_dict(),
+            config=self.cfg.to_dict(),
+            optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(),
+            schedule=self.schedule.state_dict(),
+            sampler=self.sampler.state_dict(),
+            rng=rng,
+            iter_num=self.progress["iter_num"],
+            best_val_loss=self.progress["best_val_loss"],
+            progress=dict(self.progress),
+            training_log=self.log,
+            probe_words=list(self.probe_words),
+            tokenizer=self.tok.state_dict(),
+            data={"data_dir": str(self.data_dir), "meta_hash": self.data_hash,
+                  "langs": list(self.meta["langs"]), "encoding": self.meta["encoding"]},
+            history=self.history,
+        )
+
+    def _resume(self, state: dict[str, Any], path: Path) -> None:
+        """Continue from ``state`` if it fits this run; otherwise a UserError naming ``path``
+        and the problem (load_checkpoint then tries ckpt.prev.pt, which, if it fits, replaces
+        everything this call may have loaded)."""
+        ckpt_io.check_layout(state, path)
+        ckpt_io.check_resumable(state, path, self.cfg.to_dict(), self.data_hash,
+                                self.tok.vocab_size)
+        ckpt_io.check_weights_fit(state["model"], self.raw_model, path)
+        try:
+            self.load_state_dict(state)
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            first = (str(exc).strip().splitlines() or [""])[0]
+            raise UserError(f"checkpoint {path} is damaged ({type(exc).__name__}: {first}); "
+                            "it cannot be resumed") from None
+        self._checked_iter = self.progress["iter_num"]
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint made by :meth:`state_dict` (already checked to match).
+        The config stays this run's own: schedule keys may have changed."""
+        self.raw_model.load_state_dict(ckpt_io.clean_state_dict(state["model"]))
+        self.optimizer.load_state_dict(state["optimizer"])  # moves the moments to the device
+        self.scaler.load_state_dict(state["scaler"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.log = state["training_log"]
+        self.progress.update(state["progress"])
+        self.history = {**state["history"], "resumed_at": list(state["history"]["resumed_at"])}
+        self.probe_words = list(self.cfg.probe_words) or list(state["probe_words"])
+        saved_world = state["sampler"]["world_size"]
+        if saved_world != self.rt.world_size:
+            self.rt.warn(f"resuming a {saved_world}-process run with {self.rt.world_size} "
+                         "processes: training continues, but not bit-exactly")
+        if self.rt.rank < len(state["rng"]):
+            ckpt_io.set_rng_state(state["rng"][self.rt.rank])
+
+    def save(self, *, best: bool = False) -> None:
+        """ckpt.pt (previous kept as ckpt.prev.pt) and, for a new best, best.pt (weights and
+        what evaluation needs, no optimizer). Rank 0 writes; all ranks must call it."""
+        t0 = time.perf_counter()
+        if not _all_finite(self.raw_model):  # every rank: the weights are the same on all
+            raise TrainingDiverged(self._diverged("the weights hold NaN or infinite values"))
+        state = self.state_dict()
+        self.last_saved = self.progress["iter_num"]
+        if not self.rt.master:
+            return
+        if best:
+            # best.pt before ckpt.pt: a crash between the two resumes from the older ckpt.pt,
+            # which replays this evaluation and writes the same best.pt again. The other order
+            # could leave a best.pt older than the best_iter that ckpt.pt records.
+            ckpt_io.save_checkpoint(ckpt_io.best_state(state), self.out_dir, ckpt_io.BEST_NAME)
+        path = ckpt_io.save_checkpoint(state, self.out_dir)
+        self.display.line(
+            f"saved {path.name}{' and best.pt' if best else ''} at iteration "
+            f"{self.progress['iter_num']} ({path.stat().st_size / 2**20:.1f} MiB, "
+            f"{time.perf_counter() - t0:.2f} s)")
+
+    # -- guards ----------------------------------------------------------------------------------
+
+    def _check_finite(self) -> None:
+        """Raise TrainingDiverged if a loss since the last check was NaN or infinite (one
+        sync; called before evaluating, saving and printing a loss). In float16 the gradient
+        scaler has skipped those steps: warn and go on."""
+        count = self._nonfinite
+        if self.rt.ddp:  # all ranks decide together, or the others would hang
+            count = count.clone()
+            dist.all_reduce(count)
+        n = int(count.item())
+        it = self.progress["iter_num"]
+        if n and not self.scaler.is_enabled():
+            raise TrainingDiverged(self._diverged(
+                f"the training loss became NaN or infinite ({n} micro-batch(es) between "
+                f"iteration {self._checked_iter} and {it})"))
+        if n:
+            self.rt.warn(f"{n} micro-batch(es) between iteration {self._checked_iter} and {it} "
+                         "had a non-finite float16 loss; the gradient scaler skipped those "
+                         f"steps (scale now {self.scaler.get_scale():g})")
+            self._nonfinite.zero_()
+        self._checked_iter = it
+
+    def _diverged(self, what: str) -> str:
+        ckpt = self.out_dir / ckpt_io.CKPT_NAME
+        kept = (f"{ckpt} (iteration {self.last_saved}) is intact" if self.last_saved > 0
+                and ckpt.exists() else "no checkpoint was written")
+        return (f"{what}; stopped without evaluating or saving, so {kept}. Lower "
+                f"--learning_rate (now {self.cfg.learning_rate:g}), raise --warmup_iters or "
+                f"set --grad_clip (now {self.cfg.grad_clip:g}), or train in float32, then "
+                "continue with --init_from resume")
+
+    def _stop_reason(self, stop: StopRequest) -> str | None:
+        it = self.progress["iter_num"]
+        reason = None
+        if stop.signum is not None:
+            reason = signal.Signals(stop.signum).name
+        elif self.cfg.stop_after is not None and it >= self.cfg.stop_after:
+            reason = "stop_after"
+        if self.rt.ddp:  # all ranks must stop at the same step, or the others hang
+            flag = torch.tensor([1 if reason else 0], device=self.rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not reason:
+                reason = "peer"  # another rank got the signal
+        return reason
+
+    def _elapsed(self) -> float:
+        return self._elapsed_base + time.perf_counter() - self._t_run
+
+    def _run_info(self) -> dict[str, Any]:
+        """run.json: what ran, on what, from which code and data."""
+        cfg, rt = self.cfg, self.rt
+        return {
+            "run_name": cfg.run_name, "model_type": cfg.model_type,
+            "config": cfg.to_dict(), "model_config": self.model_config.to_dict(),
+            "parameters": self.raw_model.num_parameters(by_part=True),
+            "git": records.git_commit() if rt.master else None,
+            "versions": records.versions(rt.device),
+            "device": {"requested": cfg.device, "used": str(rt.device),
+                       "name": records.device_name(rt.device),
+                       "dtype_requested": cfg.dtype, "dtype_used": rt.dtype,
+                       "world_size": rt.world_size,
+                       "backend": dist.get_backend() if rt.ddp else None},
+            "dataset": {"data_dir": str(self.data_dir), "meta_hash": self.data_hash,
+                        "vocab_size": self.tok.vocab_size, "langs": self.meta["langs"],
+                        "encoding": self.meta["encoding"],
+                        "tokens": {k: len(v) for k, v in self.splits.items()}},
+            "effective_batch": {"sequences": self.tokens_per_iter // cfg.block_size,
+                                "tokens": self.tokens_per_iter},
+            "probe_words": self.probe_words,
+            "compiled": self.compiled, "distinct_tokens_per_batch": self.distinct_tokens,
+            "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
+            **self.history, "warnings": rt.warnings,
+        }

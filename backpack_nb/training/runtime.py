@@ -1,0 +1,114 @@
+"""Where this process trains and how it fits in the job: device, precision, DDP rank, and the
+signals that ask it to stop."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from backpack_nb.devices import autocast, resolve_device
+from backpack_nb.params import TrainConfig
+
+log = logging.getLogger("backpack_nb.training")
+
+
+@dataclass
+class Runtime:
+    """Where this process trains and how it fits in the job."""
+
+    device: torch.device
+    dtype: str  # the autocast dtype actually used (may differ from the one asked for)
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    owns_process_group: bool = False  # we initialised torch.distributed, so we tear it down
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return autocast(self.device, self.dtype)
+
+    def warn(self, message: str) -> None:
+        self.warnings.append(message)
+        if self.master:
+            log.warning(message)
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) as torchrun sets them; (0, 0, 1) otherwise."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 0, 1
+    return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"])), world
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    """Resolve the device (the one rule of :mod:`backpack_nb.devices`) and, under torchrun,
+    join the process group (NCCL on CUDA, gloo on the CPU)."""
+    rank, local_rank, world = dist_env()
+    device, dtype, notes = resolve_device(cfg.device, cfg.dtype, strict=cfg.strict_device,
+                                          local_rank=local_rank, world_size=world)
+    rt = Runtime(device=device, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world)
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        rt.owns_process_group = True
+    for note in notes:
+        rt.warn(note)
+    if device.type == "cuda":
+        # TF32 matmuls: the float32 parts run on tensor cores, at no visible cost to the loss.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return rt
+
+
+class Aborted(KeyboardInterrupt):
+    """A second SIGTERM/SIGINT: stop at once, without saving the current step."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopRequest:
+    """SIGTERM/SIGINT ask the loop to stop after the current step; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            self.restore()
+            raise Aborted(signum)
+        self.signum = signum
+        print(f"\nreceived {signal.Signals(signum).name}: finishing this step, saving, then "
+              "stopping (send it again to abort without saving)", file=sys.stderr, flush=True)
