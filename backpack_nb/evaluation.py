@@ -17,6 +17,7 @@ import argparse
 import logging
 import math
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -297,14 +298,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"unknown split(s) {', '.join(bad)}; use val, test")
         if args.lexsim:  # read Multi-SimLex first: a bad file fails before anything is written
             bench = lexsim.load_multisimlex(args.multisimlex)
+        # the device rule once, for both scores (one warning, not one per score)
+        device, dtype, notes = resolve_device(args.device, args.dtype, strict=args.strict_device,
+                                              task="evaluation")
+        for note in notes:
+            print(f"warning: {note}", file=sys.stderr)
         result = evaluate_checkpoint(
             args.model_path, config=args.config, model_type=args.model_type, data_dir=args.data_dir,
             splits=splits, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
-            device=args.device, dtype=args.dtype, out=args.out, strict_device=args.strict_device,
+            device=str(device), dtype=dtype, out=args.out,
         )
         if args.lexsim:
             result["lexsim"] = lexsim.write_lexsim(result["checkpoint"], bench, data_dir=result["data_dir"],
-                                                   out=result["path"], device=args.device)
+                                                   out=result["path"], device=str(device))
     except UserError as exc:
         exit_on_user_error(exc)
     print(f"{result['model_type']} at iteration {result['iteration']} ({result['checkpoint']})")

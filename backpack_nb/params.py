@@ -518,14 +518,16 @@ def format_value(value: Any) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``get CONFIG KEY [KEY ...]``: each key's validated value (defaults included), one per
-    line, for shell scripts such as the VM side of gcp_setup.sh."""
+    """``get CONFIG KEY [KEY ...] [--only-set]``: each key's validated value (defaults
+    included, unless ``--only-set``), one per line, for shell scripts such as gcp_setup.sh."""
     parser = _Parser(prog="python -m backpack_nb.params",
                      description="Read validated values from a params file.")
     sub = parser.add_subparsers(dest="command", required=True)
     get = sub.add_parser("get", help="print each key's value (after validation) on its own line")
     get.add_argument("config", help="params/NAME.yaml (a name) or a path to a YAML file")
     get.add_argument("keys", nargs="+", metavar="KEY")
+    get.add_argument("--only-set", action="store_true",
+                     help="an empty line for a key the file does not set (instead of its default)")
     try:
         args = parser.parse_args(argv)
         cfg = load_params(args.config)
@@ -537,8 +539,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                             + f"; keys: {', '.join(TrainConfig.keys())}")
     except UserError as exc:
         exit_on_user_error(exc)
+    in_file = read_params_file(args.config)
     for key in args.keys:
-        print(format_value(getattr(cfg, key)))
+        print("" if args.only_set and key not in in_file else format_value(getattr(cfg, key)))
     return 0
 
 

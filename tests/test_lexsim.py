@@ -1,6 +1,6 @@
-"""Multi-SimLex word similarity: Spearman against a reference, a hand-built model whose
-similarities are known, the held-out sense choice, bad benchmark files, and evaluate.py
---lexsim end to end on the session's tiny checkpoints."""
+"""Multi-SimLex word similarity: word counts, a hand-built model whose similarities are
+known, the held-out sense choice, bad benchmark files, and evaluate.py --lexsim end to end
+on the session's tiny checkpoints. (Spearman and the bootstrap: test_stats.py.)"""
 
 from __future__ import annotations
 
@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from backpack_nb import data, evaluation, lexsim, tokenizer
+from backpack_nb import checkpoint, dataset, evaluation, lexsim
 from backpack_nb.errors import UserError
+from backpack_nb.lexsim import benchmark
+from backpack_nb.lexsim.__main__ import main as lexsim_main
 from backpack_nb.models import ModelConfig, build_model
 
 # ----------------------------------------------------------------------------------------
@@ -42,50 +44,7 @@ def write_benchmark(folder: Path, gold_en=GOLD_EN, gold_fr=GOLD_FR) -> Path:
 
 
 # ----------------------------------------------------------------------------------------
-# Spearman
-
-
-def _reference_ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks by definition: 1 + #smaller + (#equal - 1) / 2."""
-    return np.array([1 + (x < v).sum() + ((x == v).sum() - 1) / 2 for v in x], dtype=float)
-
-
-def _reference_spearman(x, y) -> float:
-    rx, ry = _reference_ranks(np.asarray(x, float)), _reference_ranks(np.asarray(y, float))
-    rx, ry = rx - rx.mean(), ry - ry.mean()
-    return float((rx * ry).sum() / np.sqrt((rx * rx).sum() * (ry * ry).sum()))
-
-
-def test_spearman_with_ties_matches_definition():
-    x = [1, 2, 2, 3, 4, 4, 4]
-    y = [2, 1, 3, 3, 5, 0, 5]
-    np.testing.assert_array_equal(lexsim.rank_rows(np.array(x)), [1, 2.5, 2.5, 4, 6, 6, 6])
-    assert lexsim.spearman(x, y) == pytest.approx(_reference_spearman(x, y), abs=1e-12)
-    rng = np.random.default_rng(0)
-    for n in (2, 5, 40, 300):
-        a, b = rng.integers(0, 6, n), rng.normal(size=n).round(1)  # many ties
-        assert lexsim.spearman(a, b) == pytest.approx(_reference_spearman(a, b), abs=1e-12)
-    assert np.isnan(lexsim.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))  # a constant side
-    assert np.isnan(lexsim.spearman([1.0], [2.0]))
-
-
-def test_spearman_matches_scipy():
-    stats = pytest.importorskip("scipy.stats")
-    rng = np.random.default_rng(1)
-    for n in (3, 17, 170, 1000):
-        a = rng.integers(0, 7, n).astype(float)
-        b = a + rng.normal(scale=2.0, size=n).round(0)
-        assert lexsim.spearman(a, b) == pytest.approx(stats.spearmanr(a, b).statistic, abs=1e-12)
-
-
-def test_bootstrap_interval():
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=160)
-    y = x + rng.normal(size=160)
-    rho = lexsim.spearman(x, y)
-    lo, hi = lexsim.bootstrap_spearman(x, y, n_boot=500, seed=3)
-    assert lo < rho < hi and 0.1 < hi - lo < 0.4
-    assert lexsim.bootstrap_spearman(x, y, n_boot=500, seed=3) == [lo, hi]  # seeded
+# word counts
 
 
 def test_corpus_counts_single_and_multi_token():
@@ -136,7 +95,7 @@ def test_heldout_halves_are_fixed_and_disjoint():
 
 @pytest.fixture(scope="module")
 def tok(prepared_europarl):
-    return tokenizer.load(prepared_europarl)
+    return dataset.load_tokenizer(prepared_europarl)
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +112,7 @@ def handmade(tok, prepared_europarl, tmp_path_factory) -> dict:
     train = np.array([ids[w] for w in ids for _ in range(2 if w == "house" else 3)], dtype=np.uint16)
     ddir = root / "data"
     ddir.mkdir()
-    meta = data.load_meta(prepared_europarl)
+    meta = dataset.load_meta(prepared_europarl)
     meta["splits"]["train"]["tokens"] = len(train)
     (ddir / "meta.json").write_text(json.dumps(meta), encoding="utf-8")
     train.astype(meta["dtype"]).tofile(ddir / "train.bin")
@@ -327,7 +286,7 @@ def test_bad_multisimlex_exits_2(kind, needle, ckpt_copy, prepared_europarl, tmp
 def test_unreachable_release_exits_2(ckpt_copy, prepared_europarl, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MULTISIMLEX_SOURCE", raising=False)
     monkeypatch.setenv("BACKPACK_NB_DATA", str(tmp_path / "data"))
-    monkeypatch.setattr(lexsim, "OFFICIAL_URL", "http://127.0.0.1:9/")  # refused at once
+    monkeypatch.setattr(benchmark, "OFFICIAL_URL", "http://127.0.0.1:9/")  # refused at once
     with pytest.raises(SystemExit) as exc:
         evaluation.main(["--model_path", str(ckpt_copy), "--data_dir", str(prepared_europarl), "--lexsim"])
     assert exc.value.code == 2
@@ -364,7 +323,7 @@ def test_evaluate_lexsim_end_to_end(tiny_backpack_run, tiny_transformer_run, pre
     assert lx["retrieval"]["en->fr"]["queries"] > 50
 
     # The Transformer through the standalone command, then both side by side.
-    assert lexsim.main(["--model_path", str(folders["transformer"] / "ckpt.pt"), "--data_dir", str(prepared_europarl),
+    assert lexsim_main(["--model_path", str(folders["transformer"] / "ckpt.pt"), "--data_dir", str(prepared_europarl),
                         "--n_boot", "200"]) == 0
     tf = json.loads((folders["transformer"] / "eval.json").read_text(encoding="utf-8"))["lexsim"]
     assert tf["methods"] == ["embedding", "random"]
@@ -373,6 +332,6 @@ def test_evaluate_lexsim_end_to_end(tiny_backpack_run, tiny_transformer_run, pre
     assert [r["model"] for r in table].count("transformer") == 2 and "en-fr" in table.columns
     assert "<table" in table._repr_html_() and "transformer" in str(table)
     assert len(lexsim.comparison_figure({"backpack": lx, "transformer": tf}).axes) == 1
-    model, tok, _ = evaluation.load_model(folders["transformer"] / "ckpt.pt")
+    model, tok, _ = checkpoint.load_model(folders["transformer"] / "ckpt.pt")
     with pytest.raises(UserError):
         lexsim.pair_senses(model, tok, [("law", "rule")])
