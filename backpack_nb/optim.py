@@ -37,7 +37,7 @@ from backpack_nb.models import LanguageModel
 def fused_available(device: torch.device) -> bool:
     """Whether ``AdamW(fused=True)`` runs on ``device`` (CUDA, and CPU since torch 2.4).
     On CPU the fused kernel is several times faster than the default for-each one
-    (measured by ``python -m backpack_nb.bench``)."""
+    (measured by ``python -m benchmarks.speed``)."""
     return device.type in ("cuda", "cpu")
 
 

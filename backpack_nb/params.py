@@ -151,11 +151,11 @@ class TrainConfig:
     compile: bool | None = None
     """Compile the model with ``torch.compile``: ``true``, ``false``, or ``auto`` (null, the
     default): on for CUDA, off elsewhere (on the CPU it works but gains little for a cold
-    compile of a minute or so; ``python -m backpack_nb.bench`` measures it)."""
+    compile of a minute or so; ``python -m benchmarks.speed`` measures it)."""
     activation_checkpointing: bool = False
     """Recompute each Transformer block's activations in backward instead of storing them:
     about a third more compute in the blocks, most of their activation memory saved. For
-    configurations that do not fit otherwise (``python -m backpack_nb.bench memory``)."""
+    configurations that do not fit otherwise (``python -m benchmarks.memory``)."""
     strict_device: bool = False
     """Refuse to fall back to another device or dtype than the one asked for."""
 

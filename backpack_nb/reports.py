@@ -40,7 +40,7 @@ from . import paths
 from .checkpoint import existing_checkpoints
 from .errors import UserError, exit_on_user_error
 from .params import TrainConfig, load_params, params_path, read_params_file
-from .results import read_json
+from .runfiles import read_json
 
 KERNEL_NAME = "backpack-nb"
 # Short names accepted wherever a notebook is named.

@@ -22,6 +22,7 @@ from .checkpoint import existing_checkpoints, read_checkpoint
 from .errors import UserError
 from .evaluation import evaluate_checkpoint
 from .params import TrainConfig, load_params
+from .runfiles import read_json
 
 # --- a notebook's parameters -----------------------------------------------------------------
 
@@ -183,12 +184,6 @@ def resume_figure(before: Mapping, after: Mapping, resumed_at: int, title: str =
 
 
 # --- run folders and their evaluation --------------------------------------------------------
-
-
-def read_json(path: str | Path) -> dict:
-    """A JSON file as a dict; {} when it does not exist (a run folder's optional files)."""
-    path = Path(path)
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def run_folder(out_dir: str | Path) -> dict:

@@ -157,6 +157,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write(path, lambda f: f.write(data))
 
 
+def read_json(path: str | os.PathLike) -> dict:
+    """A JSON file as a dict; {} when it does not exist (a run folder's optional files)."""
+    path = Path(path)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
 @contextlib.contextmanager
 def run_lock(out_dir: str | os.PathLike, enabled: bool = True) -> Iterator[None]:
     """Hold an exclusive lock on the run folder while one trainer writes into it, so that a

@@ -24,7 +24,21 @@ import sys
 import time
 from pathlib import Path
 
-GiB = 2**30
+if __package__ in (None, ""):
+    # Run as a file, this folder is sys.path[0]; put the repo root there instead, so that
+    # `benchmarks.*` imports and this folder's module names (data, memory) shadow nothing.
+    _root = str(Path(__file__).resolve().parents[1])
+    if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = _root
+    else:
+        sys.path.insert(0, _root)
+
+import torch
+
+from backpack_nb.models import ModelConfig, build_model
+
+from benchmarks.batches import zipf_batches
+from benchmarks.common import GiB
 
 
 def _status_bytes(key: str) -> int:
@@ -36,11 +50,6 @@ def _status_bytes(key: str) -> int:
 
 
 def one(mode: str, model_type: str, vocab: int, batch: int, block: int) -> dict:
-    import torch
-
-    from backpack_nb.bench import zipf_batches
-    from backpack_nb.models import ModelConfig, build_model
-
     xy = zipf_batches(vocab, batch, block, 1)[0]
     x, y = xy[:, :-1].contiguous(), xy[:, 1:].contiguous()
     torch.manual_seed(0)

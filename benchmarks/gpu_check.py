@@ -17,19 +17,24 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as a file, this folder is sys.path[0]; put the repo root there instead, so that
+    # `benchmarks.*` imports and this folder's module names (data, memory) shadow nothing.
+    _root = str(Path(__file__).resolve().parents[1])
+    if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = _root
+    else:
+        sys.path.insert(0, _root)
 
 import torch
 
 from backpack_nb.models import ModelConfig, build_model
 
+from benchmarks.batches import zipf_batches
+
 T4_USABLE_GIB = 15.0  # 16 GB card, about 15 GiB visible to PyTorch
-
-
-def zipf_batch(V: int, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
-    """Token ids with a Zipf-like frequency profile, like text (a few thousand types per batch)."""
-    ranks = torch.arange(1, V + 1, dtype=torch.float64)
-    probs = (1.0 / ranks) / (1.0 / ranks).sum()
-    return torch.multinomial(probs, B * (T + 1), replacement=True, generator=gen).view(B, T + 1)
 
 
 def run(model_type: str, V: int, args: argparse.Namespace) -> dict:
@@ -47,8 +52,8 @@ def run(model_type: str, V: int, args: argparse.Namespace) -> dict:
     scaler = torch.amp.GradScaler(dev.type, enabled=args.dtype == "float16" and cuda)
     dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.dtype]
     step_model = torch.compile(model) if args.compile else model
-    gen = torch.Generator().manual_seed(0)
-    batches = [zipf_batch(V, args.batch, 512, gen).to(dev) for _ in range(4)]
+    # Zipf-distributed ids, like text (a few thousand types per batch)
+    batches = [b.to(dev) for b in zipf_batches(V, args.batch, 512, 4)]
 
     def step(i: int) -> float:
         xy = batches[i % len(batches)]

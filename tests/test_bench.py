@@ -1,22 +1,32 @@
-"""The benchmark (backpack_nb.bench): it runs in its tiny mode and its outputs have the
-right structure and pass sanity checks. No timing assertions (this machine is shared)."""
+"""The benchmarks (the benchmarks/ package): they run in their tiny modes and their outputs
+have the right structure and pass sanity checks. No timing assertions (this machine is shared)."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from backpack_nb import bench
 from backpack_nb.models import ModelConfig, build_model
+from backpack_nb.models.flops import train_flops
+from benchmarks import accounting, batches, memory, rss, speed
+from benchmarks import data as data_bench
+from benchmarks.nanogpt import NanoGPT
 
 
 def test_tiny_speed_run_prints_the_table_and_writes_json(tmp_path, capsys):
     out = tmp_path / "speed.json"
-    bench.main(["--tiny", "--json", str(out), "--only", "backpack", "transformer", "nanogpt",
+    speed.main(["--tiny", "--json", str(out), "--only", "backpack", "transformer", "nanogpt",
                 "backpack/plain", "transformer/plain", "backpack/per-position-senses",
                 "backpack-table/dense", "backpack-table/sparse", "transformer/checkpointed"])
     text = capsys.readouterr().out
@@ -43,14 +53,14 @@ def test_train_flops_counts_matmul_weights_causal_attention_and_distinct_senses(
     cfg = ModelConfig(vocab_size=100, block_size=16, n_layer=2, n_head=2, n_embd=8, n_senses=2)
     gpt, bp = build_model("transformer", cfg), build_model("backpack", cfg)
     B, T, d, L = 3, 16, 8, 2
-    f = bench.train_flops(gpt, B, T, distinct_tokens=10)
+    f = train_flops(gpt, B, T, distinct_tokens=10)
     assert f["blocks"] == 6 * B * T * L * 12 * d * d  # no biases: 12 d^2 matmul weights
     assert f["attention"] == 6 * L * B * T * T * d  # half of 12 L T d a token
     assert f["head"] == 6 * B * T * 100 * d
-    g = bench.train_flops(bp, B, T, distinct_tokens=10)
+    g = train_flops(bp, B, T, distinct_tokens=10)
     sense_weights = 8 * d * d + 4 * d * d + 4 * d * 2 * d  # FF_1, then FF_2 to k*d
     assert g["sense_network"] == 6 * 10 * sense_weights
-    doubled = bench.train_flops(bp, B, T, distinct_tokens=20)
+    doubled = train_flops(bp, B, T, distinct_tokens=20)
     assert doubled["sense_network"] == 2 * g["sense_network"]
     assert g["mixing"] == 3 * B * T * T * d * (1 + 2)
     assert g["total"] == pytest.approx(sum(v for k, v in g.items() if k != "total"))
@@ -70,7 +80,7 @@ def test_training_mfu_uses_the_benchmarks_flop_count(tiny_backpack_run):
     U = info["distinct_tokens_per_batch"]
     assert 1 < U < cfg.batch_size * cfg.block_size  # real text repeats tokens
     model = build_model("backpack", ModelConfig.from_dict(info["model_config"]))
-    step = bench.train_flops(model, cfg.batch_size, cfg.block_size, U)
+    step = train_flops(model, cfg.batch_size, cfg.block_size, U)
     assert info["flops_per_token"] == pytest.approx(step["total"] / (cfg.batch_size * cfg.block_size))
     assert flops_per_token(model, cfg, U) == pytest.approx(info["flops_per_token"])
     assert info["compiled"] is False
@@ -79,7 +89,7 @@ def test_training_mfu_uses_the_benchmarks_flop_count(tiny_backpack_run):
 def test_nanogpt_baseline_has_the_transformers_parameters_and_initial_loss():
     cfg = ModelConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=16)
     torch.manual_seed(0)
-    nano, gpt = bench.NanoGPT(cfg), build_model("transformer", cfg)
+    nano, gpt = NanoGPT(cfg), build_model("transformer", cfg)
     assert sum(p.numel() for p in nano.parameters()) == gpt.num_parameters(by_part=False)
     x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
     _, loss = nano(x, y)
@@ -87,11 +97,12 @@ def test_nanogpt_baseline_has_the_transformers_parameters_and_initial_loss():
 
 
 def test_live_memory_on_fake_tensors_equals_the_same_step_on_real_ones():
-    case = bench.MemoryCase("backpack", vocab_size=97, batch_size=2, block_size=16, n_layer=2,
-                            n_head=2, n_embd=16, n_senses=4, dropout=0.0, dtype="float32",
-                            attention="cpu", chunk_rows=8, distinct_tokens=20)
-    real = bench.trace_memory(case, real=True)
-    fake = bench.trace_memory(bench.dataclasses.replace(
+    case = accounting.MemoryCase("backpack", vocab_size=97, batch_size=2, block_size=16,
+                                 n_layer=2, n_head=2, n_embd=16, n_senses=4, dropout=0.0,
+                                 dtype="float32", attention="cpu", chunk_rows=8,
+                                 distinct_tokens=20)
+    real = accounting.trace_memory(case, real=True)
+    fake = accounting.trace_memory(dataclasses.replace(
         case, distinct_tokens=real["distinct_tokens"]))
     assert real["parts"] == fake["parts"]
     assert real["peak_bytes"] == fake["peak_bytes"] > 0
@@ -101,12 +112,9 @@ def test_live_memory_on_fake_tensors_equals_the_same_step_on_real_ones():
 @pytest.fixture(scope="module")
 def memory_output(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "memory.json"
-    import contextlib
-    import io
-
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        bench.main(["memory", "--config", "train_europarl_scratch", "--json", str(out)])
+        memory.main(["--config", "train_europarl_scratch", "--json", str(out)])
     return buf.getvalue(), json.loads(out.read_text())
 
 
@@ -140,17 +148,17 @@ def test_memory_accounting_parts_and_verdicts(memory_output):
 
 
 def test_data_section_times_prepare_against_bare_encode(europarl_source, tmp_path):
-    result = bench.run_data(europarl_source, copies=1, repeats=1, log=lambda *_: None)
+    result = data_bench.run_data(europarl_source, copies=1, repeats=1, log=lambda *_: None)
     assert result["mib"] > 1 and result["documents"] > 10
     assert result["prepare_s"] > 0 and result["encode_s"] > 0
     assert result["rate_ratio"] == pytest.approx(result["encode_s"] / result["prepare_s"],
                                                  rel=0.01)
-    assert "prepare rate / bare encode rate" in bench.format_data(result)
+    assert "prepare rate / bare encode rate" in data_bench.format_data(result)
 
 
 def test_bad_variant_name_is_a_user_error(capsys):
     with pytest.raises(SystemExit) as exc:
-        bench.main(["--tiny", "--only", "nonsense"])
+        speed.main(["--tiny", "--only", "nonsense"])
     assert exc.value.code == 2
     assert "unknown variant" in capsys.readouterr().err
 
@@ -159,9 +167,42 @@ def test_english_only_batches_repeat_more_than_mixed_ones(europarl_source, monke
     """--data europarl-en: windows of the English sample alone, its own compact vocabulary;
     one language repeats more, so a batch holds fewer distinct tokens than en+fr batches."""
     monkeypatch.setenv("EUROPARL_SOURCE", str(europarl_source))
-    en, v_en = bench.europarl_batches(4, 256, 4, langs=("en",))
-    both, v_both = bench.europarl_batches(4, 256, 4)
+    en, v_en = batches.europarl_batches(4, 256, 4, langs=("en",))
+    both, v_both = batches.europarl_batches(4, 256, 4)
     assert [tuple(b.shape) for b in en] == [(4, 257)] * 4 and v_en < v_both
     assert int(max(b.max() for b in en)) < v_en
     distinct = [sum(len(torch.unique(b[:, :-1])) for b in bs) / 4 for bs in (en, both)]
     assert distinct[0] < distinct[1]
+
+
+def test_rss_check_runs_each_real_step_in_a_fresh_process():
+    """--rss-check's real steps run in `python -m benchmarks.rss` child processes (a peak RSS
+    only grows); a tiny shape keeps this to seconds."""
+    check = rss.rss_check(["transformer"], vocab_size=97, batch_sizes=[1, 2], block_size=16,
+                          target_batch=4, log=lambda *_: None)
+    assert [r["batch_size"] for r in check["rows"]] == [1, 2]
+    for r in check["rows"]:
+        assert r["model"] == "transformer" and r["rss_peak_bytes"] > 0
+        assert r["traced_peak_bytes"] > 0 and r["rss_over_traced"] > 0
+    assert check["extrapolated"]["transformer"]["batch_size"] == 4
+    assert "CPU cross-check" in rss.format_rss(check)
+
+
+@pytest.mark.parametrize("script", ["gpu_check.py", "compile_memory.py"])
+def test_benchmark_scripts_run_as_files(script):
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path; the scripts import the
+    package from the repo root instead."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / script), "--help"],
+                          capture_output=True, text=True, cwd=root / "tests", check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
+
+
+def test_the_library_imports_no_benchmark_code():
+    root = Path(__file__).resolve().parents[1]
+    importers = [str(p.relative_to(root)) for p in sorted((root / "backpack_nb").rglob("*.py"))
+                 if re.search(r"^\s*(from|import)\s+(benchmarks|backpack_nb\.bench)\b",
+                              p.read_text(encoding="utf-8"), re.MULTILINE)]
+    assert importers == []
+    assert not (root / "backpack_nb" / "bench.py").exists()

@@ -1,5 +1,5 @@
 """Useful training FLOPs of a step, by part: the one count behind every MFU figure here
-(``python -m backpack_nb.bench`` and the training loop's progress line and ``run.json``)."""
+(``python -m benchmarks.speed`` and the training loop's progress line and ``run.json``)."""
 
 from __future__ import annotations
 

@@ -28,9 +28,10 @@ from backpack_nb.params import TrainConfig
 from backpack_nb.paths import resolve_in_root
 from backpack_nb.runfiles import run_lock, write_json
 
-from . import records
 from .batches import BatchSampler
 from .meters import Progress, Throughput, flops_per_token, peak_flops
+from .records import (LOG_NAME, RUN_NAME, append_evaluation, device_name, earlier_throughput,
+                      git_commit, new_training_log, now, versions)
 from .runtime import Runtime, StopRequest, setup_runtime
 from .schedule import WarmupCosineSchedule
 
@@ -116,7 +117,7 @@ class Trainer:
 
         if cfg.init_from == "scratch" and cfg.overwrite and rt.master:
             for name in (ckpt_io.CKPT_NAME, ckpt_io.PREV_NAME, ckpt_io.BEST_NAME,
-                         records.LOG_NAME):
+                         LOG_NAME):
                 (self.out_dir / name).unlink(missing_ok=True)  # never resume the replaced run
 
         torch.manual_seed(cfg.seed + rt.rank)  # same weights (DDP syncs them), own dropout
@@ -130,10 +131,10 @@ class Trainer:
         self.sampler = BatchSampler(
             self.splits["train"], block_size=cfg.block_size, batch_size=cfg.batch_size,
             seed=cfg.seed, device=rt.device, rank=rt.rank, world_size=rt.world_size)
-        self.log = records.new_training_log()
+        self.log = new_training_log()
         self.progress = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": None,
                          "tokens_seen": 0, "elapsed_s": 0.0, "last_eval_iter": None}
-        self.history = {"started_at": records.now(), "resumed_at": []}
+        self.history = {"started_at": now(), "resumed_at": []}
         self.probe_words: list[str] = list(cfg.probe_words)
 
         self.raw_model.set_activation_checkpointing(cfg.activation_checkpointing)
@@ -163,11 +164,11 @@ class Trainer:
         self._t_run, self._elapsed_base = time.perf_counter(), 0.0
         self.resumed_from: Path | None = None
         # What earlier sessions measured, kept by a resumed session that trains no step.
-        self.earlier_throughput = (records.earlier_throughput(self.out_dir)
+        self.earlier_throughput = (earlier_throughput(self.out_dir)
                                    if cfg.init_from == "resume" else {})
         if cfg.init_from == "resume":  # last: it restores the RNGs
             _, self.resumed_from = ckpt_io.load_checkpoint(self.out_dir, accept=self._resume)
-            self.history["resumed_at"].append(records.now())
+            self.history["resumed_at"].append(now())
             self.last_saved = self.progress["iter_num"]
         if cfg.model_type == "backpack" and not self.probe_words:
             val_by_lang = {lang: dataset.load_tokens(self.data_dir, "val", lang)
@@ -230,7 +231,7 @@ class Trainer:
         if rt.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             stale = ckpt_io.remove_stale_temps(self.out_dir)  # left by a crash mid-save
-            write_json(self.out_dir / records.RUN_NAME, {**run_info, "status": "running"})
+            write_json(self.out_dir / RUN_NAME, {**run_info, "status": "running"})
         self.display = Progress(rt.master, cfg.max_iters, prog["iter_num"], cfg.run_name)
         if stale:
             self.display.line(f"removed {len(stale)} temporary file(s) left by an interrupted "
@@ -270,9 +271,9 @@ class Trainer:
             "warnings": list(rt.warnings), "training_log": self.log,
         }
         if rt.master:
-            write_json(self.out_dir / records.RUN_NAME, {
+            write_json(self.out_dir / RUN_NAME, {
                 **run_info, "status": "interrupted" if stopped else "finished",
-                "stopped_by": stopped, "ended_at": records.now(), "iterations": prog["iter_num"],
+                "stopped_by": stopped, "ended_at": now(), "iterations": prog["iter_num"],
                 "tokens_seen": prog["tokens_seen"], "tokens_per_s": tok_s, "mfu": mfu})
             if stopped:
                 print(f"stopped at iteration {prog['iter_num']} ({stopped}); checkpoint in "
@@ -344,14 +345,14 @@ class Trainer:
         entry = {"iterations": it, "train_loss": losses["train"], "val_loss": losses["val"],
                  "lr": lr, "tokens_seen": self.progress["tokens_seen"],
                  "elapsed_s": round(self.progress["elapsed_s"], 3)}
-        records.append_evaluation(self.log, entry)
+        append_evaluation(self.log, entry)
         if self.rt.master:
             words = None
             if self.cfg.model_type == "backpack":
                 words = senses.probe_records(self.raw_model, self.tok, self.probe_words,
                                              self.cfg.sense_top_k)
                 self.log["top_activating_words"].append({"iteration": it, "words": words})
-            write_json(self.out_dir / records.LOG_NAME, self.log)
+            write_json(self.out_dir / LOG_NAME, self.log)
             self.display.line(f"eval {it}: train loss {losses['train']:.4f}, val loss "
                               f"{losses['val']:.4f}{' (best)' if improved else ''}")
             if self.callback is not None:
@@ -503,10 +504,10 @@ class Trainer:
             "run_name": cfg.run_name, "model_type": cfg.model_type,
             "config": cfg.to_dict(), "model_config": self.model_config.to_dict(),
             "parameters": self.raw_model.num_parameters(by_part=True),
-            "git": records.git_commit() if rt.master else None,
-            "versions": records.versions(rt.device),
+            "git": git_commit() if rt.master else None,
+            "versions": versions(rt.device),
             "device": {"requested": cfg.device, "used": str(rt.device),
-                       "name": records.device_name(rt.device),
+                       "name": device_name(rt.device),
                        "dtype_requested": cfg.dtype, "dtype_used": rt.dtype,
                        "world_size": rt.world_size,
                        "backend": dist.get_backend() if rt.ddp else None},

@@ -1,0 +1,405 @@
+"""Training-step time, MFU and the headline ratios, measured within one run.
+
+    python -m benchmarks.speed [--quick] [--tiny] [--rounds N] [--data zipf|europarl|europarl-en]
+        [--threads N] [--device cpu|cuda] [--only VARIANT ...] [--json PATH]
+
+Times training steps (forward, backward, gradient clipping, AdamW) of the Backpack, the
+Transformer baseline and a straightforward nanoGPT-style GPT of the same architecture
+(:mod:`benchmarks.nanogpt`), interleaved round by round so that all of them see the same
+machine load, next to a float32 matmul peak measured in the same rounds. The reference
+configuration is the seed's model shape (6 layers, 6 heads, 384 wide, 16 senses) at block
+256, batch 4, V = 16,000, on token batches with a Zipf frequency profile (a batch of 1,024
+tokens has about 550 distinct ones, as real Europarl batches do). Without ``--quick`` it also
+times one variant per performance lever (senses per position, SDPA mixing, full logits,
+for-each AdamW, torch.compile, activation checkpointing, the sense table with dense and
+sparse updates). Writes JSON to ``--json`` (default ``<outputs root>/bench/speed.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from backpack_nb import optim
+from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.models import BackpackLM, ModelConfig, build_model
+from backpack_nb.models.flops import train_flops
+
+from benchmarks.batches import europarl_batches, zipf_batches
+from benchmarks.common import MiB, matmul_gflops, sync, write_json
+from benchmarks.live_memory import LiveMemory
+from benchmarks.nanogpt import NanoGPT
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One timed training setup: a model and the performance switches it runs with."""
+
+    name: str
+    model: str  # "backpack", "transformer", "nanogpt" or "backpack-table"
+    lever: str = ""  # what this row isolates ("" for the three main rows)
+    base: str = ""  # the row it is compared with
+    dedup: bool = True
+    mixing: str = "auto"
+    chunked: bool = True
+    optimizer: str = "fused"  # "fused" or "foreach" AdamW, or "sparse" (table only)
+    compile: bool = False
+    checkpointing: bool = False
+
+
+MAIN = [Variant("backpack", "backpack"), Variant("transformer", "transformer"),
+        Variant("nanogpt", "nanogpt")]
+LEVERS = [
+    Variant("backpack/plain", "backpack", "all levers off (straightforward)", "backpack",
+            dedup=False, mixing="sdpa", chunked=False, optimizer="foreach"),
+    Variant("transformer/plain", "transformer", "all levers off (straightforward)",
+            "transformer", chunked=False, optimizer="foreach"),
+    Variant("backpack/per-position-senses", "backpack", "senses once per distinct token",
+            "backpack", dedup=False),
+    Variant("backpack/sdpa-mixing", "backpack", "mixing: causal blocks instead of SDPA",
+            "backpack", mixing="sdpa"),
+    Variant("backpack/einsum-mixing", "backpack", "mixing: causal blocks instead of einsum",
+            "backpack", mixing="einsum"),
+    Variant("backpack/full-logits", "backpack", "chunked CE, grads in forward", "backpack",
+            chunked=False),
+    Variant("transformer/full-logits", "transformer", "chunked CE, grads in forward",
+            "transformer", chunked=False),
+    Variant("backpack/foreach-adamw", "backpack", "fused AdamW", "backpack",
+            optimizer="foreach"),
+    Variant("transformer/foreach-adamw", "transformer", "fused AdamW", "transformer",
+            optimizer="foreach"),
+    Variant("backpack/compiled", "backpack", "torch.compile", "backpack", compile=True),
+    Variant("transformer/compiled", "transformer", "torch.compile", "transformer",
+            compile=True),
+    Variant("backpack/checkpointed", "backpack", "activation checkpointing (cost)",
+            "backpack", checkpointing=True),
+    Variant("transformer/checkpointed", "transformer", "activation checkpointing (cost)",
+            "transformer", checkpointing=True),
+    Variant("backpack-table/dense", "backpack-table", "sense table, dense AdamW", "backpack"),
+    Variant("backpack-table/sparse", "backpack-table", "sense table, sparse updates",
+            "backpack-table/dense", optimizer="sparse"),
+]
+
+
+@dataclasses.dataclass
+class SpeedSetup:
+    """The model shape, batch and measurement plan of a speed run."""
+
+    vocab_size: int = 16_000
+    block_size: int = 256
+    batch_size: int = 4
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    n_senses: int = 16
+    dropout: float = 0.0
+    rounds: int = 7
+    warmup: int = 1
+    data: str = "zipf"  # or "europarl", "europarl-en"
+    device: str = "cpu"
+    threads: int = 0  # 0: torch's default
+
+    def model_config(self, model: str) -> ModelConfig:
+        return ModelConfig(vocab_size=self.vocab_size, block_size=self.block_size,
+                           n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd,
+                           n_senses=self.n_senses, dropout=self.dropout, bias=False,
+                           sense_source="table" if model == "backpack-table" else "network")
+
+
+SPEED_PRESETS = {
+    "reference": SpeedSetup(),
+    "quick": SpeedSetup(rounds=3),
+    # seconds, for tests: the code paths, not the numbers
+    "tiny": SpeedSetup(vocab_size=512, block_size=32, batch_size=2, n_layer=2, n_head=2,
+                       n_embd=64, n_senses=4, rounds=2, threads=1),
+}
+
+
+class _Runner:
+    """A model, its optimizer and one training step, for one :class:`Variant`."""
+
+    def __init__(self, variant: Variant, setup: SpeedSetup, batches: list[torch.Tensor]):
+        self.variant = variant
+        self.device = torch.device(setup.device)
+        # (x, y) contiguous, on the device, as a data loader delivers them
+        self.batches = [(b[:, :-1].contiguous().to(self.device),
+                         b[:, 1:].contiguous().to(self.device)) for b in batches]
+        torch.manual_seed(0)
+        config = setup.model_config(variant.model)
+        if variant.model == "nanogpt":
+            model = NanoGPT(config)
+        else:
+            model = build_model("transformer" if variant.model == "transformer" else "backpack",
+                                config)
+        if isinstance(model, BackpackLM):
+            model.dedup_senses, model.mixing = variant.dedup, variant.mixing
+        if variant.checkpointing:
+            model.set_activation_checkpointing(True)
+        self.model = model.to(self.device).train()
+        if variant.optimizer == "sparse":
+            self.opt = optim.make_optimizer(model, lr=1e-4, sparse_table=True)
+        else:
+            self.opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, betas=(0.9, 0.95),
+                                         fused=True if variant.optimizer == "fused" else None)
+        self.forward = torch.compile(model) if variant.compile else model
+        self.kwargs = {} if variant.model == "nanogpt" else {"chunked_loss": variant.chunked}
+        self.params = list(model.parameters())
+        self.i = 0
+
+    def step(self) -> None:
+        x, y = self.batches[self.i % len(self.batches)]
+        self.i += 1
+        _, loss = self.forward(x, y, **self.kwargs)
+        loss.backward()
+        if self.variant.optimizer == "sparse":
+            optim.clip_grad_norm_(self.params, 1.0)
+        else:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def timed_step(self) -> float:
+        sync(self.device)
+        t0 = time.perf_counter()
+        self.step()
+        sync(self.device)
+        return time.perf_counter() - t0
+
+    def peak_bytes(self) -> int | None:
+        """Peak memory of one step: CUDA's allocator peak, or on the CPU the peak of live
+        tensor storage traced by :class:`LiveMemory` (None for a compiled model, whose
+        kernels the trace does not see)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.step()
+            return torch.cuda.max_memory_allocated()
+        if self.variant.compile:
+            return None
+        tracker = LiveMemory()
+        for p in self.params:
+            tracker.register(p, "weights")
+        for state in self.opt.state.values():
+            for t in state.values():
+                if isinstance(t, torch.Tensor):
+                    tracker.register(t, "optimizer state")
+        with tracker, tracker.saved_tensors():
+            self.step()
+        return tracker.peak
+
+
+def run_speed(setup: SpeedSetup, variants: Sequence[Variant], *,
+              log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Time ``variants`` interleaved (each round runs each variant once, in a rotating
+    order, plus a matmul peak) and return rows with ms/step, tokens/s, useful FLOPs, MFU
+    against the measured peak and peak memory, and the headline ratios."""
+    threads_before = torch.get_num_threads()
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
+    try:
+        return _run_speed(setup, variants, log)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _batches(setup: SpeedSetup) -> tuple[list[torch.Tensor], SpeedSetup]:
+    """The batches of ``setup.data``, and the setup with the vocabulary they need."""
+    if setup.data == "europarl":
+        batches, vocab = europarl_batches(setup.batch_size, setup.block_size, 4)
+        return batches, dataclasses.replace(setup, vocab_size=vocab)
+    if setup.data == "europarl-en":
+        # English windows; the model keeps the reference V (the ids fit: V_en < V)
+        batches, vocab = europarl_batches(setup.batch_size, setup.block_size, 4, langs=("en",))
+        return batches, dataclasses.replace(setup, vocab_size=max(vocab, setup.vocab_size))
+    return zipf_batches(setup.vocab_size, setup.batch_size, setup.block_size, 4), setup
+
+
+def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
+               log: Callable[[str], Any]) -> dict[str, Any]:
+    batches, setup = _batches(setup)
+    distinct = statistics.mean(len(torch.unique(b[:, :-1])) for b in batches)
+    log(f"config: {setup.n_layer} layers, {setup.n_head} heads, d {setup.n_embd}, "
+        f"{setup.n_senses} senses, block {setup.block_size}, batch {setup.batch_size}, "
+        f"V {setup.vocab_size:,}, dropout {setup.dropout}; {setup.data} batches "
+        f"({distinct:.0f} distinct tokens a batch on average); {setup.device}, "
+        f"{torch.get_num_threads()} threads, float32, torch {torch.__version__}")
+
+    runners: dict[str, _Runner] = {}
+    compile_s: dict[str, float] = {}
+    for v in variants:
+        runners[v.name] = _Runner(v, setup, batches)
+        t0 = time.perf_counter()
+        # warm-up; a compiled model sees every batch (a new U recompiles once, as dynamic)
+        for _ in range(max(setup.warmup, len(batches) if v.compile else 0)):
+            runners[v.name].step()
+        if v.compile:
+            compile_s[v.name] = time.perf_counter() - t0
+    load = os.getloadavg()[0]
+    log(f"timing {len(variants)} variants x {setup.rounds} rounds, interleaved "
+        f"(load average {load:.1f} on {os.cpu_count()} cores) ...")
+    if load > 0.5 and torch.get_num_threads() > 1:
+        log("warning: other processes are running; with several threads every op waits for "
+            "a descheduled thread and times blow up unevenly. --threads 1 gives stable ratios.")
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    peaks: list[float] = []
+    names = [v.name for v in variants]
+    for r in range(setup.rounds):
+        # a rotating order: no variant always runs first (cold caches) or last
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            times[name].append(runners[name].timed_step())
+        peaks.append(matmul_gflops(device=setup.device))
+    peak_gflops = statistics.median(peaks)
+
+    rows = []
+    for v in variants:
+        runner = runners[v.name]
+        ms = statistics.median(times[v.name]) * 1000
+        flops = train_flops(runner.model, setup.batch_size, setup.block_size, distinct)
+        mem = runner.peak_bytes()
+        rows.append({
+            "variant": v.name, "model": v.model, "lever": v.lever, "base": v.base,
+            "ms_per_step": round(ms, 1),
+            "ms_all": [round(t * 1000, 1) for t in times[v.name]],
+            "tokens_per_s": round(setup.batch_size * setup.block_size / ms * 1000),
+            "useful_gflop": round(flops["total"] / 1e9, 2),
+            "gflop_by_part": {k: round(f / 1e9, 2) for k, f in flops.items()},
+            "mfu": round(flops["total"] / (ms / 1000) / (peak_gflops * 1e9), 4),
+            "peak_mib": None if mem is None else round(mem / MiB, 1),
+            "params": sum(p.numel() for p in runner.params),
+            **({"compile_s": round(compile_s[v.name], 1)} if v.name in compile_s else {}),
+        })
+    return {"section": "speed", "setup": dataclasses.asdict(setup),
+            "threads": torch.get_num_threads(), "load_average": [load, os.getloadavg()[0]],
+            "distinct_tokens": distinct, "peak_gflops": round(peak_gflops, 1),
+            "peak_gflops_all": [round(p, 1) for p in peaks], "rows": rows,
+            "ratios": _ratios(rows, times)}
+
+
+def _ratios(rows: list[dict[str, Any]], times: dict[str, list[float]]) -> dict[str, Any]:
+    """The headline ratios, and each lever row's time over its base's (set on the row)."""
+    by_name = {row["variant"]: row for row in rows}
+
+    def paired(a: str, b: str) -> float | None:
+        """Median over rounds of time(a) / time(b): both measured in the same round."""
+        if a not in times or b not in times:
+            return None
+        return round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
+
+    ratios: dict[str, Any] = {}
+    if "backpack" in by_name and "transformer" in by_name:
+        ratios["backpack_over_transformer"] = paired("backpack", "transformer")
+        ratios["flop_floor"] = round(by_name["backpack"]["useful_gflop"]
+                                     / by_name["transformer"]["useful_gflop"], 3)
+    if "transformer" in by_name and "nanogpt" in by_name:
+        ratios["transformer_over_nanogpt"] = paired("transformer", "nanogpt")
+    if "backpack/plain" in by_name and "transformer/plain" in by_name:
+        ratios["plain_backpack_over_plain_transformer"] = paired("backpack/plain",
+                                                                 "transformer/plain")
+    for row in rows:
+        if row["base"]:
+            row["time_vs_base"] = paired(row["variant"], row["base"])
+    return ratios
+
+
+def format_speed(result: dict[str, Any]) -> str:
+    s = result["setup"]
+    lines = [f"config: {s['n_layer']}L/{s['n_head']}H/d{s['n_embd']}/k{s['n_senses']}, "
+             f"block {s['block_size']}, batch {s['batch_size']}, V {s['vocab_size']:,}, "
+             f"{s['data']} batches ({result['distinct_tokens']:.0f} distinct tokens a batch); "
+             f"{result['threads']} threads; matmul peak {result['peak_gflops']:.0f} GFLOP/s "
+             f"(fp32, measured each round, median); load average "
+             f"{result['load_average'][0]:.1f} -> {result['load_average'][1]:.1f}"]
+    head = (f"{'variant':<30}{'ms/step':>9}{'tokens/s':>10}{'GFLOP':>8}{'MFU':>7}"
+            f"{'peak MiB':>10}{'vs base':>9}  lever")
+    lines += [head, "-" * len(head)]
+    for r in result["rows"]:
+        mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
+        vs = f"{r['time_vs_base']:.2f}x" if r.get("time_vs_base") else ""
+        lever = r["lever"] + (f" (cold compile {r['compile_s']:.0f} s)" if "compile_s" in r else "")
+        lines.append(f"{r['variant']:<30}{r['ms_per_step']:>9.0f}{r['tokens_per_s']:>10,}"
+                     f"{r['useful_gflop']:>8.1f}{r['mfu']:>7.0%}{mem:>10}{vs:>9}  {lever}")
+    q = result["ratios"]
+    lines.append("")
+    if "backpack_over_transformer" in q:
+        lines.append(f"Backpack / Transformer step time: {q['backpack_over_transformer']:.2f} "
+                     f"(FLOP floor {q['flop_floor']:.2f}, so {q['backpack_over_transformer'] / q['flop_floor']:.2f}x "
+                     "the floor; goal <= 1.35, which needs a floor below it: few distinct tokens a batch)")
+    if "plain_backpack_over_plain_transformer" in q:
+        lines.append("  straightforward versions (all levers off): "
+                     f"{q['plain_backpack_over_plain_transformer']:.2f}")
+    if "transformer_over_nanogpt" in q:
+        lines.append(f"Transformer / nanoGPT-style step time: {q['transformer_over_nanogpt']:.2f} "
+                     "(goal <= 1.00)")
+    mfu = {r["variant"]: r["mfu"] for r in result["rows"]}
+    if "backpack" in mfu and "transformer" in mfu:
+        lines.append(f"MFU (useful FLOPs / measured fp32 matmul peak): transformer "
+                     f"{mfu['transformer']:.0%}, backpack {mfu['backpack']:.0%}"
+                     + (f", nanogpt {mfu['nanogpt']:.0%}" if "nanogpt" in mfu else "")
+                     + " (goal: transformer >= 70%)")
+    lines.append("ratios are medians over rounds of times measured in the same round; "
+                 "ms/step are medians; 'vs base': the variant's time over its base's (for a "
+                 "lever switched off, the lever's speed-up)")
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.speed",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="the three main models only, fewer rounds (under a minute)")
+    p.add_argument("--tiny", action="store_true", help="a tiny shape, for tests (seconds)")
+    p.add_argument("--rounds", type=int, help="timed rounds (default 7; 3 with --quick)")
+    p.add_argument("--data", choices=["zipf", "europarl", "europarl-en"], default="zipf",
+                   help="token batches: Zipf(1) over V (about 550 distinct a batch, like "
+                   "en+fr Europarl), the en+fr sample (its compact V), or English windows "
+                   "only (about 450 distinct, at the reference V)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 with "
+                   "--tiny)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (ms/step, MFU against "
+                   "the fp32 matmul peak, torch.cuda.max_memory_allocated)")
+    p.add_argument("--only", nargs="+", metavar="VARIANT", help="time only these variants")
+    p.add_argument("--json", help="where to write the JSON (default outputs/bench/)")
+    return p
+
+
+def setup_and_variants(args: argparse.Namespace) -> tuple[SpeedSetup, list[Variant]]:
+    """The measurement plan the flags ask for (UserError for a device or variant not here)."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device here; use --device cpu")
+    preset = "tiny" if args.tiny else "quick" if args.quick else "reference"
+    setup = dataclasses.replace(SPEED_PRESETS[preset], data=args.data, device=args.device)
+    if args.threads is not None:
+        setup = dataclasses.replace(setup, threads=args.threads)
+    if args.rounds:
+        setup = dataclasses.replace(setup, rounds=args.rounds)
+    variants = MAIN if args.quick else MAIN + LEVERS
+    if args.only:
+        known = {v.name: v for v in MAIN + LEVERS}
+        unknown = [n for n in args.only if n not in known]
+        if unknown:
+            raise UserError(f"unknown variant(s) {', '.join(unknown)}: use some of "
+                            f"{', '.join(known)}")
+        variants = [known[n] for n in args.only]
+    return setup, variants
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    try:
+        result = run_speed(*setup_and_variants(args))
+    except UserError as exc:
+        exit_on_user_error(exc)
+    print(format_speed(result))
+    print(f"wrote {write_json(result, args.json, 'speed')}")
+
+
+if __name__ == "__main__":
+    main()
