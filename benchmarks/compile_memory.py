@@ -24,14 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as a file, this folder is sys.path[0]; put the repo root there instead, so that
-    # `benchmarks.*` imports and this folder's module names (data, memory) shadow nothing.
-    _root = str(Path(__file__).resolve().parents[1])
-    if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-        sys.path[0] = _root
-    else:
-        sys.path.insert(0, _root)
+if __package__ in (None, ""):  # run as a file: sys.path[0] is this folder; import from the root
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import torch
 

