@@ -33,9 +33,9 @@ import dataclasses
 import json
 import os
 import random
+import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -220,9 +220,11 @@ def prepare(
     cfg: PrepareConfig | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    source_flag: str = "--source",
 ) -> Path:
     """Prepare a dataset into ``out`` atomically: everything is written to a temporary
-    folder beside it and renamed at the end, so a failure leaves ``out`` as it was."""
+    folder beside it and renamed at the end, so a failure leaves ``out`` as it was.
+    ``source_flag`` spells the source option in messages (train.py's is --data_source)."""
     cfg = cfg or PrepareConfig()
     cfg.validate()
     out = paths.resolve_in_root(out)
@@ -233,7 +235,7 @@ def prepare(
     t0 = time.perf_counter()
     enc = get_encoding(cfg.encoding)
 
-    roots = resolve_source(source, cfg.form, cfg.langs)
+    roots = resolve_source(source, cfg.form, cfg.langs, flag=source_flag)
     files = read_source(roots, cfg.form, cfg.langs)
     # Each document is encoded on a worker thread (tiktoken releases the GIL) as soon as it
     # is parsed, so parsing the next files overlaps with encoding; the ids come back as
@@ -265,7 +267,10 @@ def prepare(
     eot = np.array([tok.eot_id], dtype=dtype)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdir, not mkdtemp: the dataset folder gets the user's umask like any other (mkdtemp
+    # makes it 0700); the random part keeps two preparations from sharing it
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
     try:
         stats: dict[str, dict] = {}
         byte_fallback = {}
@@ -351,6 +356,7 @@ def ensure_prepared(
     seed: int = 1337,
     encoding: str = DEFAULT_ENCODING,
     progress: bool = True,
+    source_flag: str = "--source",
 ) -> Path:
     """The prepared dataset at ``data_dir``, preparing it on first use. An existing dataset
     must match the requested languages, form and encoding, and hold more than
@@ -360,12 +366,13 @@ def ensure_prepared(
     if not (data_dir / "meta.json").exists():
         cfg = PrepareConfig(langs=wanted, form=form, encoding=encoding, seed=seed, block_size=max(block_size, 1024))
         try:
-            prepare(source, data_dir, cfg, progress=progress)
+            prepare(source, data_dir, cfg, progress=progress, source_flag=source_flag)
         except UserError as exc:
             if "too small" not in str(exc):
                 raise
             # A small corpus can still serve a small model: use the floor of this block size.
-            prepare(source, data_dir, dataclasses.replace(cfg, block_size=block_size), progress=progress)
+            prepare(source, data_dir, dataclasses.replace(cfg, block_size=block_size),
+                    progress=progress, source_flag=source_flag)
     meta = load_meta(data_dir)
     problems = []
     if list(meta["langs"]) != list(wanted):
@@ -450,7 +457,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             out = resolve_data_dir(args.out) if args.out else paths.data_root() / "europarl"
             t0 = time.perf_counter()
-            prepare(args.source, out, cfg, overwrite=args.overwrite)
+            try:
+                prepare(args.source, out, cfg, overwrite=args.overwrite)
+            except KeyboardInterrupt:
+                # prepare() removed its temporary folder on the way out; say so in one line
+                print(f"error: interrupted; nothing was written ({out} is as it was): run the "
+                      "same command again to prepare it", file=sys.stderr)
+                return 130
             meta = load_meta(out)
             dt = time.perf_counter() - t0
             print(f"prepared {out} in {dt:.2f} s ({meta['text_bytes'] / dt / 2**20:.2f} MiB/s of text)")

@@ -7,9 +7,11 @@ one (training, evaluation, lexsim, the notebooks) goes through this module.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import os
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +30,35 @@ def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
         return paths.resolve_in_root(s)
     return paths.data_root() / s
 
+
+
+def available_datasets() -> list[str]:
+    """The prepared datasets in the data root, by name."""
+    root = paths.data_root()
+    if not root.is_dir():
+        return []
+    return sorted(d.name for d in root.iterdir() if (d / "meta.json").is_file())
+
+
+def require_existing(data_dir: str, *, flag: str = "--data_dir",
+                     prepare_args: str = "") -> None:
+    """A UserError unless ``data_dir`` is a prepared dataset: it names what exists (with a
+    "did you mean") and the ``data prepare`` command that would create it (``prepare_args``:
+    the settings to prepare it with). For a name or path the user typed, where preparing on
+    first use would turn a typo into a new dataset (and a 1.5 GB download)."""
+    folder = resolve_data_dir(data_dir)
+    if (folder / "meta.json").is_file():
+        return
+    names = available_datasets()
+    close = difflib.get_close_matches(str(data_dir), names, n=1)
+    have = (f"prepared datasets in {paths.data_root()}: {', '.join(names)}" if names
+            else f"no dataset is prepared in {paths.data_root()} yet")
+    command = " ".join(["python -m backpack_nb.data prepare --out", shlex.quote(str(data_dir)),
+                        prepare_args]).strip()
+    raise UserError(
+        f"{flag} {data_dir}: no prepared dataset at {folder}"
+        + (f" (did you mean {close[0]!r}?)" if close else "")
+        + f"; {have}; to create it: {command}")
 
 def load_meta(data_dir: str | os.PathLike) -> dict:
     """``meta.json`` of a prepared dataset (a bare name is looked up in the data root)."""

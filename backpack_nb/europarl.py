@@ -99,7 +99,7 @@ def _read_archive(path: Path, form: str, langs: Sequence[str]) -> Iterator[Sourc
             raise UserError(f"{path} is a damaged archive ({exc}); download it again") from exc
 
 
-def _download(url: str, dest: Path) -> Path:
+def _download(url: str, dest: Path, flag: str = "--source") -> Path:
     """Download ``url`` to ``dest`` (cached) with a progress bar; a partial file never
     takes the final name."""
     if dest.is_file():
@@ -117,7 +117,7 @@ def _download(url: str, dest: Path) -> Path:
         tmp.unlink(missing_ok=True)
         raise UserError(
             f"could not download {url} ({exc}). Without network access, download the Europarl "
-            "files elsewhere and pass a local copy: --source /path/to/europarl (a folder or .tgz), "
+            f"files elsewhere and pass a local copy: {flag} /path/to/europarl (a folder or .tgz), "
             "or set EUROPARL_SOURCE=/path/to/europarl"
         ) from exc
     os.replace(tmp, dest)
@@ -132,9 +132,11 @@ def _official_urls(form: str, langs: Sequence[str], base: str = OFFICIAL_BASE_UR
     return [base + f"{l}-en.tgz" for l in pairs]
 
 
-def resolve_source(source: str | os.PathLike | None, form: str, langs: Sequence[str]) -> list[Path]:
+def resolve_source(source: str | os.PathLike | None, form: str, langs: Sequence[str], *,
+                   flag: str = "--source") -> list[Path]:
     """Local paths to read: ``source`` (a path, an archive URL or a mirror base URL), else
-    ``EUROPARL_SOURCE``, else the official archives (downloaded once into ``data/downloads``)."""
+    ``EUROPARL_SOURCE``, else the official archives (downloaded once into ``data/downloads``).
+    ``flag`` is how the command that asked spells the source option, for its messages."""
     source = str(source) if source else os.environ.get("EUROPARL_SOURCE", "")
     if not source:
         urls = _official_urls(form, langs)
@@ -144,12 +146,12 @@ def resolve_source(source: str | os.PathLike | None, form: str, langs: Sequence[
         path = paths.resolve_in_root(source)
         if not path.exists():
             raise UserError(
-                f"Europarl source {path} does not exist; pass a folder or .tgz with --source "
+                f"Europarl source {path} does not exist; pass a folder or .tgz with {flag} "
                 "(or EUROPARL_SOURCE), or leave both unset to download the official archives"
             )
         return [path]
     downloads = paths.data_root() / "downloads"
-    return [_download(u, downloads / u.rstrip("/").rsplit("/", 1)[-1]) for u in urls]
+    return [_download(u, downloads / u.rstrip("/").rsplit("/", 1)[-1], flag) for u in urls]
 
 
 def read_source(roots: Sequence[Path], form: str, langs: Sequence[str]) -> list[SourceFile]:

@@ -578,3 +578,78 @@ def test_cli_stats_missing_dataset(tmp_path, capsys):
         data.main(["stats", str(tmp_path / "none")])
     assert ei.value.code == 2
     assert "prepare" in capsys.readouterr().err
+
+
+# --- a --data_dir typo, Ctrl-C, folder modes (issue 17) ------------------------------------
+
+
+def test_a_data_dir_typo_is_an_error_not_a_new_dataset(prepared_europarl, session_tmp):
+    """At f3defa5 `train.py --data_dir europarl_sampel` prepared (or downloaded) a second
+    dataset under the typo. Now: exit 2 naming what exists, the likely name and the prepare
+    command; nothing is created."""
+    from backpack_nb.params import config_from_argv
+
+    root = paths.data_root()
+    before = sorted(p.name for p in root.iterdir())
+    with pytest.raises(UserError) as exc:
+        config_from_argv(["--config", "tiny_backpack", "--data_dir", "europarl_sampel"])
+    msg = str(exc.value)
+    assert "--data_dir europarl_sampel: no prepared dataset" in msg
+    assert "(did you mean 'europarl_sample'?)" in msg and "europarl_sample" in msg.split(";")[1]
+    assert msg.endswith("to create it: python -m backpack_nb.data prepare --out europarl_sampel "
+                        "--langs en,fr --form raw")
+    with pytest.raises(UserError, match=r"prepare --out /nowhere/ep --langs en,fr --form raw "
+                                        r"--source /my/europarl$"):
+        config_from_argv(["--config", "tiny_backpack", "--data_dir", "/nowhere/ep",
+                          "--data_source", "/my/europarl"])
+    assert sorted(p.name for p in root.iterdir()) == before
+
+
+def test_the_params_files_own_dataset_is_still_prepared_on_first_use(prepared_europarl):
+    """The seed's `--config train_europarl_scratch --data_dir europarl` on a fresh machine, or
+    no --data_dir at all: the dataset the params file names, prepared by train.py itself."""
+    from backpack_nb.params import config_from_argv
+
+    assert not (paths.data_root() / "europarl").exists()
+    cfg = config_from_argv(["--config", "train_europarl_scratch", "--data_dir", "europarl"])
+    assert cfg.data_dir == "europarl"
+    assert config_from_argv(["--config", "tiny_backpack"]).data_dir == "europarl_tiny"
+    assert config_from_argv(["--data_dir", "europarl"]).data_dir == "europarl"
+    assert config_from_argv(["--data_dir", "europarl_sample"]).data_dir == "europarl_sample"
+
+
+def test_train_py_names_its_own_source_flag(tmp_path, monkeypatch):
+    """Preparing from train.py, a missing source is named as train.py spells it."""
+    with pytest.raises(UserError, match="with --data_source"):
+        data.ensure_prepared(tmp_path / "d", source=str(tmp_path / "none"), progress=False,
+                             source_flag="--data_source")
+    with pytest.raises(UserError, match="with --source"):
+        data.prepare(str(tmp_path / "none"), tmp_path / "d", progress=False)
+
+
+def test_ctrl_c_while_preparing_is_one_line_and_leaves_nothing(tmp_path, europarl_source,
+                                                               monkeypatch, capsys):
+    """At f3defa5 Ctrl-C printed a KeyboardInterrupt traceback."""
+    out = tmp_path / "ep"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "_write_tokens", interrupted)  # mid-write: the temporary folder exists
+    rc = data.main(["prepare", "--source", str(europarl_source), "--out", str(out),
+                    "--block_size", "64"])
+    err = capsys.readouterr().err
+    assert rc == 130 and err.count("\n") == 1 and err.startswith("error: interrupted")
+    assert "Traceback" not in err and list(tmp_path.iterdir()) == []
+
+
+def test_prepared_folder_follows_the_umask(tmp_path, europarl_source, monkeypatch):
+    """At f3defa5 a prepared dataset folder was 0700 (made by mkdtemp)."""
+    old = os.umask(0o022)
+    try:
+        out = data.prepare(europarl_source, tmp_path / "ep",
+                           data.PrepareConfig(langs=("en",), block_size=64), progress=False)
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert (out / "meta.json").stat().st_mode & 0o777 == 0o644
