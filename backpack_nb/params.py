@@ -25,6 +25,7 @@ from typing import Any, Mapping, NoReturn, Sequence
 
 import yaml
 
+from backpack_nb import dataset
 from backpack_nb.europarl import EUROPARL_LANGS, FORMS as DATA_FORMS, parse_langs
 from backpack_nb.devices import DTYPES, device_problem
 from backpack_nb.errors import UserError, exit_on_user_error
@@ -398,8 +399,29 @@ def config_from_argv(argv: Sequence[str] | None) -> TrainConfig:
     ns = vars(build_arg_parser().parse_args(argv))
     name = ns.pop("config", None)
     if name is None:
-        return TrainConfig.from_dict(ns, source="command line", cli_keys=tuple(ns))
-    return load_params(name, ns)
+        cfg = TrainConfig.from_dict(ns, source="command line", cli_keys=tuple(ns))
+        named = TrainConfig().data_dir
+    else:
+        cfg = load_params(name, ns)
+        named = read_params_file(name).get("data_dir", TrainConfig().data_dir)
+    # A dataset is prepared on first use only when it is the one the params file names: a
+    # --data_dir typed on the command line must exist, or a typo would prepare (and download)
+    # a second dataset.
+    if "data_dir" in ns and cfg.data_dir != str(named):
+        dataset.require_existing(cfg.data_dir, prepare_args=prepare_args(cfg))
+    return cfg
+
+
+def prepare_args(cfg: TrainConfig) -> str:
+    """The ``python -m backpack_nb.data prepare`` options that make ``cfg``'s dataset."""
+    args = [f"--langs {cfg.languages}", f"--form {cfg.data_form}"]
+    if cfg.encoding != TrainConfig.encoding:
+        args.append(f"--encoding {cfg.encoding}")
+    if cfg.block_size > 1024:  # the preparation's floor for val/test follows block_size
+        args.append(f"--block_size {cfg.block_size}")
+    if cfg.data_source:
+        args.append(f"--source {cfg.data_source}")
+    return " ".join(args)
 
 
 # --- typing helpers ------------------------------------------------------------------------
