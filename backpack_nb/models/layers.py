@@ -8,6 +8,8 @@ network reuses the same MLP. Every output projection is named ``c_proj`` so that
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -33,11 +35,17 @@ class MLP(nn.Module):
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``scaled_dot_product_attention`` (a fused
-    kernel where one exists; it never stores the T x T weights for backward)."""
+    kernel where one exists; it never stores the T x T weights for backward). Scores are
+    q.k / sqrt(head size), and further / (layer + 1) with
+    ``config.scale_attn_by_inverse_layer_idx``."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         self.n_head = config.n_head
+        # None: SDPA's own 1/sqrt(head size), so models without the option run as before
+        self.scale: float | None = None
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale = 1.0 / math.sqrt(config.n_embd // config.n_head) / (layer + 1)
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = config.dropout
@@ -49,7 +57,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # q, k, v: (B, n_head, T, head_size)
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
         )  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -58,11 +67,11 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-LN Transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
         d = config.n_embd
         self.ln_1 = nn.LayerNorm(d, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(d, bias=config.bias)
         self.mlp = MLP(d, 4 * d, d, config.bias, config.dropout)
 
@@ -87,7 +96,7 @@ class CausalTransformer(nn.Module):
         self.block_size = config.block_size
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        self.h = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
 
     def forward(self, tok_emb: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,292 @@
+"""Hugging Face models in (backpack_nb.hub): the released Backpack's layout, checked against
+what the official code computes on ../shared/backpack-gpt2-tiny, GPT-2's own layout, the
+GPT-2 tokenizer from a snapshot's files, the Hub path through a local cache, and bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from backpack_nb import hub
+from backpack_nb.errors import UserError
+from backpack_nb.models import ModelConfig, build_model
+from backpack_nb.tokenizer import get_encoding, gpt2_style_encoding
+from conftest import ROOT
+
+TINY = ROOT.parent / "shared" / "backpack-gpt2-tiny"
+
+
+@pytest.fixture(scope="module")
+def expected() -> dict[str, torch.Tensor]:
+    return torch.load(TINY / "expected_outputs.pt", weights_only=True)
+
+
+@pytest.fixture
+def tiny_copy(tmp_path) -> Path:
+    folder = tmp_path / "backpack-gpt2-tiny"
+    shutil.copytree(TINY, folder)
+    return folder
+
+
+def _outputs(model, idx):
+    with torch.no_grad():
+        return (model(idx, all_logits=True)[0], model.contextualization(idx),
+                model.sense_vectors(idx))
+
+
+def test_the_released_layout_reproduces_the_official_outputs(expected):
+    model, tok, info = hub.load_pretrained(TINY, tokenizer=False)
+    assert info["model_type"] == "backpack" and tok is None
+    assert model.config.scale_attn_by_inverse_layer_idx and model.config.bias
+    logits, alpha, senses = _outputs(model, expected["input_ids"])
+    for got, name in ((logits, "logits"), (alpha, "contextualization"), (senses, "senses")):
+        assert got.shape == expected[name].shape
+        assert (got - expected[name]).abs().max() <= 1e-5, name
+    # the option matters: the same weights without it give other logits
+    model.transformer.h[1].attn.scale = None
+    assert (_outputs(model, expected["input_ids"])[0] - expected["logits"]).abs().max() > 1e-4
+
+
+def test_every_tensor_of_the_file_is_used_exactly_once():
+    weights = hub.read_weights(TINY)
+    model, _, _ = hub.load_pretrained(TINY, tokenizer=False)
+    sources = hub.weight_sources(model, set(weights))
+    used = [name for names in sources.values() for name in names]
+    assert "<missing>" not in used
+    assert len(used) == len(set(used))  # no tensor feeds two parameters
+    assert set(used) == set(weights)  # and every tensor feeds one
+    assert sources["wte.weight"] == ["backpack.word_embeddings.weight",
+                                     "backpack.gpt2_model.wte.weight", "lm_head.weight"]
+    assert len(sources) == len(model.state_dict())
+
+
+@pytest.mark.parametrize("edit,words", [
+    (lambda w: w.update({"lm_head.weight": w["lm_head.weight"] + 1}),
+     "lm_head.weight should be the same tensor as backpack.word_embeddings.weight"),
+    (lambda w: w.pop("backpack.sense_network.final_mlp.c_proj.bias"),
+     "missing backpack.sense_network.final_mlp.c_proj.bias"),
+    (lambda w: w.update({"backpack.extra.weight": torch.zeros(2)}), "unexpected backpack.extra.weight"),
+    (lambda w: w.update({"backpack.gpt2_model.h.0.mlp.c_fc.weight": torch.zeros(64, 128)}),
+     "backpack.gpt2_model.h.0.mlp.c_fc.weight has shape (64, 128), the config needs (256, 64)"),
+])
+def test_weights_that_do_not_fit_are_one_error(tiny_copy, edit, words):
+    weights = torch.load(tiny_copy / "pytorch_model.bin", weights_only=True)
+    edit(weights)
+    torch.save(weights, tiny_copy / "pytorch_model.bin")
+    with pytest.raises(UserError, match="do not fit its config.json") as exc:
+        hub.load_pretrained(tiny_copy, tokenizer=False)
+    assert words in str(exc.value)
+
+
+def test_old_causal_mask_buffers_are_ignored(tiny_copy, expected):
+    weights = torch.load(tiny_copy / "pytorch_model.bin", weights_only=True)
+    for i in range(2):
+        weights[f"backpack.gpt2_model.h.{i}.attn.bias"] = torch.ones(1, 1, 64, 64).tril()
+        weights[f"backpack.gpt2_model.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(weights, tiny_copy / "pytorch_model.bin")
+    model, _, _ = hub.load_pretrained(tiny_copy, tokenizer=False)
+    assert (_outputs(model, expected["input_ids"])[0] - expected["logits"]).abs().max() <= 1e-5
+
+
+def test_safetensors_weights(tiny_copy, expected):
+    from safetensors.torch import save_file
+
+    weights = torch.load(tiny_copy / "pytorch_model.bin", weights_only=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, tiny_copy / "model.safetensors")
+    (tiny_copy / "pytorch_model.bin").unlink()
+    model, _, _ = hub.load_pretrained(tiny_copy, tokenizer=False)
+    assert (_outputs(model, expected["input_ids"])[0] - expected["logits"]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("change,words", [
+    ({"architectures": ["BertForMaskedLM"]}, "is none of BackpackGPT2LMHeadModel, GPT2LMHeadModel"),
+    ({"activation_function": "relu"}, "activation_function 'relu'"),
+    ({"n_inner": 100}, "n_inner 100"),
+    ({"add_cross_attention": True}, "add_cross_attention"),
+    ({"n_head": 5}, "n_embd (64) must be divisible by n_head (5)"),
+])
+def test_configs_this_project_cannot_express_are_refused_by_name(tiny_copy, change, words):
+    config = json.loads((tiny_copy / "config.json").read_text())
+    (tiny_copy / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(UserError, match="config.json") as exc:
+        hub.load_pretrained(tiny_copy, tokenizer=False)
+    assert words in str(exc.value)
+
+
+def test_folders_that_are_not_pretrained_models(tmp_path, tiny_copy):
+    with pytest.raises(UserError, match="no such folder"):
+        hub.load_pretrained(tmp_path / "nothing")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "best.pt").write_bytes(b"x")
+    with pytest.raises(UserError, match=r"no config.json; it is a run folder: pass .*best.pt"):
+        hub.load_pretrained(run)
+    (tiny_copy / "pytorch_model.bin").unlink()
+    with pytest.raises(UserError, match="has config.json but no weights"):
+        hub.load_pretrained(tiny_copy)
+    assert hub.is_pretrained(TINY) and hub.is_pretrained("hf:stanfordnlp/backpack-gpt2")
+    assert not hub.is_pretrained(run)
+
+
+class _NotATensor:
+    pass
+
+
+def test_a_pickle_that_is_not_a_plain_state_dict_is_refused(tiny_copy):
+    torch.save({"wte.weight": _NotATensor()}, tiny_copy / "pytorch_model.bin")
+    with pytest.raises(UserError, match="could run code"):
+        hub.load_pretrained(tiny_copy, tokenizer=False)
+    torch.save([torch.zeros(2)], tiny_copy / "pytorch_model.bin")
+    with pytest.raises(UserError, match="not a plain state dict"):
+        hub.load_pretrained(tiny_copy, tokenizer=False)
+
+
+# --- GPT-2's own layout (GPT2LMHeadModel, e.g. hf:gpt2) --------------------------------------
+
+
+def _as_gpt2_folder(model, folder: Path, *, bare: bool) -> None:
+    """Write a project GPT as transformers' GPT2LMHeadModel files (Conv1D weights (in, out),
+    the old causal-mask buffers, lm_head tied) — the layout GPT-2's own files have."""
+    c = model.config
+    prefix = "" if bare else "transformer."
+    state = {}
+    for name, tensor in model.state_dict().items():
+        hf_name = prefix + name.removeprefix("transformer.")
+        if hub._CONV1D.search(hf_name):
+            tensor = tensor.t()
+        state[hf_name] = tensor.clone().contiguous()
+    state["lm_head.weight"] = state[f"{prefix}wte.weight"].clone()
+    for i in range(c.n_layer):
+        state[f"{prefix}h.{i}.attn.bias"] = torch.ones(1, 1, c.block_size, c.block_size).tril()
+    folder.mkdir()
+    torch.save(state, folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
+        "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd,
+        "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None, "resid_pdrop": 0.1,
+        "layer_norm_epsilon": 1e-5, "scale_attn_weights": True}))
+
+
+@pytest.mark.parametrize("bare", [True, False])
+def test_gpt2_layout_loads_as_the_transformer(tmp_path, bare):
+    torch.manual_seed(3)
+    config = ModelConfig(vocab_size=90, block_size=16, n_layer=2, n_head=2, n_embd=16,
+                         n_senses=1, bias=True, dropout=0.0)
+    original = build_model("transformer", config).eval()
+    for p in original.parameters():  # no zero biases or symmetric weights to hide behind
+        p.data.add_(0.05 * torch.randn_like(p))
+    _as_gpt2_folder(original, tmp_path / "gpt2", bare=bare)
+    model, _, info = hub.load_pretrained(tmp_path / "gpt2", tokenizer=False)
+    assert info["model_type"] == "transformer"
+    idx = torch.randint(0, 90, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(idx, all_logits=True)[0], original(idx, all_logits=True)[0])
+
+
+# --- the GPT-2 tokenizer from a snapshot's vocab.json + merges.txt ----------------------------
+
+
+def _write_small_gpt2_bpe(folder: Path, text: str, n_merges: int) -> None:
+    """A GPT-2-format byte-level BPE learned greedily on ``text``: vocab.json and merges.txt
+    as a Hugging Face snapshot stores them, <|endoftext|> last."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    char = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+    vocab = {char[b]: i for i, b in enumerate(printable + others)}
+    words = [[char[b] for b in w.encode()] for w in text.replace(" ", " \0").split("\0") if w]
+    merges = []
+    for _ in range(n_merges):
+        pairs: dict[tuple[str, str], int] = {}
+        for w in words:
+            for a, b in zip(w, w[1:]):
+                pairs[a, b] = pairs.get((a, b), 0) + 1
+        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
+        merges.append(f"{a} {b}")
+        vocab[a + b] = len(vocab)
+        for w in words:
+            i = 0
+            while i < len(w) - 1:
+                if (w[i], w[i + 1]) == (a, b):
+                    w[i:i + 2] = [a + b]
+                i += 1
+    vocab["<|endoftext|>"] = len(vocab)
+    folder.mkdir(exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges), encoding="utf-8")
+
+
+TEXT = ("The Commission welcomes the vote of the Parliament on the report. " * 3
+        + "La Commission se félicite du vote du Parlement sur le rapport. " * 3)
+
+
+def test_gpt2_tokenizer_from_a_snapshot(tiny_copy):
+    _write_small_gpt2_bpe(tiny_copy, TEXT, n_merges=63)  # 256 + 63 + 1 = the fixture's 320
+    model, tok, _ = hub.load_pretrained(tiny_copy)
+    assert tok.vocab_size == 320 == model.config.vocab_size and tok.eot_id == 319
+    for text in ("The Commission", "Parlement européen", "¿qué? \x00 日本"):
+        assert tok.decode(tok.encode(text)) == text
+    ids = tok.encode(" the Parliament")
+    assert len(ids) < len(" the Parliament".encode())  # merges are used
+    assert hub.read_config(tiny_copy)["eos_token_id"] == tok.eot_id
+    enc = get_encoding(f"gpt2:{tiny_copy}")
+    assert enc.n_vocab == 320 and enc.decode(enc.encode("vote du")) == "vote du"
+
+
+def test_gpt2_tokenizer_problems_are_clear(tmp_path, tiny_copy):
+    with pytest.raises(UserError, match="has no vocab.json or merges.txt"):
+        gpt2_style_encoding("gpt2", tmp_path)
+    _write_small_gpt2_bpe(tmp_path, TEXT, n_merges=10)
+    vocab = json.loads((tmp_path / "vocab.json").read_text())
+    first, second = [k for k, v in sorted(vocab.items(), key=lambda kv: kv[1])][256:258]
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # ids out of the merges' order
+    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
+    with pytest.raises(UserError, match="could not read the GPT-2 BPE"):
+        gpt2_style_encoding("gpt2", tmp_path)
+    with pytest.raises(UserError, match="does not exist"):
+        hub.load_pretrained(tiny_copy, encoding="gpt2:/nowhere/gpt2.tiktoken")
+
+
+# --- hf:<repo id>: the Hub path, with a local cache standing in for the Hub ---------------------
+
+
+_LOAD_FROM_CACHE = """
+import sys
+from backpack_nb.errors import UserError
+from backpack_nb.hub import load_pretrained
+try:
+    model, tok, info = load_pretrained(sys.argv[1], tokenizer=False)
+except UserError as exc:
+    print("error:", exc)
+    sys.exit(2)
+print(info["model_type"], info["folder"])
+"""
+
+
+def test_a_hub_id_reads_the_hub_cache_offline(tmp_path):
+    """The real huggingface_hub code, offline, over a cache laid out as the Hub client writes
+    it (models--owner--name/refs/main -> snapshots/<commit>/)."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--stanfordnlp--backpack-gpt2"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for name in ("config.json", "pytorch_model.bin"):
+        shutil.copy(TINY / name, snapshot / name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    ok = subprocess.run([sys.executable, "-c", _LOAD_FROM_CACHE, "hf:stanfordnlp/backpack-gpt2"],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert ok.stdout.split() == ["backpack", str(snapshot)]
+    missing = subprocess.run([sys.executable, "-c", _LOAD_FROM_CACHE, "hf:nobody/nothing"],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert "could not get hf:nobody/nothing" in missing.stdout
+    assert "hf download nobody/nothing --local-dir DIR" in missing.stdout
