@@ -80,6 +80,9 @@ class PrepareConfig:
     ``4 x block_size`` tokens per language (and at least 2 documents each)."""
     aligned_block_lines: int = 100
     """Lines per document in the aligned form."""
+    full_vocab: bool = False
+    """Keep the encoding's whole vocabulary (ids are the encoding's own) instead of the
+    compact one: what a pretrained model needs (the released Backpack reads GPT-2's ids)."""
 
     def validate(self) -> None:
         problems = []
@@ -202,6 +205,16 @@ def assign_splits(units: Sequence[Unit], cfg: PrepareConfig) -> dict[str, list[U
 # preparing a dataset
 
 
+def _config_record(cfg: PrepareConfig) -> dict:
+    """The settings as meta.json keeps them. ``full_vocab`` only when set, so a compact
+    dataset's meta.json (and its hash, which checkpoints record) stays what it was before
+    the option existed."""
+    record = dataclasses.asdict(cfg) | {"langs": list(cfg.langs)}
+    if not cfg.full_vocab:
+        del record["full_vocab"]
+    return record
+
+
 def _write_tokens(path: Path, ids: np.ndarray, dtype: np.dtype) -> None:
     ids.astype(dtype, copy=False).tofile(path)
 
@@ -261,7 +274,8 @@ def prepare(
             raise
 
     splits = assign_splits(units, cfg)
-    base_ids = build_compact_vocab(enc, [t for u in splits["train"] for t in u.tokens.values()])
+    base_ids = (np.arange(enc.n_vocab) if cfg.full_vocab else
+                build_compact_vocab(enc, [t for u in splits["train"] for t in u.tokens.values()]))
     tok = Tokenizer(cfg.encoding, base_ids)
     dtype = np.dtype(np.uint16) if tok.vocab_size <= 1 << 16 else np.dtype(np.uint32)
     eot = np.array([tok.eot_id], dtype=dtype)
@@ -319,7 +333,7 @@ def prepare(
             "eot_id": tok.eot_id,
             "langs": list(cfg.langs),
             "form": cfg.form,
-            "config": dataclasses.asdict(cfg) | {"langs": list(cfg.langs)},
+            "config": _config_record(cfg),
             "splits": stats,
             "byte_fallback_tokens": byte_fallback,
             "source": str(source or os.environ.get("EUROPARL_SOURCE", "") or OFFICIAL_BASE_URL),
@@ -435,6 +449,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--test_fraction", type=float, default=0.05)
     p.add_argument("--block_size", type=int, default=1024, help="val/test floor is 4 x block_size tokens per language")
     p.add_argument("--aligned_block_lines", type=int, default=100)
+    p.add_argument("--full_vocab", action="store_true",
+                   help="keep the encoding's whole vocabulary and ids (for a pretrained model, "
+                   "e.g. --encoding gpt2:/path/to/snapshot --full_vocab)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared dataset")
     s = sub.add_parser("stats", help="print a prepared dataset's statistics")
     s.add_argument("data_dir", nargs="?", default="europarl")
@@ -454,6 +471,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 test_fraction=args.test_fraction,
                 block_size=args.block_size,
                 aligned_block_lines=args.aligned_block_lines,
+                full_vocab=args.full_vocab,
             )
             out = resolve_data_dir(args.out) if args.out else paths.data_root() / "europarl"
             t0 = time.perf_counter()

@@ -19,6 +19,7 @@ import pytest
 
 from backpack_nb import data, dataset, europarl, paths
 from backpack_nb.errors import UserError
+from backpack_nb.tokenizer import get_encoding
 
 ROOT = Path(__file__).resolve().parents[1]
 PREPARED_BLOCK_SIZE = 64  # what conftest.prepared_europarl uses (checked against meta.json below)
@@ -653,3 +654,24 @@ def test_prepared_folder_follows_the_umask(tmp_path, europarl_source, monkeypatc
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o755
     assert (out / "meta.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_full_vocabulary_keeps_the_encodings_ids(tmp_path, europarl_source, meta):
+    """--full_vocab: no compaction, ids are the encoding's own (what a pretrained model
+    reads); a compact dataset's meta.json does not change (checkpoints record its hash)."""
+    from test_hub import TEXT, _write_small_gpt2_bpe
+
+    _write_small_gpt2_bpe(tmp_path / "bpe", TEXT, n_merges=63)
+    encoding = f"gpt2:{tmp_path / 'bpe'}"
+    assert data.main(["prepare", "--source", str(europarl_source), "--langs", "en",
+                      "--encoding", encoding, "--full_vocab", "--block_size", "64",
+                      "--out", str(tmp_path / "full")]) == 0
+    full = dataset.load_meta(tmp_path / "full")
+    assert full["vocab_size"] == 320 and full["base_ids"] == list(range(320))
+    assert full["config"]["full_vocab"] is True
+    enc = get_encoding(encoding)
+    ids = np.asarray(dataset.load_tokens(tmp_path / "full", "val", "en"))
+    text = enc.decode(ids.tolist())
+    first_doc = text.split("<|endoftext|>")[0]
+    assert enc.encode_ordinary(first_doc) == ids[:len(enc.encode_ordinary(first_doc))].tolist()
+    assert "full_vocab" not in meta["config"]  # the session's compact dataset
