@@ -30,45 +30,18 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from . import paths
-from .errors import UserError
-from .models import ModelConfig, build_model
-from .tokenizer import Tokenizer, get_encoding
-
-HF_PREFIX = "hf:"
-ARCHITECTURES = {"BackpackGPT2LMHeadModel": "backpack", "GPT2LMHeadModel": "transformer"}
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
-# Causal-mask buffers older transformers versions wrote into GPT-2 state dicts.
-_IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
-# GPT-2's Conv1D layers (weights stored (in, out)); the Backpack's sense_weight_net.c_attn is
-# an nn.Linear, stored (out, in) like ours.
-_CONV1D = re.compile(r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj|final_mlp\.c_fc|final_mlp\.c_proj)\.weight$")
-
-# Our parameter name -> the names the file may store it under (aliases of one tensor).
-_BACKPACK_NAMES = [
-    (r"wte\.weight", ["backpack.word_embeddings.weight", "backpack.gpt2_model.wte.weight",
-                      "lm_head.weight"]),
-    (r"transformer\.wpe\.weight", ["backpack.position_embeddings.weight",
-                                   "backpack.gpt2_model.wpe.weight"]),
-    (r"transformer\.(.+)", [r"backpack.gpt2_model.\1"]),
-    (r"alpha_qk\.(.+)", [r"backpack.sense_weight_net.c_attn.\1"]),
-    (r"sense_network\.ln_0\.(.+)", [r"backpack.sense_network.ln.\1"]),
-    (r"sense_network\.ln_([12])\.(.+)", [r"backpack.sense_network.block.ln_\1.\2"]),
-    (r"sense_network\.ff_1\.(.+)", [r"backpack.sense_network.block.mlp.\1"]),
-    (r"sense_network\.ff_2\.(.+)", [r"backpack.sense_network.final_mlp.\1"]),
-]
-_GPT2_NAMES = [
-    (r"wte\.weight", ["transformer.wte.weight", "lm_head.weight"]),
-    (r"transformer\.(.+)", [r"transformer.\1"]),
-]
-
+from ..errors import UserError
+from ..models import ModelConfig, build_model
+from ..paths import resolve_in_root
+from ..tokenizer import Tokenizer, get_encoding
+from .layout import (ARCHITECTURES, HF_PREFIX, TOKENIZER_FILES, WEIGHT_FILES, candidates,
+                     is_conv1d, is_ignored)
 
 def is_pretrained(spec: str | os.PathLike) -> bool:
     """Whether ``spec`` names a pretrained model (``hf:<repo id>`` or a folder holding
     config.json) rather than a project checkpoint."""
     s = str(spec)
-    return s.startswith(HF_PREFIX) or (paths.resolve_in_root(s) / "config.json").is_file()
+    return s.startswith(HF_PREFIX) or (resolve_in_root(s) / "config.json").is_file()
 
 
 def load_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", *,
@@ -101,7 +74,7 @@ def snapshot_folder(name_or_path: str | os.PathLike) -> Path:
     spec = str(name_or_path)
     if spec.startswith(HF_PREFIX):
         return _download(spec[len(HF_PREFIX):])
-    folder = paths.resolve_in_root(spec)
+    folder = resolve_in_root(spec)
     if not folder.is_dir():
         raise UserError(f"{spec}: no such folder; give a folder holding a Hugging Face model's "
                         "config.json, or hf:<repo id> for the Hub")
@@ -223,22 +196,13 @@ def read_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 def weight_sources(model: torch.nn.Module, names: set[str]) -> dict[str, list[str]]:
     """For each of ``model``'s parameters, the names in the file that hold it (its aliases,
-    in the order the file's layout lists them; only those present)."""
-    rules = _BACKPACK_NAMES if model.__class__.__name__ == "BackpackLM" else _GPT2_NAMES
+    canonical first; only those present, or ``[name, "<missing>"]``)."""
     # GPT-2's own files (hf:gpt2) store the bare GPT2Model: h.0..., wte.weight
     bare = not any(n.startswith(("transformer.", "backpack.")) for n in names)
     out = {}
     for target in model.state_dict():
-        for pattern, candidates in rules:
-            m = re.fullmatch(pattern, target)
-            if m:
-                found = [m.expand(c) for c in candidates]
-                if bare:
-                    found = [re.sub(r"^transformer\.", "", f) for f in found]
-                out[target] = [f for f in found if f in names] or found[:1] + ["<missing>"]
-                break
-        else:  # a parameter no rule names: a bug in the rules, said plainly
-            out[target] = [f"<no rule for {target}>", "<missing>"]
+        found = candidates(model, target, bare=bare) or [f"<no rule for {target}>"]
+        out[target] = [f for f in found if f in names] or [found[0], "<missing>"]
     return out
 
 
@@ -260,12 +224,12 @@ def convert_weights(weights: Mapping[str, torch.Tensor], model: torch.nn.Module,
             problems.append(f"{', '.join(unequal)} should be the same tensor as {names[0]} "
                             "(tied) but differ")
         used.update(names)
-        tensor = first.t() if _CONV1D.search(names[0]) else first
+        tensor = first.t() if is_conv1d(names[0]) else first
         if tuple(tensor.shape) != tuple(expected[target].shape):
             problems.append(f"{names[0]} has shape {tuple(first.shape)}, the config needs "
                             f"{tuple(expected[target].shape)}")
         state[target] = tensor.to(expected[target].dtype).contiguous()
-    unexpected = sorted(n for n in weights if n not in used and not _IGNORED.search(n))
+    unexpected = sorted(n for n in weights if n not in used and not is_ignored(n))
     problems += [f"unexpected {n}" for n in unexpected]
     if problems:
         more = f" and {len(problems) - 6} more" if len(problems) > 6 else ""
