@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from backpack_nb import hub
+from backpack_nb.hub.layout import is_conv1d
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.tokenizer import get_encoding, gpt2_style_encoding
@@ -159,7 +160,7 @@ def _as_gpt2_folder(model, folder: Path, *, bare: bool) -> None:
     state = {}
     for name, tensor in model.state_dict().items():
         hf_name = prefix + name.removeprefix("transformer.")
-        if hub._CONV1D.search(hf_name):
+        if is_conv1d(hf_name):
             tensor = tensor.t()
         state[hf_name] = tensor.clone().contiguous()
     state["lm_head.weight"] = state[f"{prefix}wte.weight"].clone()
@@ -290,3 +291,101 @@ def test_a_hub_id_reads_the_hub_cache_offline(tmp_path):
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "could not get hf:nobody/nothing" in missing.stdout
     assert "hf download nobody/nothing --local-dir DIR" in missing.stdout
+
+
+# --- export: runs out, in the layouts the field reads ------------------------------------------
+
+
+def _export_main(argv):
+    from backpack_nb.hub.__main__ import main
+
+    return main(argv)
+
+
+def test_an_exported_transformer_loads_in_transformers(tiny_transformer_run, tmp_path):
+    """A run trained without biases exports as a plain GPT2LMHeadModel (zero biases) that
+    transformers loads as it is, with the same logits."""
+    transformers = pytest.importorskip("transformers")
+    from backpack_nb.checkpoint import load_model
+
+    ckpt = tiny_transformer_run["out_dir"] / "best.pt"
+    assert _export_main(["export", str(ckpt), str(tmp_path / "gpt")]) == 0
+    ours, tok, _ = load_model(ckpt)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt").eval()
+    idx = torch.randint(0, ours.config.vocab_size, (2, ours.config.block_size),
+                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (theirs(idx).logits - ours(idx, all_logits=True)[0]).abs().max().item()
+    print(f"exported Transformer vs transformers: max |logit difference| {diff:.2e}")
+    assert diff <= 1e-5
+    saved = json.loads((tmp_path / "gpt" / "backpack_nb_tokenizer.json").read_text())
+    assert saved["base_ids"] == tok.base_ids.tolist()
+    assert "base_ids" in (tmp_path / "gpt" / "README.md").read_text()
+
+
+def test_an_exported_backpack_has_the_released_layout(tiny_copy, tmp_path):
+    """The fixture's shape exported: the official key names and shapes (aliases stored once),
+    and it loads back through load_pretrained with identical logits."""
+    from safetensors.torch import load_file
+
+    _write_small_gpt2_bpe(tiny_copy, TEXT, n_merges=63)
+    model, tok, _ = hub.load_pretrained(tiny_copy)
+    state = {"model_type": "backpack", "iter_num": 0, "config": {"run_name": "tiny"}}
+    out = hub.export(model, tok, state, tmp_path / "exported")
+    official = hub.read_weights(TINY)
+    written = load_file(out / "model.safetensors")
+    assert set(written) <= set(official)
+    assert set(official) - set(written) == {"backpack.gpt2_model.wte.weight", "lm_head.weight",
+                                            "backpack.gpt2_model.wpe.weight"}
+    assert all(written[k].shape == official[k].shape for k in written)
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["BackpackGPT2LMHeadModel"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == (
+        "stanfordnlp/backpack-gpt2--modeling_backpack_gpt2.BackpackGPT2LMHeadModel")
+    fixture_config = json.loads((TINY / "config.json").read_text())
+    assert {k: config[k] for k in ("n_embd", "n_layer", "n_head", "num_senses", "n_positions",
+                                   "vocab_size", "scale_attn_by_inverse_layer_idx")} == \
+        {k: fixture_config[k] for k in ("n_embd", "n_layer", "n_head", "num_senses",
+                                        "n_positions", "vocab_size",
+                                        "scale_attn_by_inverse_layer_idx")}
+    again, _, _ = hub.load_pretrained(out, tokenizer=False)
+    idx = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again(idx, all_logits=True)[0], model(idx, all_logits=True)[0])
+
+
+def test_a_trained_backpack_exports_and_loads_back(tiny_backpack_run, tmp_path):
+    from backpack_nb.checkpoint import load_model
+
+    ckpt = tiny_backpack_run["out_dir"] / "best.pt"
+    assert _export_main(["export", str(ckpt), str(tmp_path / "bp")]) == 0
+    ours, _, _ = load_model(ckpt)
+    back, _, info = hub.load_pretrained(tmp_path / "bp", tokenizer=False)
+    assert info["model_type"] == "backpack" and back.config.bias  # zero biases added
+    idx = torch.randint(0, ours.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.allclose(back(idx, all_logits=True)[0], ours(idx, all_logits=True)[0],
+                              atol=1e-6, rtol=0)
+
+
+def test_export_bad_input_is_exit_2_and_writes_nothing(tiny_backpack_run, tmp_path, capsys):
+    ckpt = tiny_backpack_run["out_dir"] / "best.pt"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    cases = [
+        (["export", str(ckpt), str(busy)], "is not empty; choose an empty or new OUT_DIR, or pass --overwrite"),
+        (["export", str(text), str(tmp_path / "a")], "notes.pt"),
+        (["export", str(TINY), str(tmp_path / "b")], "is already a Hugging Face model"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as exc:
+            _export_main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and words in err and "Traceback" not in err, err
+    assert [p.name for p in busy.iterdir()] == ["keep.txt"]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert _export_main(["export", str(ckpt), str(busy), "--overwrite"]) == 0
+    assert (busy / "model.safetensors").is_file() and not (busy / "keep.txt").exists()
