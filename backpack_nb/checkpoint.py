@@ -42,6 +42,7 @@ import torch
 
 from backpack_nb import paths
 from backpack_nb.errors import UserError
+from backpack_nb.hub.load import is_pretrained, load_pretrained
 from backpack_nb.runfiles import atomic_write, write_json
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.models.config import model_shape_keys
@@ -216,8 +217,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Load one checkpoint file onto the CPU with ``weights_only=True``; a missing, truncated,
     foreign or code-carrying file is a UserError naming the file and the problem."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(_folder_message(path))
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist")
+    not_torch = _not_a_torch_file(path)
+    if not_torch:
+        raise UserError(f"checkpoint {path} is unreadable: {not_torch}; give the ckpt.pt or "
+                        "best.pt that train.py wrote")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": our message says it
             warnings.simplefilter("ignore")
@@ -240,6 +247,63 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} holds no model weights; it is not a "
                         "backpack_nb checkpoint")
     return state
+
+
+# The first bytes of what torch.save writes: a zip archive, or (before torch 1.6, and
+# torch.save(..., _use_new_zipfile_serialization=False)) a pickle of protocol 2 or later.
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _not_a_torch_file(path: Path) -> str | None:
+    """Why ``path`` cannot be a checkpoint, told from its first bytes: empty, or text (a
+    YAML, JSON or log file given by mistake), for which torch.load's own errors ("101",
+    "invalid load key") say nothing useful. None when it may be one (torch.load decides)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        return f"cannot open it ({exc.strerror or type(exc).__name__})"
+    if not head:
+        return "the file is empty"
+    if head.startswith(_TORCH_MAGIC):
+        return None
+    # UTF-8 cut at 512 bytes may end inside a character: ignore only a short tail
+    text = head.decode("utf-8", errors="ignore")
+    printable = sum(c.isprintable() or c in "\t\r\n" for c in text)
+    if len(text.encode("utf-8")) < len(head) - 3 or printable < 0.95 * len(text):
+        return None  # binary: torch.load's message about it is as good as any
+    first = text.strip().splitlines()[0][:40] if text.strip() else ""
+    return f"it is a text file, not a checkpoint (it begins {first!r})"
+
+
+def _folder_message(path: Path) -> str:
+    """A folder given as a checkpoint: name the checkpoints in it (or in the run folders
+    inside it, for ``out/``), so the fix is one copy-paste away."""
+    inside = _checkpoints_in(path)
+    if inside:
+        return (f"checkpoint {path} is a folder, not a checkpoint file; it holds "
+                f"{', '.join(p.name for p in inside)}: pass one of them, for example "
+                f"{inside[0]}")
+    runs = [d for d in sorted(path.iterdir()) if d.is_dir() and _checkpoints_in(d)][:6]
+    if runs:
+        listed = "; ".join(f"{d} ({', '.join(p.name for p in _checkpoints_in(d))})"
+                           for d in runs)
+        return (f"checkpoint {path} is a folder of run folders, not a checkpoint file; the "
+                f"checkpoints inside: {listed}. Pass one file, for example "
+                f"{_checkpoints_in(runs[0])[0]}")
+    return (f"checkpoint {path} is a folder with no checkpoint (.pt file) in it; pass the "
+            "ckpt.pt or best.pt of a run folder")
+
+
+def _checkpoints_in(folder: Path) -> list[Path]:
+    """The .pt files in ``folder``, the ones train.py writes first (ckpt.pt, best.pt,
+    ckpt.prev.pt), then the rest by name; hidden temporary files left out."""
+    try:
+        found = [p for p in folder.glob("*.pt") if p.is_file() and not p.name.startswith(".")]
+    except OSError:
+        return []
+    order = {name: i for i, name in enumerate((CKPT_NAME, BEST_NAME, PREV_NAME))}
+    return sorted(found, key=lambda p: (order.get(p.name, len(order)), p.name))
 
 
 def _unreadable(path: Path, exc: BaseException) -> str:
@@ -315,18 +379,23 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def load_model(model_path: str | os.PathLike, device: str | torch.device = "cpu",
                model_type: str | None = None) -> tuple[torch.nn.Module, Tokenizer, dict]:
     """The model (in eval mode, on ``device``), tokenizer and checkpoint dict of a ``ckpt.pt``
-    or ``best.pt``. The shape comes from the checkpoint; ``model_type``, when given, must
-    match it."""
+    or ``best.pt``, or of a pretrained Hugging Face model (``hf:<repo id>`` or a folder with
+    config.json; :mod:`backpack_nb.hub`), whose dict says so under ``pretrained``. The shape
+    comes from the checkpoint; ``model_type``, when given, must match it."""
+    if is_pretrained(model_path):
+        model, tok, info = load_pretrained(model_path, device)
+        state = {"model_type": info["model_type"], "model_config": info["model_config"],
+                 "tokenizer": tok.state_dict(), "iter_num": 0, "pretrained": info["source"]}
+        _check_model_type(model_type, state["model_type"], model_path)
+        return model, tok, state
     path = paths.resolve_in_root(model_path)
+    if not path.exists():
+        raise UserError(paths.missing_message(model_path, "checkpoint"))
     state = read_checkpoint(path)
     missing = [k for k in ("model_type", "model_config", "tokenizer") if k not in state]
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by backpack_nb's train.py")
-    if model_type is not None and model_type != state["model_type"]:
-        raise UserError(
-            f"--model_type {model_type} does not match checkpoint {path}, which holds a "
-            f"{state['model_type']}; pass --model_type {state['model_type']} (or another checkpoint)"
-        )
+    _check_model_type(model_type, state["model_type"], path)
     model = build_model(state["model_type"], ModelConfig.from_dict(state["model_config"]))
     try:
         model.load_state_dict(clean_state_dict(state["model"]))
@@ -334,6 +403,12 @@ def load_model(model_path: str | os.PathLike, device: str | torch.device = "cpu"
         raise UserError(f"checkpoint {path} does not fit its own model config ({str(exc).splitlines()[0]})") from exc
     model.to(device).eval()
     return model, Tokenizer.from_state_dict(state["tokenizer"]), state
+
+
+def _check_model_type(asked: str | None, held: str, path: str | os.PathLike) -> None:
+    if asked is not None and asked != held:
+        raise UserError(f"--model_type {asked} does not match checkpoint {path}, which holds a "
+                        f"{held}; pass --model_type {held} (or another checkpoint)")
 
 
 def merge_eval_json(target: Path, model_path: Path, sections: dict) -> None:

@@ -129,8 +129,11 @@ def load_tokenizer(data_dir: str | os.PathLike) -> Tokenizer:
 
 def check_same_vocabulary(tok: Tokenizer, meta: dict, data_dir: Path, model_path: Path) -> None:
     """A model scores only the data of its own vocabulary: the same encoding and the same
-    compact ids, or token ids would mean other tokens."""
-    if meta["encoding"] != tok.encoding_name or list(meta["base_ids"]) != tok.base_ids.tolist():
+    ids (compact, or the encoding's own for a pretrained model), or ids would mean other
+    tokens."""
+    # the encoding by name: gpt2 read from a snapshot folder ("gpt2:/path") is still gpt2
+    same_encoding = meta["encoding"].split(":")[0] == tok.encoding_name.split(":")[0]
+    if not same_encoding or list(meta["base_ids"]) != tok.base_ids.tolist():
         raise UserError(
             f"{data_dir} was prepared with another tokenizer or vocabulary ({meta['encoding']}, "
             f"{meta['vocab_size']} tokens) than checkpoint {model_path} ({tok.encoding_name}, "

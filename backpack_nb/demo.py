@@ -16,7 +16,7 @@ import time
 from . import data, dataset, paths
 from .errors import UserError, exit_on_user_error
 from .params import load_params
-from .reports import NotebookFailed, pipeline
+from .reports import NotebookFailed, NotebookInterrupted, pipeline
 
 RUNS = ("tiny_transformer", "tiny_backpack")
 
@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except NotebookFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if exc.user_error else 1
+    except NotebookInterrupted as exc:  # Ctrl-C: one line saying what was kept, no traceback
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     print(f"\ndemo done in {time.perf_counter() - t0:.0f} s; reports (open in a browser):")
     for r in reports:
         print(f"  {r.html or r.ipynb}")

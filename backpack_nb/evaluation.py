@@ -14,6 +14,7 @@ tokens. Scores are kept per window, so a bootstrap over windows gives a 95% inte
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -24,12 +25,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import data, dataset, lexsim, paths, stats
 from .checkpoint import load_model, merge_eval_json
-from .console import show_bars
-from .devices import DTYPES, autocast_dtype, resolve_device
+from .console import progress_bar
+from .devices import DTYPES, autocast_dtype, device_problem, resolve_device
 from .errors import UserError, exit_on_user_error
 from .params import load_params
 from .tokenizer import Tokenizer
@@ -95,6 +95,33 @@ def windows(n_tokens: int, block_size: int, stride: int | None = None) -> list[t
     return out
 
 
+SPLITS = ("val", "test", "train")
+
+
+def min_tokens(block_size: int) -> int:
+    """The fewest tokens a cap (``max_tokens``) may leave: one window of ``block_size``
+    predictions needs ``block_size + 1`` tokens, and the bootstrap interval a second window
+    (which scores at least one more prediction)."""
+    return block_size + 2
+
+
+def window_problems(block_size: int, stride: int | None, max_tokens: int | None,
+                    flag_prefix: str = "") -> list[str]:
+    """What is wrong with ``stride`` and ``max_tokens`` for a model of ``block_size``; each
+    entry names the setting (``flag_prefix`` + name) and what is allowed."""
+    problems = []
+    if stride is not None and not 0 < stride <= block_size:
+        problems.append(f"{flag_prefix}stride must be in 1..{block_size} (the model's "
+                        f"block_size), got {stride}")
+    if max_tokens is not None and max_tokens < min_tokens(block_size):
+        problems.append(
+            f"{flag_prefix}max_tokens {max_tokens} is too few: one window of the model's "
+            f"block_size ({block_size}) takes {block_size + 1} tokens and a 95% interval needs "
+            f"a second window, so give at least {min_tokens(block_size)} (or leave it out to "
+            "score everything)")
+    return problems
+
+
 def _token_nll(model: torch.nn.Module, idx: torch.Tensor, targets: torch.Tensor, chunk_rows: int = 2048) -> torch.Tensor:
     """Per-token negative log-likelihood (B, T) in float32, the logits made chunk by chunk."""
     h = model.hidden_states(idx)  # (B, T, d)
@@ -135,7 +162,7 @@ def score_tokens(
     groups: dict[int, list[int]] = {}
     for w, (_, length, _) in enumerate(wins):
         groups.setdefault(length, []).append(w)
-    bar = tqdm(total=len(wins), desc=desc, unit="win", disable=not show_bars(progress), leave=False)
+    bar = progress_bar(len(wins), desc, "windows", progress)
     try:
         for length, members in groups.items():
             for b in range(0, len(members), batch_size):
@@ -178,6 +205,9 @@ def evaluate_model(
 ) -> dict:
     """``{"val": {"all": {...}, "en": {...}, ...}, "test": {...}}``; each language's file is
     scored separately and "all" pools their windows (``max_tokens`` caps each language)."""
+    problems = window_problems(model.config.block_size, stride, max_tokens)
+    if problems:
+        raise UserError("; ".join(problems))
     meta = dataset.load_meta(data_dir)
     lengths = token_byte_lengths(tok)
     out: dict[str, dict] = {}
@@ -192,6 +222,11 @@ def evaluate_model(
                 batch_size=batch_size, max_tokens=max_tokens, device=device,
                 autocast_dtype=autocast_dtype, desc=f"{split} {lang}", progress=progress,
             )
+            if not len(scores.nats):  # a file cut short: no window, so no number to give
+                raise UserError(
+                    f"{dataset.resolve_data_dir(data_dir) / f'{split}_{lang}.bin'} holds "
+                    f"{len(toks)} token(s), too few to score (at least 2); prepare the dataset "
+                    "again, or leave this split out")
             per_lang[lang] = scores.summary(n_boot)
             parts.append(scores)
         out[split] = {"all": WindowScores.concat(parts).summary(n_boot), **per_lang}
@@ -202,7 +237,9 @@ def format_table(result: dict) -> str:
     lines = [f"{'split':<6}{'lang':<6}{'loss':>8}{'ppl':>10}{'bits/byte':>11}{'95% interval':>20}{'tokens':>10}{'bytes':>11}"]
     for split, langs in result["splits"].items():
         for lang, r in langs.items():
-            ci = f"[{r['bpb_ci95'][0]:.3f}, {r['bpb_ci95'][1]:.3f}]"
+            lo, hi = r["bpb_ci95"]
+            # one window (a held-out file shorter than two): no interval to show
+            ci = f"[{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a"
             lines.append(f"{split:<6}{lang:<6}{r['loss']:>8.4f}{r['ppl']:>10.2f}{r['bits_per_byte']:>11.4f}{ci:>20}{r['tokens']:>10,}{r['bytes']:>11,}")
     return "\n".join(lines)
 
@@ -222,18 +259,24 @@ def evaluate_checkpoint(
     out: str | os.PathLike | None = None,
     progress: bool = True,
     strict_device: bool = False,
+    flag_prefix: str = "",
 ) -> dict:
     """Evaluate a checkpoint and write ``eval.json`` beside it (other sections of an
     existing ``eval.json`` of the same checkpoint, such as ``lexsim``, are kept).
 
     ``config`` (a params name) supplies the data settings only; without it, the data the
-    checkpoint was trained on."""
+    checkpoint was trained on. Bad settings are refused before anything is prepared or
+    written; their messages name them with ``flag_prefix`` (``--`` for evaluate.py)."""
     device, dtype, notes = resolve_device(str(device), dtype, strict=strict_device,
                                           task="evaluation")
     for note in notes:
         log.warning(note)
-    model_path = paths.resolve_in_root(model_path)
+    target = eval_json_path(out, flag_prefix) if out else None
     model, tok, state = load_model(model_path, device, model_type)
+    model_path = paths.resolve_in_root(model_path)
+    problems = window_problems(model.config.block_size, stride, max_tokens, flag_prefix)
+    if problems:  # before a dataset is prepared for nothing
+        raise UserError("; ".join(problems))
     if config is not None:
         cfg = load_params(config)
         ddir = data.ensure_prepared(
@@ -245,8 +288,6 @@ def evaluate_checkpoint(
         ddir = dataset.resolve_data_dir(data_dir or state.get("data", {}).get("data_dir", "europarl"))
     meta = dataset.load_meta(ddir)
     dataset.check_same_vocabulary(tok, meta, ddir, model_path)
-    if stride is not None and not 0 < stride <= model.config.block_size:
-        raise UserError(f"--stride must be in 1..{model.config.block_size} (the model's block_size), got {stride}")
     autocast = autocast_dtype(dtype)
     result = {
         "model_type": state["model_type"],
@@ -260,42 +301,91 @@ def evaluate_checkpoint(
             max_tokens=max_tokens, device=device, autocast_dtype=autocast, progress=progress,
         ),
     }
-    target = Path(out) if out else model_path.parent / "eval.json"
+    target = target or model_path.parent / "eval.json"
     merge_eval_json(target, model_path, result)
     result["path"] = str(target)
     return result
 
 
+def eval_json_path(out: str | os.PathLike, flag_prefix: str = "") -> Path:
+    """The file ``out`` names (a relative path is taken from the project root); refused when
+    writing there is impossible (a folder, a path through a file) or would replace a file
+    that is not an evaluation (a checkpoint, run.json)."""
+    flag = f"{flag_prefix}out"
+    target = paths.resolve_in_root(out)
+    if target.is_dir():
+        raise UserError(f"{flag} {target} is a folder; give a file path such as "
+                        f"{target / 'eval.json'}")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {target} is inside {parent}, which is a file; choose another "
+                        f"{flag}")
+    if target.exists() and not _is_eval_json(target):
+        raise UserError(f"{flag} {target} exists and is not an evaluation (eval.json) file, so "
+                        f"it is left alone; choose another {flag}")
+    return target
+
+
+def _is_eval_json(path: Path) -> bool:
+    """An existing file evaluate.py may rewrite: a JSON object that is an evaluation (a run's
+    run.json or training_log.json is not one)."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(content, dict) and ("splits" in content or "lexsim" in content)
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    """Every problem with evaluate.py's values in one UserError, before the checkpoint is
+    read (the ones that need the model's block_size wait for it); returns the splits."""
+    problems = [f"--{name} must be >= 1, got {value}" for name, value in
+                (("batch_size", args.batch_size), ("stride", args.stride),
+                 ("max_tokens", args.max_tokens)) if value is not None and value < 1]
+    if device_problem(args.device):
+        problems.append(f"--{device_problem(args.device)}")
+    splits = list(dict.fromkeys(s.strip() for s in args.splits.split(",") if s.strip()))
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        problems.append(f"--splits: unknown split(s) {', '.join(bad)}; use comma-separated "
+                        f"names from {', '.join(SPLITS)}")
+    elif not splits:
+        problems.append(f"--splits is empty; give comma-separated names from {', '.join(SPLITS)}")
+    if problems:
+        raise UserError("; ".join(problems))
+    return splits
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a checkpoint: loss, perplexity, bits per byte per language.")
-    ap.add_argument("--model_path", required=True, help="ckpt.pt or best.pt")
+    ap.add_argument("--model_path", required=True,
+                    help="ckpt.pt or best.pt (a relative path is taken from the project root)")
     ap.add_argument("--config", default=None, help="params name for the data settings (the model's shape comes from the checkpoint)")
     ap.add_argument("--model_type", default=None, choices=["backpack", "transformer"], help="must match the checkpoint")
     ap.add_argument("--data_dir", default=None, help="override the dataset")
-    ap.add_argument("--splits", default="val,test")
-    ap.add_argument("--max_tokens", type=int, default=None, help="evaluate at most this many tokens per language and split")
+    ap.add_argument("--splits", default="val,test", help="comma-separated: val, test, train")
+    ap.add_argument("--max_tokens", type=int, default=None,
+                    help="evaluate at most this many tokens per language and split "
+                         "(at least the model's block_size + 2: two windows)")
     ap.add_argument("--stride", type=int, default=None, help="window stride (default block_size: non-overlapping)")
-    ap.add_argument("--batch_size", type=int, default=8)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch_size", type=int, default=8, help="windows scored at once, >= 1")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="cpu, cuda, cuda:N or mps; without CUDA, cuda falls back to the CPU")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
                     help="float16 on a CPU runs in float32")
     ap.add_argument("--strict_device", action="store_true",
                     help="refuse to fall back to the CPU (or to another dtype)")
-    ap.add_argument("--out", default=None, help="where to write the JSON (default: eval.json beside the checkpoint)")
+    ap.add_argument("--out", default=None,
+                    help="where to write the JSON (default: eval.json beside the checkpoint); "
+                         "an existing file is replaced only if it is an evaluation")
     ap.add_argument("--lexsim", action="store_true", help="also score Multi-SimLex word similarity (a lexsim section in eval.json)")
     ap.add_argument("--multisimlex", default=None, metavar="PATH",
                     help="folder with Multi-SimLex's scores.csv and translation.csv (default: MULTISIMLEX_SOURCE, else data/multisimlex)")
     args = ap.parse_args(argv)
     try:
-        bad_numbers = [f"--{name} must be >= 1, got {value}" for name, value in
-                       (("batch_size", args.batch_size), ("stride", args.stride), ("max_tokens", args.max_tokens))
-                       if value is not None and value < 1]
-        if bad_numbers:
-            raise UserError("; ".join(bad_numbers))
-        splits = [s for s in args.splits.split(",") if s]
-        bad = [s for s in splits if s not in ("val", "test", "train")]
-        if bad:
-            raise UserError(f"unknown split(s) {', '.join(bad)}; use val, test")
+        splits = _check_args(args)
         if args.lexsim:  # read Multi-SimLex first: a bad file fails before anything is written
             bench = lexsim.load_multisimlex(args.multisimlex)
         # the device rule once, for both scores (one warning, not one per score)
@@ -306,7 +396,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate_checkpoint(
             args.model_path, config=args.config, model_type=args.model_type, data_dir=args.data_dir,
             splits=splits, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
-            device=str(device), dtype=dtype, out=args.out,
+            device=str(device), dtype=dtype, out=args.out, flag_prefix="--",
         )
         if args.lexsim:
             result["lexsim"] = lexsim.write_lexsim(result["checkpoint"], bench, data_dir=result["data_dir"],

@@ -11,8 +11,9 @@ run's checkpoint exists), evaluate (03), senses (04, Backpack only). ``compare -
 params/compare_cpu.yaml`` trains a Backpack and a Transformer with identical settings and
 renders one report (05) comparing them.
 
-A failing cell makes the command fail (exit 1; 2 when the cell raised a :class:`UserError`)
-with the cell's error shown; the partly executed notebook (and its HTML) is kept.
+A report is replaced only by a finished one. A failing cell makes the command fail (exit 1;
+2 when the cell raised a :class:`UserError`) with the cell's error shown; the last finished
+report stays and the partial notebook is kept as ``NOTEBOOK.failed.ipynb`` (and ``.html``).
 
 The notebooks stay thin: what they show is computed by :mod:`backpack_nb.results` (run
 folders, tables, the live loss plot) and :mod:`backpack_nb.comparison` (paired differences,
@@ -22,17 +23,20 @@ written findings).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
 import logging
+import os
 import re
+import shlex
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import yaml
 
@@ -40,13 +44,19 @@ from . import paths
 from .checkpoint import existing_checkpoints
 from .errors import UserError, exit_on_user_error
 from .params import TrainConfig, load_params, params_path, read_params_file
-from .runfiles import read_json
+from .runfiles import read_json, write_json
 
 KERNEL_NAME = "backpack-nb"
 # Short names accepted wherever a notebook is named.
 ALIASES = {"train": "01_train", "resume": "02_resume", "evaluate": "03_evaluate",
            "senses": "04_senses", "compare": "05_compare"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# ipykernel >= 7.4 warns at every start that its sockets are plain TCP. They listen on 127.0.0.1
+# only and every message is signed with the kernel's own key, as in any local Jupyter; the
+# warning is one line of noise at the top of every run (this runner, papermill, JupyterLab's
+# log), so the kernel is registered to log errors only.
+KERNEL_QUIET = "--IPKernelApp.log_level=ERROR"
+FAILED = ".failed"  # 01_train.failed.ipynb / .html: the notebook of the last run that failed
 
 
 # --- notebooks and the kernel ---------------------------------------------------------------
@@ -80,27 +90,35 @@ def notebook_path(name: str | Path) -> Path:
 
 def ensure_kernel(name: str = KERNEL_NAME, quiet: bool = True) -> str:
     """The Jupyter kernel ``name`` of this Python environment, installed into it
-    (``python -m ipykernel install --sys-prefix --name NAME``) when missing."""
+    (``python -m ipykernel install --sys-prefix --name NAME``) when missing, and registered
+    to start without the TCP warning (:data:`KERNEL_QUIET`)."""
     # Jupyter, papermill and nbconvert are imported where they are used: `import backpack_nb`
     # (and the notebooks' helpers) must not pay for them.
     from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
 
+    specs = KernelSpecManager()
     try:
-        spec = KernelSpecManager().get_kernel_spec(name)
-        python = Path(spec.argv[0]) if spec.argv else None
-        if python is not None and (python == Path(sys.executable) or python.name.startswith("python")
-                                   and python.exists()):
-            return name
-    except NoSuchKernel:
-        pass
-    cmd = [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", name,
-           "--display-name", f"Python ({name})"]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise UserError(f"could not install the Jupyter kernel {name!r} ({' '.join(cmd)}):\n"
-                        f"{out.stderr.strip()}")
-    if not quiet:
-        print(f"installed the Jupyter kernel {name!r} into {sys.prefix}")
+        python = Path(specs.get_kernel_spec(name).argv[0])
+    except (NoSuchKernel, IndexError):
+        python = None
+    if python is None or not (python == Path(sys.executable)
+                              or python.name.startswith("python") and python.exists()):
+        cmd = [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", name,
+               "--display-name", f"Python ({name})"]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            raise UserError(f"could not install the Jupyter kernel {name!r} ({' '.join(cmd)}):\n"
+                            f"{out.stderr.strip()}")
+        if not quiet:
+            print(f"installed the Jupyter kernel {name!r} into {sys.prefix}")
+    spec = specs.get_kernel_spec(name)
+    if KERNEL_QUIET not in spec.argv:
+        kernel_json = Path(spec.resource_dir) / "kernel.json"
+        try:
+            info = read_json(kernel_json)
+            write_json(kernel_json, {**info, "argv": [*info["argv"], KERNEL_QUIET]})
+        except (OSError, ValueError, KeyError, TypeError, UserError):
+            pass  # a read-only or unusual kernel.json keeps its warning; nothing else depends on it
     return name
 
 
@@ -135,9 +153,8 @@ def resolve_parameters(notebooks: Sequence[str | Path], params_file: str | None,
     any of ``notebooks`` knows is an error, with a suggestion."""
     values = read_params_file(params_file) if params_file else {}
     train_keys = set(TrainConfig.keys())
-    known = set(train_keys)
-    for nb in notebooks:
-        known |= set(notebook_parameters(nb))
+    declared = {name for nb in notebooks for name in notebook_parameters(nb)}
+    known = train_keys | declared
     unknown = [k for k in overrides if k not in known]
     if unknown:
         msgs = []
@@ -151,9 +168,6 @@ def resolve_parameters(notebooks: Sequence[str | Path], params_file: str | None,
         cfg = load_params(params_file, train_overrides)
     elif train_overrides:
         cfg = TrainConfig.from_dict(train_overrides, source="-p parameters")
-    declared = set()
-    for nb in notebooks:
-        declared |= set(notebook_parameters(nb))
     # A notebook reads the params file itself (results.config_from_notebook); it gets the keys it
     # declares and the training overrides, not every key of the file.
     injected = {k: v for k, v in {**values, **overrides}.items() if k in declared or k in overrides}
@@ -177,11 +191,16 @@ class NotebookRun:
 
 
 class NotebookFailed(Exception):
-    """A cell raised. ``user_error`` is True when it was a UserError (bad input)."""
+    """A cell raised. ``user_error`` is True when it was a UserError (bad input); ``ipynb`` is
+    the failed run's notebook (``NOTEBOOK.failed.ipynb``)."""
 
     def __init__(self, message: str, ipynb: Path, user_error: bool = False):
         super().__init__(message)
         self.ipynb, self.user_error = ipynb, user_error
+
+
+class NotebookInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; the message says where the partly executed notebook is kept."""
 
 
 def render_html(ipynb: str | Path, out: str | Path | None = None, *,
@@ -199,12 +218,35 @@ def render_html(ipynb: str | Path, out: str | Path | None = None, *,
         raise UserError(f"{ipynb} is not a readable notebook ({type(exc).__name__}: {exc})") from None
     exporter = HTMLExporter(template_name=template, exclude_input=exclude_input,
                             exclude_input_prompt=exclude_input, exclude_output_prompt=exclude_input)
-    body, _ = exporter.from_notebook_node(nb)
     target = Path(out) if out else ipynb.with_suffix(".html")
-    tmp = target.with_suffix(".html.tmp")
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(target)
+    _write_text(target, exporter.from_notebook_node(nb)[0])
     return target
+
+
+def _write_text(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it: a browser or a bucket sync
+    never reads half a page, and a failed write leaves the old page as it was."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"could not write {path} ({exc.strerror or exc}); free disk space or fix "
+                        f"the permissions of {path.parent}") from None
+
+
+def finished_report(ipynb: str | Path) -> bool:
+    """Whether ``ipynb`` ran to its end: no papermill ``exception`` mark, no error output
+    (a report written before failed runs were kept apart may be a failed one)."""
+    try:
+        nb = json.loads(Path(ipynb).read_text(encoding="utf-8"))
+        if (nb.get("metadata", {}).get("papermill") or {}).get("exception"):
+            return False
+        return not any(o.get("output_type") == "error"
+                       for c in nb.get("cells", []) for o in c.get("outputs", []))
+    except (OSError, ValueError, AttributeError):  # missing, not JSON, not a notebook
+        return False
 
 
 _FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)(?:\s+(true|false)\b)?")
@@ -214,18 +256,18 @@ _BOOL_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if "bool" in str(f
 def runner_spelling(message: str) -> str:
     """``message`` with train.py's flags for training settings spelled as this runner takes
     them: ``--init_from resume`` -> ``-p init_from resume``, ``--overwrite`` -> ``-p overwrite
-    true``. A hint raised inside a notebook is written for train.py; relayed by the runner it
-    must name what works here. Left alone: backquoted text (a whole command to run), and the
-    flags after "prepare" in a clause (they are ``python -m backpack_nb.data prepare``'s)."""
+    true``, a flag naming a problem (``--compile: expected ...``) -> ``-p compile:``. Hints from
+    a notebook or the params file's validation are written for train.py. Left alone: backquoted
+    text (a whole command) and flags after "prepare" in a clause (``backpack_nb.data``'s)."""
     keys = set(TrainConfig.keys())
 
     def flag(m: re.Match) -> str:
         key, value = m.group(1), m.group(2)
         if key not in keys:
             return m.group(0)
-        if key in _BOOL_KEYS:
+        if key in _BOOL_KEYS and not m.string.startswith(":", m.end(1)):
             return f"-p {key} {value or 'true'}"
-        return f"-p {key}"
+        return f"-p {key}" + (f" {value}" if value else "")
 
     parts = message.split("`")
     for i in range(0, len(parts), 2):  # the even parts are outside backquotes
@@ -238,10 +280,12 @@ def runner_spelling(message: str) -> str:
     return "`".join(parts)
 
 
-def _failure_message(exc: Exception, notebook: str, ipynb: Path, html: Path | None) -> tuple[str, bool]:
+def _failure_message(exc: BaseException, notebook: str, report: Path, failed: Path,
+                     html: Path | None) -> tuple[str, bool]:
     ename = getattr(exc, "ename", type(exc).__name__)
     evalue = getattr(exc, "evalue", str(exc))
-    kept = f"the partly executed notebook is kept: {ipynb}" + (f" (and {html})" if html else "")
+    kept = (f"the partly executed notebook is kept as {failed}" + (f" (and {html})" if html else "")
+            + (f"; the report {report} is unchanged" if report.exists() else ""))
     if ename == "UserError":
         return f"{notebook}: {runner_spelling(evalue)}\n{kept}", True
     tb = [_ANSI.sub("", line) for line in (getattr(exc, "traceback", None) or [])]
@@ -251,42 +295,104 @@ def _failure_message(exc: Exception, notebook: str, ipynb: Path, html: Path | No
     return f"{notebook} failed{where}: {ename}: {evalue}\n{tb_text}\n{kept}".replace("\n\n\n", "\n"), False
 
 
+class _KnownParameters(logging.Filter):
+    """Drops papermill's "Passed unknown parameter" warnings. The runner injects training
+    settings that a notebook reads through its config without listing them in its
+    ``parameters`` cell (``-p data_dir ...``), and has refused unknown names itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Passed unknown parameter")
+
+
+@contextlib.contextmanager
+def _papermill_logging(log_output: bool) -> Iterator[None]:
+    logger = logging.getLogger("papermill")
+    known, handler, level = _KnownParameters(), logging.StreamHandler(sys.stdout), logger.level
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger.addFilter(known)
+    if log_output:  # papermill logs the notebook's output at INFO, which no handler shows by default
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeFilter(known)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def run_notebook(notebook: str | Path, parameters: Mapping[str, Any], run_name: str, *,
                  out_root: str | Path | None = None, kernel: str = KERNEL_NAME,
                  html: bool = True, exclude_input: bool = False,
                  log_output: bool = False) -> NotebookRun:
     """Execute ``notebook`` with ``parameters`` into ``<outputs>/<run_name>/<notebook>.ipynb``
-    and render the HTML beside it. Raises :class:`NotebookFailed` when a cell fails (the
-    partial notebook stays, rendered too)."""
+    and render the HTML beside it, both replaced only when every cell ran. Raises
+    :class:`NotebookFailed` when a cell fails: the report stays as it was and the partial
+    notebook is kept as ``<notebook>.failed.ipynb`` (rendered too)."""
     import papermill  # heavy and optional: see ensure_kernel
-    from papermill.exceptions import PapermillExecutionError  # heavy and optional, as papermill
 
     src = notebook_path(notebook)
     folder = Path(out_root) if out_root else paths.outputs_root() / run_name
-    folder.mkdir(parents=True, exist_ok=True)
-    ipynb = folder / src.name
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot write reports into {folder} ({exc.strerror or exc}); fix it, or "
+                        "move the outputs folder with BACKPACK_NB_OUTPUTS") from None
+    report, failed = folder / src.name, folder / f"{src.stem}{FAILED}.ipynb"
+    # papermill saves the notebook after every cell, so it writes into a file of its own (one
+    # per process: two runs never share it) that becomes the report only once every cell ran.
+    running = folder / f".{src.stem}.{os.getpid()}.running.ipynb"
     ensure_kernel(kernel)
-    if not log_output:  # papermill warns about every injected name the cell does not list
-        logging.getLogger("papermill").setLevel(logging.ERROR)
     t0 = time.perf_counter()
     try:
-        papermill.execute_notebook(
-            str(src), str(ipynb), parameters=dict(parameters), kernel_name=kernel,
-            cwd=str(paths.project_root()), progress_bar=False, log_output=log_output)
-    except Exception as exc:  # a cell error, or the kernel died: keep what ran
-        if not isinstance(exc, PapermillExecutionError) and not ipynb.exists():
-            raise
-        html_path = None
-        if html and ipynb.exists():
+        try:
+            with _papermill_logging(log_output):
+                papermill.execute_notebook(
+                    str(src), str(running), parameters=dict(parameters), kernel_name=kernel,
+                    cwd=str(paths.project_root()), progress_bar=False, log_output=log_output)
+            page = _publish(running, report, html, exclude_input)
+        except (Exception, KeyboardInterrupt) as exc:  # a cell error, the kernel died, Ctrl-C
+            if not running.exists():  # papermill stopped before writing anything
+                raise
+            interrupted = isinstance(exc, KeyboardInterrupt)  # Ctrl-C wants out now, unrendered
             try:
-                html_path = render_html(ipynb, exclude_input=exclude_input)
+                page = _publish(running, failed, html and not interrupted, exclude_input)
             except Exception:  # the error itself matters more than its rendering
-                html_path = None
-        msg, user = _failure_message(exc, src.stem, ipynb, html_path)
-        raise NotebookFailed(msg, ipynb, user) from None
-    seconds = time.perf_counter() - t0
-    html_path = render_html(ipynb, exclude_input=exclude_input) if html else None
-    return NotebookRun(src.stem, ipynb, html_path, seconds, dict(parameters))
+                page = None
+                if running.exists():
+                    os.replace(running, failed)
+                    failed.with_suffix(".html").unlink(missing_ok=True)
+            msg, user = _failure_message(exc, src.stem, report, failed, page)
+            if interrupted:  # the last line says what is kept
+                raise NotebookInterrupted(msg.splitlines()[-1]) from None
+            raise NotebookFailed(msg, failed, user) from None
+    finally:
+        running.unlink(missing_ok=True)
+        running.with_suffix(".html").unlink(missing_ok=True)
+    # An earlier failure is history now: the folder shows the run that finished.
+    failed.unlink(missing_ok=True)
+    failed.with_suffix(".html").unlink(missing_ok=True)
+    return NotebookRun(src.stem, report, page, time.perf_counter() - t0, dict(parameters))
+
+
+def _publish(running: Path, target: Path, html: bool, exclude_input: bool) -> Path | None:
+    """Move the executed notebook ``running`` to ``target`` and its page to ``target``.html,
+    rendered first so that both change or neither; papermill's record names the final file.
+    Without ``html``, an older page of ``target`` (which would not match it) is removed."""
+    import nbformat  # heavy and optional: see ensure_kernel
+
+    nb = nbformat.read(running, as_version=4)
+    nb.metadata.setdefault("papermill", {})["output_path"] = str(target)
+    nbformat.write(nb, running)
+    page, tmp_page = target.with_suffix(".html"), running.with_suffix(".html")
+    if html:
+        render_html(running, tmp_page, exclude_input=exclude_input)
+    os.replace(running, target)
+    if not html:
+        page.unlink(missing_ok=True)
+        return None
+    os.replace(tmp_page, page)
+    return page
 
 
 def _print_run(r: NotebookRun) -> None:
@@ -311,9 +417,11 @@ PIPELINE = ("01_train", "03_evaluate", "04_senses")
 
 
 def pipeline(params_file: str, overrides: Mapping[str, Any], *, html: bool = True,
-             log_output: bool = False, verbose: bool = True) -> list[NotebookRun]:
+             log_output: bool = False, verbose: bool = True,
+             command: str | None = None) -> list[NotebookRun]:
     """Train (resuming when ``out_dir`` holds a checkpoint) -> evaluate -> senses (Backpack
-    only) for the model of ``params_file``; the batch run of one model."""
+    only) for the model of ``params_file``; the batch run of one model. ``command``: the
+    command line that started it, which its notes extend (default: this pipeline's own)."""
     injected, cfg = resolve_parameters(PIPELINE, params_file, overrides)
     out_dir = paths.resolve_in_root(cfg.out_dir)
     if existing_checkpoints(out_dir):
@@ -324,13 +432,18 @@ def pipeline(params_file: str, overrides: Mapping[str, Any], *, html: bool = Tru
     injected.setdefault("compare_with", [])
     steps = [nb for nb in PIPELINE if nb != "04_senses" or cfg.model_type == "backpack"]
     report = paths.outputs_root() / cfg.run_name / "01_train.ipynb"
-    if _finished(out_dir, cfg.max_iters) and report.exists():
+    if _finished(out_dir, cfg.max_iters) and finished_report(report):
         # Re-running the pipeline of a finished run (to refresh its evaluation) must not
         # replace its training report with one that says "nothing to train".
         steps.remove("01_train")
         if verbose:
-            print(f"{out_dir} already reached max_iters {cfg.max_iters}: keeping {report}; "
-                  f"raise it (-p max_iters N, N > {cfg.max_iters}) to train further", flush=True)
+            # The note is read in `make demo`, `compare` and `pipeline` alike: a whole command
+            # works in each of them.
+            again = command or command_line(
+                "pipeline", params_file, {k: v for k, v in overrides.items() if k != "max_iters"})
+            print(f"{out_dir} already reached max_iters {cfg.max_iters}: keeping {report}; to "
+                  f"train further, raise it: `{again} -p max_iters N` (N > {cfg.max_iters})",
+                  flush=True)
     done = []
     for nb in steps:
         r = run_notebook(nb, injected, cfg.run_name, html=html, log_output=log_output)
@@ -349,6 +462,16 @@ def _finished(out_dir: Path, max_iters: int) -> bool:
     return info.get("status") == "finished" and (info.get("iterations") or 0) >= max_iters
 
 
+def command_line(subcommand: str, params_file: str, overrides: Mapping[str, Any],
+                 *extra: str) -> str:
+    """The runner's command line for ``subcommand`` with ``overrides`` as ``-p`` options,
+    quoted for a shell (for notes and the comparison report's "reproduce")."""
+    words = ["python -m backpack_nb.reports", subcommand, "-f", shlex.quote(str(params_file))]
+    for key, value in overrides.items():
+        words += ["-p", key, shlex.quote(value if isinstance(value, str) else json.dumps(value))]
+    return " ".join([*words, *extra])
+
+
 def compare(params_file: str, overrides: Mapping[str, Any], *, seeds: Sequence[int] = (),
             html: bool = True, log_output: bool = False, docs_copy: str | None = None,
             verbose: bool = True) -> NotebookRun:
@@ -357,6 +480,9 @@ def compare(params_file: str, overrides: Mapping[str, Any], *, seeds: Sequence[i
     ``05_compare`` comparing them into ``outputs/<run_name>/``."""
     injected, cfg = resolve_parameters(PIPELINE + ("05_compare",), params_file, overrides)
     seeds = list(seeds) or [cfg.seed]
+    seeds_flag = [f"--seeds {','.join(map(str, seeds))}"] if len(seeds) > 1 else []
+    again = command_line("compare", params_file,
+                         {k: v for k, v in overrides.items() if k != "max_iters"}, *seeds_flag)
     runs: dict[str, str] = {}
     for seed in seeds:
         for model_type in ("backpack", "transformer"):
@@ -366,11 +492,10 @@ def compare(params_file: str, overrides: Mapping[str, Any], *, seeds: Sequence[i
                                "out_dir": out_dir, "seed": seed}
             if verbose:
                 print(f"== {run_name} ({model_type}, seed {seed}) -> {out_dir}", flush=True)
-            pipeline(params_file, child_overrides, html=html, log_output=log_output, verbose=verbose)
+            pipeline(params_file, child_overrides, html=html, log_output=log_output,
+                     verbose=verbose, command=again)
             runs[f"{model_type}" + (f" s{seed}" if len(seeds) > 1 else "")] = out_dir
-    command = " ".join(["python -m backpack_nb.reports compare -f", str(params_file)]
-                       + [f"-p {k} {json.dumps(v) if not isinstance(v, str) else v}" for k, v in overrides.items()]
-                       + ([f"--seeds {','.join(map(str, seeds))}"] if len(seeds) > 1 else []))
+    command = command_line("compare", params_file, overrides, *seeds_flag)
     report_params = {"runs": runs, "title": f"Backpack vs Transformer: {cfg.run_name}",
                      "params_file": str(injected.get("params_file", "")), "reproduce": command}
     r = run_notebook("05_compare", report_params, cfg.run_name, html=html, exclude_input=True,
@@ -389,8 +514,18 @@ def compare(params_file: str, overrides: Mapping[str, Any], *, seeds: Sequence[i
 # --- command line --------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that answers train.py's ``--max_iters 100`` with ``-p max_iters 100``."""
+
+    def error(self, message: str):
+        given = (re.findall(r"unrecognized arguments: (.*)", message) or [""])[0]
+        if runner_spelling(given) != given:
+            message += f"; training settings are given as -p KEY VALUE here: {runner_spelling(given)}"
+        super().error(message)
+
+
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m backpack_nb.reports",
+    ap = _Parser(prog="python -m backpack_nb.reports",
                                  description="Execute the notebooks with papermill and keep them as HTML reports.")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -448,11 +583,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             r = compare(args.params_file, overrides, seeds=seeds, html=args.html,
                         log_output=args.log_output, docs_copy=args.docs)
             print(f"report: {r.html or r.ipynb}")
-    except UserError as exc:
-        exit_on_user_error(exc)
+    except UserError as exc:  # the params file's validation names train.py's flags
+        exit_on_user_error(UserError(runner_spelling(str(exc))))
     except NotebookFailed as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2 if exc.user_error else 1
+    except NotebookInterrupted as exc:
+        print(f"interrupted: {exc}", file=sys.stderr)
+        return 130
     return 0
 
 

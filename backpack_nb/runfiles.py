@@ -170,36 +170,74 @@ def run_lock(out_dir: str | os.PathLike, enabled: bool = True) -> Iterator[None]
     two shells) stops with an error instead of both writing the same checkpoints. The lock
     is ``flock`` on the folder itself: no file is left behind, and the kernel drops it when
     the process dies, even by SIGKILL. Folders created only to be locked are removed again
-    if they stay empty (a run that fails on bad input leaves nothing)."""
-    if not enabled or fcntl is None:  # no flock (not POSIX): unprotected, as before
+    if they stay empty (a run that fails on bad input leaves nothing). An ``out_dir`` that
+    cannot be a folder (a file, a path through a file, a parent without write permission)
+    is a UserError."""
+    if not enabled:
         yield
         return
     out_dir = Path(out_dir)
+    created = _make_run_folder(out_dir)
+    try:
+        if fcntl is None:  # no flock (not POSIX): unprotected, as before
+            yield
+            return
+        try:
+            fd = os.open(out_dir, os.O_RDONLY)
+        except OSError as exc:
+            raise UserError(_folder_error(out_dir, exc)) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(
+                    f"{out_dir} is in use by another training run{_running_run(out_dir)}; "
+                    "wait for it to finish or stop it (Ctrl-C or SIGTERM saves a checkpoint), "
+                    "or choose another --out_dir") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+    finally:
+        _remove_empty(created)
+
+
+def _make_run_folder(out_dir: Path) -> list[Path]:
+    """Create ``out_dir`` (and missing parents); returns the folders created, deepest first.
+    A file where a folder must be, or a folder that cannot be made, is a UserError, checked
+    before anything is created."""
     created = []
     d = out_dir
     while not d.exists():
         created.append(d)
         d = d.parent
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out_dir, os.O_RDONLY)
+    if not d.is_dir():
+        where = "is a file" if d == out_dir else f"is inside {d}, which is a file"
+        raise UserError(f"--out_dir {out_dir} {where}, not a folder; choose another --out_dir "
+                        "(a run folder, new or existing)")
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        _remove_empty(created)  # the levels made before the one that failed
+        raise UserError(_folder_error(out_dir, exc)) from None
+    return created
+
+
+def _folder_error(out_dir: Path, exc: OSError) -> str:
+    what = exc.strerror or type(exc).__name__
+    at = f" at {exc.filename}" if exc.filename and Path(exc.filename) != out_dir else ""
+    return (f"--out_dir {out_dir}: cannot create or open the run folder ({what}{at}); fix the "
+            "permissions of its parent folder, or choose another --out_dir")
+
+
+def _remove_empty(created: list[Path]) -> None:
+    for d in created:  # deepest first
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"{out_dir} is in use by another training run{_running_run(out_dir)}; wait "
-                "for it to finish or stop it (Ctrl-C or SIGTERM saves a checkpoint), or choose "
-                "another --out_dir") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-        for d in created:  # deepest first
-            try:
-                d.rmdir()
-            except OSError:  # not empty: the run wrote into it
+            d.rmdir()
+        except OSError:  # not empty (the run wrote into it), or never made
+            if d.exists():
                 break
 
 

@@ -3,15 +3,44 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
 import torch
 
+from . import paths
 from .checkpoint import load_model
-from .devices import resolve_device
+from .devices import device_problem, resolve_device
 from .errors import UserError, exit_on_user_error
 from .tokenizer import Tokenizer
+
+# Below this a temperature divides the logits past float32's range (inf, then NaN
+# probabilities); 0 already means "always the most likely token".
+MIN_TEMPERATURE = 1e-6
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
+
+def sampling_problems(*, num_samples: int, max_new_tokens: int, temperature: float,
+                      top_k: int | None, seed: int, flag_prefix: str = "") -> list[str]:
+    """What is wrong with these sampling settings, one entry per setting, each naming the
+    setting (with ``flag_prefix``, ``--`` on the command line) and what is allowed."""
+    def bad(name: str, allowed: str, value: object) -> str:
+        return f"{flag_prefix}{name} must be {allowed}, got {value}"
+
+    problems = []
+    if num_samples < 1:
+        problems.append(bad("num_samples", ">= 1", num_samples))
+    if max_new_tokens < 1:
+        problems.append(bad("max_new_tokens", ">= 1", max_new_tokens))
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        problems.append(bad("temperature", f"0 (always the most likely token) or a finite number "
+                            f">= {MIN_TEMPERATURE:g}", temperature))
+    if top_k is not None and top_k < 1:
+        problems.append(bad("top_k", ">= 1", top_k))
+    if not 0 <= seed <= MAX_SEED:
+        problems.append(bad("seed", f"in 0..{MAX_SEED}", seed))
+    return problems
 
 
 def sample_text(
@@ -27,12 +56,12 @@ def sample_text(
     device: str | torch.device = "cpu",
 ) -> list[str]:
     """``num_samples`` continuations of ``start`` (prompt included), deterministic per seed."""
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be >= 1, got {top_k}")
+    problems = sampling_problems(num_samples=num_samples, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_k=top_k, seed=seed)
+    if problems:
+        raise UserError("; ".join(problems))
     prompt = tok.encode(start) or ([tok.eot_id] if tok.eot_id is not None else [0])
-    x = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)
+    x = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
     was_training = model.training
@@ -45,30 +74,61 @@ def sample_text(
     return [tok.decode(row.tolist()) for row in out]
 
 
+def read_prompt(start: str) -> str:
+    """``--start``: the text itself, or ``FILE:path`` for a UTF-8 file's contents (a relative
+    path taken from the project root, like every path the commands take)."""
+    if not start.startswith("FILE:"):
+        return start
+    given = start[len("FILE:"):]
+    if not given:
+        raise UserError("--start FILE: needs a path after the colon, e.g. FILE:prompt.txt")
+    path = paths.resolve_in_root(given)
+    if not path.exists():
+        raise UserError(f"--start: {paths.missing_message(given, 'prompt file')}")
+    if path.is_dir():
+        raise UserError(f"--start: the prompt file {path} is a folder; give a text file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"--start: the prompt file {path} is not UTF-8 text") from None
+    except OSError as exc:
+        raise UserError(f"--start: cannot read the prompt file {path} "
+                        f"({exc.strerror or type(exc).__name__})") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sample.py", description="Print text samples from a checkpoint.")
-    ap.add_argument("--model_path", required=True, help="ckpt.pt or best.pt")
-    ap.add_argument("--start", default="\n", help="prompt text, or FILE:path to read it from a file")
-    ap.add_argument("--num_samples", type=int, default=3)
-    ap.add_argument("--max_new_tokens", type=int, default=100)
-    ap.add_argument("--temperature", type=float, default=0.8)
-    ap.add_argument("--top_k", type=int, default=200)
-    ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--model_path", required=True,
+                    help="ckpt.pt or best.pt (a relative path is taken from the project root)")
+    ap.add_argument("--start", default="\n",
+                    help="prompt text, or FILE:path to read it from a UTF-8 file (a relative "
+                         "path is taken from the project root)")
+    ap.add_argument("--num_samples", type=int, default=3, help="how many continuations (>= 1)")
+    ap.add_argument("--max_new_tokens", type=int, default=100,
+                    help="tokens added to the prompt in each (>= 1)")
+    ap.add_argument("--temperature", type=float, default=0.8,
+                    help=f"0 (always the most likely token) or >= {MIN_TEMPERATURE:g}")
+    ap.add_argument("--top_k", type=int, default=200, help="sample among the k most likely, >= 1")
+    ap.add_argument("--seed", type=int, default=1337,
+                    help=f"0..{MAX_SEED}; the same seed gives the same samples")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda, cuda:N or mps; without CUDA, cuda falls back to the CPU")
     ap.add_argument("--strict_device", action="store_true",
                     help="refuse to fall back to the CPU")
     args = ap.parse_args(argv)
     try:
+        # every bad value at once, before the checkpoint is read
+        problems = sampling_problems(
+            num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, seed=args.seed, flag_prefix="--")
+        if device_problem(args.device):
+            problems.append(f"--{device_problem(args.device)}")
+        if problems:
+            raise UserError("; ".join(problems))
         device, _, notes = resolve_device(args.device, strict=args.strict_device, task="sampling")
         for note in notes:
             print(f"warning: {note}", file=sys.stderr)
-        start = args.start
-        if start.startswith("FILE:"):
-            try:
-                start = open(start[5:], encoding="utf-8").read()
-            except OSError as exc:
-                raise UserError(f"cannot read the prompt file {start[5:]}: {exc.strerror}") from exc
+        start = read_prompt(args.start)
         model, tok, _ = load_model(args.model_path, device)
         texts = sample_text(model, tok, start, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
                             temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=device)

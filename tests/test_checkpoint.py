@@ -89,7 +89,7 @@ def test_falls_back_to_previous_with_a_warning(tmp_path, caplog):
 def test_clear_errors(tmp_path):
     with pytest.raises(UserError, match="neither ckpt.pt nor ckpt.prev.pt.*--init_from scratch"):
         ck.load_checkpoint(tmp_path)
-    (tmp_path / ck.CKPT_NAME).write_bytes(b"not a zip file")
+    (tmp_path / ck.CKPT_NAME).write_bytes(b"PK\x03\x04 not a zip file")
     with pytest.raises(UserError, match=r"ckpt.pt is unreadable .*truncated"):
         ck.load_checkpoint(tmp_path)
     torch.save([1, 2, 3], tmp_path / "other.pt")

@@ -389,3 +389,34 @@ def test_export_bad_input_is_exit_2_and_writes_nothing(tiny_backpack_run, tmp_pa
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     assert _export_main(["export", str(ckpt), str(busy), "--overwrite"]) == 0
     assert (busy / "model.safetensors").is_file() and not (busy / "keep.txt").exists()
+
+
+# --- everywhere a checkpoint goes, a pretrained model goes -------------------------------------
+
+
+def test_evaluate_and_sample_take_a_pretrained_folder(tiny_copy, europarl_source, tmp_path,
+                                                      capsys):
+    """The released layout (the tiny fixture with a 320-token GPT-2 BPE) evaluated on a
+    full-vocabulary Europarl dataset of that encoding, and sampled from, by the same commands
+    as a run."""
+    from backpack_nb import data
+    from backpack_nb.checkpoint import load_model
+    from backpack_nb.evaluation import evaluate_checkpoint
+    from backpack_nb.sampling import main as sample_main
+
+    _write_small_gpt2_bpe(tiny_copy, TEXT, n_merges=63)
+    ddir = data.prepare(europarl_source, tmp_path / "ep_gpt2",
+                        data.PrepareConfig(langs=("en",), block_size=64,
+                                           encoding=f"gpt2:{tiny_copy}", full_vocab=True),
+                        progress=False)
+    model, tok, state = load_model(tiny_copy)
+    assert state["pretrained"] == str(tiny_copy) and state["model_type"] == "backpack"
+    result = evaluate_checkpoint(tiny_copy, data_dir=str(ddir), splits=["val"], max_tokens=400,
+                                 out=tmp_path / "eval.json", progress=False)
+    bpb = result["splits"]["val"]["all"]["bits_per_byte"]
+    assert 0 < bpb < 20 and result["model_type"] == "backpack"
+    assert sample_main(["--model_path", str(tiny_copy), "--device", "cpu", "--num_samples", "1",
+                        "--max_new_tokens", "5", "--start", "The Commission"]) == 0
+    assert capsys.readouterr().out.count("---------- sample") == 1
+    with pytest.raises(UserError, match="--model_type transformer does not match"):
+        load_model(tiny_copy, model_type="transformer")

@@ -215,8 +215,8 @@ def test_failing_cell_fails_the_command_and_keeps_the_notebook(kernel, tmp_path,
     err = capsys.readouterr().err
     assert code == 2  # a UserError raised in the notebook: bad input, shown without a traceback
     assert "does not exist" in err and "partly executed notebook is kept" in err
-    kept = Path(reports.paths.outputs_root()) / "nb_fail" / "04_senses.ipynb"
-    assert kept.is_file()
+    kept = Path(reports.paths.outputs_root()) / "nb_fail" / "04_senses.failed.ipynb"
+    assert kept.is_file() and not kept.with_name("04_senses.ipynb").exists()  # no finished report
     assert any(o.get("output_type") == "error" for o in outputs(kept))
 
 
