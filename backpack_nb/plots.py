@@ -1,18 +1,120 @@
 """Figures a researcher would rather look at than read. Each function returns a matplotlib
-Figure (shown inline in a notebook) and :func:`save` writes it as PNG or SVG."""
+Figure (shown inline in a notebook) and :func:`save` writes it as PNG or SVG.
+
+Every figure is laid out for the size an HTML report shows it at: the inline backend draws
+at :data:`DPI` pixels per inch and a report's output column is about 1,230 px wide in a
+1,280-px window, so a figure at most :data:`PAGE_WIDTH_IN` wide is shown unscaled and its
+text keeps the size it was set in (at least :data:`MIN_FONT_PT`). Heatmaps size their cells
+from the number of rows and columns (at least :data:`MIN_CELL_IN`), measure their labels, and
+thin tick labels that would overlap rather than print them on top of each other.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
+from functools import lru_cache
 from pathlib import Path
 
 # matplotlib picks a non-interactive backend by itself on a headless machine (papermill,
 # CI) and the inline one in a notebook; nothing to force here.
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+
+DPI = 100  # pixels per inch of the inline backend (matplotlib's figure.dpi), so of a report
+PAGE_WIDTH_IN = 11.8  # the widest figure a report shows unscaled: 1,200 px with savefig's padding
+MIN_FONT_PT = 8  # the smallest text of any figure, tick labels and cell numbers included
+TITLE_PT = 11
+MIN_CELL_IN = 0.125  # a heatmap cell is at least 12.5 px on a side
+TOKEN_CELL_IN = 0.15  # cells labelled with tokens: room for one line of 8-pt text per row
+_MARGIN_IN = 0.1
+_TICK_PAD_IN = 0.08  # tick mark and the gap to its label
+_CBAR_IN = 0.12 + 0.15 + 0.08  # gap, bar, tick marks; its labels are measured
+
+
+# ---- measuring and fitting text --------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def _renderer() -> RendererAgg:
+    """A renderer at the report's DPI, only for measuring text (no figure needed)."""
+    return RendererAgg(8, 8, DPI)
+
+
+def text_size(text: str, size: float = MIN_FONT_PT) -> tuple[float, float]:
+    """(width, height) in inches of one line of ``text`` in the default font at ``size``
+    points, as matplotlib lays it out (the height is a full line's, as for "lp")."""
+    prop = FontProperties(size=size)
+    w = _renderer().get_text_width_height_descent(text, prop, ismath=False)[0] if text else 0.0
+    _, h, d = _renderer().get_text_width_height_descent("lp", prop, ismath=False)
+    return w / DPI, (h + d) / DPI
+
+
+def _widest(labels: Sequence[str] | None, size: float = MIN_FONT_PT) -> float:
+    return max((text_size(str(l), size)[0] for l in labels), default=0.0) if labels is not None else 0.0
+
+
+def elide(text: str, width_in: float, size: float = MIN_FONT_PT) -> str:
+    """``text`` cut to ``width_in`` at ``size`` points, ending in "…" where it was cut."""
+    if text_size(text, size)[0] <= width_in:
+        return text
+    lo, hi = 0, len(text)  # the longest prefix that fits with its "…": lo fits, hi does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if text_size(text[:mid] + "…", size)[0] <= width_in else (lo, mid)
+    return text[:lo] + "…"
+
+
+def wrap(text: str, width_in: float, size: float = TITLE_PT, max_lines: int = 3) -> str:
+    """``text`` broken into lines no wider than ``width_in`` at ``size`` points (at word
+    boundaries; a word wider than a line is broken inside), at most ``max_lines`` of them,
+    the last ending in "…" if text was left out; existing line breaks are kept."""
+    out: list[str] = []
+    for para in text.split("\n"):
+        line = ""
+        for word in para.split(" "):
+            trial = f"{line} {word}" if line else word
+            if text_size(trial, size)[0] <= width_in:
+                line = trial
+                continue
+            if line:
+                out.append(line)
+            while text_size(word, size)[0] > width_in:  # a URL, a run of digits: break it anywhere
+                piece = elide(word, width_in, size)[:-1] or word[0]
+                out.append(piece)
+                word = word[len(piece):]
+            line = word
+        out.append(line)
+    if len(out) > max_lines:
+        out = out[: max_lines - 1] + [elide(out[max_lines - 1] + " …", width_in, size)]
+    return "\n".join(out)
+
+
+def _title_height(title: str, size: float = TITLE_PT) -> float:
+    return (title.count("\n") + 1) * text_size("lp", size)[1] * 1.2 + 0.1 if title else 0.0
+
+
+def thin_ticks(fig: Figure, axes: Sequence[Axes], gap_px: float = 1.0) -> None:
+    """Hide tick labels until the shown ones do not overlap: every 2nd, 3rd, ... one, from
+    the first. Needs the figure's final size (call it last)."""
+    fig.draw_without_rendering()  # lays the tick labels out where they will be drawn
+    for ax in axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            labels = [t for t in axis.get_ticklabels() if t.get_text()]
+            boxes = [t.get_window_extent().padded(gap_px / 2) for t in labels]
+            step = next((s for s in range(1, len(labels))
+                         if not any(a.overlaps(b) for a, b in zip(boxes[::s], boxes[s::s]))), max(len(labels), 1))
+            for i, t in enumerate(labels):
+                t.set_visible(i % step == 0)
+
+
+# ---- training curves and bar charts ----------------------------------------------------------
 
 
 def _log(run: Mapping | str | os.PathLike) -> Mapping:
@@ -29,17 +131,21 @@ def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "l
                 side_by_side: bool = False) -> Figure:
     """Train (dashed) and val (solid) loss of one or several runs; ``x`` is ``iterations``
     or ``tokens_seen``. All runs on one set of axes, or with ``side_by_side`` one panel per
-    run on a shared y axis, each with the other runs' validation loss drawn faintly behind
-    it for reference."""
+    run (at most three to a row) on a shared y axis, each with the other runs' validation loss
+    drawn faintly behind it for reference."""
     logs = {name: _log(run) for name, run in runs.items()}
     n = len(logs) if side_by_side else 1
-    fig, axes = plt.subplots(1, n, figsize=(7, 4) if n == 1 else (1.5 + 3.3 * n, 4), sharey=True,
-                             constrained_layout=True, squeeze=False)
+    nrows = math.ceil(n / 3)
+    ncols = math.ceil(n / nrows)  # balanced rows: 2 x 2 for four runs, not 3 + 1
+    width = 7 if n == 1 else min(PAGE_WIDTH_IN, 1.5 + 3.6 * ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 3.6 * nrows + 0.4), sharey=True,
+                             layout="constrained", squeeze=False)
     # side by side, a colour per model type (as in bpb_bars); overlaid, a colour per run
     colors = ([c for c, _ in _run_styles(list(logs), [None] * len(logs))] if side_by_side
               else [f"C{i}" for i in range(len(logs))])
+    flat = list(axes.flat)
     for i, (name, log) in enumerate(logs.items()):
-        ax = axes[0, i if side_by_side else 0]
+        ax = flat[i if side_by_side else 0]
         color = colors[i]
         if side_by_side:
             others = [(j, olog) for j, (other, olog) in enumerate(logs.items())
@@ -55,15 +161,18 @@ def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "l
             ax.plot(xs[: len(log["val_loss"])], log["val_loss"], "-", color=color, marker="o", ms=3, label=f"{name} val")
         if side_by_side:
             ax.set_title(name, fontsize=10)
-    for ax in axes[0]:
+    for ax in flat[n:]:
+        ax.axis("off")
+    for ax in flat[:n]:
         ax.set_xlabel("tokens seen" if x == "tokens_seen" else "iteration")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7 if side_by_side else 8)
-    axes[0, 0].set_ylabel("cross-entropy (nats/token)")
+        ax.legend(fontsize=MIN_FONT_PT)
+    for row in axes:
+        row[0].set_ylabel("cross-entropy (nats/token)")
     if side_by_side:
-        fig.suptitle(title)
+        fig.suptitle(wrap(title, width - 0.3, 12))
     else:
-        axes[0, 0].set_title(title)
+        axes[0, 0].set_title(wrap(title, width - 1.2, 12))
     return fig
 
 
@@ -84,9 +193,18 @@ def _run_styles(names: Sequence[str], kinds: Sequence[str | None]) -> list[tuple
     return styles
 
 
+def legend_below(fig: Figure, ax: Axes, n_entries: int) -> None:
+    """The axes' legend under the plot, outside it (never on the bars), as many entries to
+    a row as the figure's width holds."""
+    handles, labels = ax.get_legend_handles_labels()
+    widest = _widest(labels) + 0.45  # the swatch and the gap after it
+    ncols = max(1, min(n_entries, int((fig.get_figwidth() - 0.4) // widest)))
+    fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=MIN_FONT_PT, frameon=False)
+
+
 def bpb_bars(evals: Mapping[str, Mapping], split: str = "val", title: str | None = None) -> Figure:
     """Bits per byte per language (and all) for each run, with the bootstrap 95% interval,
-    from ``eval.json`` dicts."""
+    from ``eval.json`` dicts; each bar's value is written above its interval."""
     names = list(evals)
     langs: list[str] = []
     for ev in evals.values():
@@ -94,24 +212,57 @@ def bpb_bars(evals: Mapping[str, Mapping], split: str = "val", title: str | None
             if lang not in langs:
                 langs.append(lang)
     langs.sort(key=lambda l: (l == "all", l))
+    # A bar wide enough for its value written across it, unless that makes the figure too wide.
+    bar_in = min(text_size("0.000")[0] + 0.1, (PAGE_WIDTH_IN - 1.2) / max(len(langs) * len(names) / 0.8, 1))
+    vertical = bar_in < text_size("0.000")[0] + 0.05
     width = 0.8 / max(len(names), 1)
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(langs), 4), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(1.2 + bar_in * len(names) * len(langs) / 0.8, 4.6), layout="constrained")
     xs = np.arange(len(langs))
     styles = _run_styles(names, [evals[n].get("model_type") for n in names])
+    top = 0.0
     for i, (name, (color, hatch)) in enumerate(zip(names, styles)):
         s = evals[name]["splits"][split]
-        vals = [s[l]["bits_per_byte"] if l in s else np.nan for l in langs]
+        vals = np.array([s[l]["bits_per_byte"] if l in s else np.nan for l in langs])
         lo = [s[l]["bits_per_byte"] - s[l]["bpb_ci95"][0] if l in s else 0 for l in langs]
-        hi = [s[l]["bpb_ci95"][1] - s[l]["bits_per_byte"] if l in s else 0 for l in langs]
-        bars = ax.bar(xs + (i - (len(names) - 1) / 2) * width, vals, width, yerr=[lo, hi], capsize=3, label=name,
-                      color=color, hatch=hatch, edgecolor="white" if hatch else None)
-        ax.bar_label(bars, fmt="%.3f", fontsize=7, padding=2)
+        hi = np.array([s[l]["bpb_ci95"][1] - s[l]["bits_per_byte"] if l in s else 0 for l in langs])
+        at = xs + (i - (len(names) - 1) / 2) * width
+        ax.bar(at, vals, width, yerr=[lo, hi], capsize=3, label=name, color=color, hatch=hatch,
+               edgecolor="white" if hatch else None)
+        for x, v, h in zip(at, vals, hi):
+            if np.isfinite(v):  # above the interval's cap, where it cannot sit on a bar or a whisker
+                ax.annotate(f"{v:.3f}", (x, v + h), xytext=(0, 3), textcoords="offset points", ha="center",
+                            va="bottom", fontsize=MIN_FONT_PT, rotation=90 if vertical else 0)
+        top = max(top, np.nanmax(np.append(vals + hi, 0)))
+    ax.set_ylim(0, top * (1.2 if vertical else 1.1) or 1)
     ax.set_xticks(xs, langs)
     ax.set_ylabel("bits per byte (lower is better)")
-    ax.set_title(title or f"{split}: bits per byte by language (95% bootstrap interval)")
+    ax.set_title(wrap(title or f"{split}: bits per byte by language (95% bootstrap interval)",
+                      fig.get_figwidth() - 0.9, TITLE_PT), fontsize=TITLE_PT)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    legend_below(fig, ax, len(names))
     return fig
+
+
+# ---- heatmaps ------------------------------------------------------------------------------
+
+
+def _place(fig: Figure, left: float, bottom: float, width: float, height: float) -> Axes:
+    """Axes at a position given in inches from the figure's lower left corner."""
+    W, H = fig.get_size_inches()
+    return fig.add_axes((left / W, bottom / H, width / W, height / H))
+
+
+def _colorbar(fig: Figure, im, left: float, bottom: float, height: float, label: str = "") -> None:
+    cax = _place(fig, left + 0.12, bottom, 0.15, height)
+    cb = fig.colorbar(im, cax=cax)
+    cb.ax.tick_params(labelsize=MIN_FONT_PT)
+    if label:
+        cb.set_label(label, fontsize=MIN_FONT_PT)
+
+
+def _cbar_width(vmin: float | None, vmax: float | None, label: str = "") -> float:
+    ticks = [f"{v:.3f}" for v in (vmin, vmax) if v is not None] or ["-0.000"]
+    return _CBAR_IN + _widest(["\N{MINUS SIGN}" + t.lstrip("-") for t in ticks]) + (0.2 if label else 0)
 
 
 def heatmap(
@@ -123,44 +274,121 @@ def heatmap(
     vmin: float | None = None,
     vmax: float | None = None,
     annotate: bool | None = None,
+    xlabel: str = "",
+    max_width: float = PAGE_WIDTH_IN,
 ) -> Figure:
-    """A labelled heatmap (sense similarities, alpha weights, sense alignment)."""
+    """A labelled heatmap (sense similarities, alpha weights, sense alignment), laid out to
+    be read at the report's size: cells of at least :data:`MIN_CELL_IN`, as wide as the
+    figure allows up to ``max_width`` inches; the values written in the cells (``annotate``,
+    by default whenever the cells are wide enough for them); column labels turned upright
+    when they are wider than a cell and thinned when even that overlaps."""
     matrix = np.asarray(matrix, dtype=float)
     rows, cols = matrix.shape
-    fig, ax = plt.subplots(figsize=(min(2 + 0.45 * cols, 14), min(1.5 + 0.4 * rows, 12)), constrained_layout=True)
-    im = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    label_h = text_size("lp")[1]
+    cbar_w = _cbar_width(vmin if vmin is not None else np.nanmin(matrix, initial=0),
+                         vmax if vmax is not None else np.nanmax(matrix, initial=0))
+    # Row labels get what the smallest cells leave (a third of the page at most, 1.5 in at
+    # least): a longer label is cut with "…" rather than the cells shrunk below legibility.
+    cap = float(np.clip(max_width - 2 * _MARGIN_IN - cbar_w - _TICK_PAD_IN - cols * MIN_CELL_IN, 1.5,
+                        max_width / 3))
     if row_labels is not None:
-        ax.set_yticks(range(rows), row_labels, fontsize=8)
+        row_labels = [elide(str(l), cap) for l in row_labels]
     if col_labels is not None:
-        ax.set_xticks(range(cols), col_labels, fontsize=8, rotation=60, ha="right")
-    if annotate if annotate is not None else rows * cols <= 144:
+        col_labels = [elide(str(l), max_width / 6) for l in col_labels]
+    row_w = _widest(row_labels) + _TICK_PAD_IN if row_labels is not None else 0.0
+    room = max_width - 2 * _MARGIN_IN - row_w - cbar_w
+    number_w = text_size("+0.00")[0] + 0.1
+    if annotate is None:
+        annotate = room / cols >= number_w
+    cw = float(np.clip(room / cols, MIN_CELL_IN, 0.6))
+    if annotate:
+        cw = max(cw, number_w)
+    ch = float(np.clip(cw, max(MIN_CELL_IN, label_h + 0.04 if row_labels is not None else 0), 0.4))
+    col_w = _widest(col_labels)
+    upright = col_labels is not None and col_w > cw - 0.04
+    bottom = (_MARGIN_IN + (_TICK_PAD_IN + (col_w if upright else label_h) if col_labels is not None else 0)
+              + (text_size("lp", 9)[1] + 0.05 if xlabel else 0))
+    axw, axh = cols * cw, rows * ch
+    W = 2 * _MARGIN_IN + row_w + axw + cbar_w
+    wrapped = wrap(title, W - 2 * _MARGIN_IN)
+    H = bottom + axh + _title_height(wrapped) + _MARGIN_IN
+    fig = plt.figure(figsize=(W, H), layout="none")
+    ax = _place(fig, _MARGIN_IN + row_w, bottom, axw, axh)
+    im = ax.imshow(matrix, cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
+    _colorbar(fig, im, _MARGIN_IN + row_w + axw, bottom, axh)
+    ax.set_yticks(range(rows), row_labels if row_labels is not None else [""] * rows, fontsize=MIN_FONT_PT)
+    ax.set_xticks(range(cols), col_labels if col_labels is not None else [""] * cols, fontsize=MIN_FONT_PT,
+                  rotation=90 if upright else 0)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=9)
+    if row_labels is None:
+        ax.tick_params(left=False)
+    if col_labels is None:
+        ax.tick_params(bottom=False)
+    if annotate:
         for (r, c), v in np.ndenumerate(matrix):
             if np.isfinite(v):
-                ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6, color="w" if v < np.nanmean(matrix) else "k")
-    ax.set_title(title)
+                lum = np.dot(im.cmap(im.norm(v))[:3], (0.299, 0.587, 0.114))  # dark cell: white text
+                ax.text(c, r, f"{v:+.2f}", ha="center", va="center", fontsize=MIN_FONT_PT,
+                        color="w" if lum < 0.5 else "k")
+    if wrapped:
+        fig.text(0.5, 1 - _MARGIN_IN / H, wrapped, ha="center", va="top", fontsize=TITLE_PT)
+    thin_ticks(fig, [ax])
     return fig
 
 
-def alpha_heatmaps(alpha: np.ndarray, tokens: Sequence[str], senses: Sequence[int] | None = None, title: str = "") -> Figure:
+def alpha_heatmaps(alpha: np.ndarray, tokens: Sequence[str], senses: Sequence[int] | None = None, title: str = "",
+                   max_width: float = PAGE_WIDTH_IN) -> Figure:
     """Contextualization weights alpha (k, T, T) of one sentence, one panel per sense:
-    row i is the output position, column j the token whose sense it weighs."""
+    row i is the output position, column j the token whose sense it weighs. ``tokens`` are
+    the tick labels, as they should be shown. Panels sit side by side as far as
+    ``max_width`` allows, with cells of at least :data:`TOKEN_CELL_IN`; a sentence longer
+    than a panel that wide holds is drawn as its last tokens (the title says so)."""
     alpha = np.asarray(alpha, dtype=float)
     senses = list(senses) if senses is not None else list(range(alpha.shape[0]))
-    ncols = min(4, len(senses))
-    nrows = (len(senses) + ncols - 1) // ncols
     T = alpha.shape[-1]
-    side = max(2.5, 0.28 * T)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(side * ncols, side * nrows), squeeze=False, constrained_layout=True)
-    for ax, l in zip(axes.flat, senses):
-        ax.imshow(alpha[l], cmap="magma", vmin=0, vmax=1)
-        ax.set_title(f"sense {l}", fontsize=9)
-        ax.set_xticks(range(T), tokens, rotation=90, fontsize=6)
-        ax.set_yticks(range(T), tokens, fontsize=6)
-    for ax in list(axes.flat)[len(senses) :]:
-        ax.axis("off")
-    if title:
-        fig.suptitle(title)
+    tokens = [elide(str(t), 1.5) for t in tokens]  # a run of 40 dashes is one token
+    label_w = _widest(tokens) + _TICK_PAD_IN
+    cbar_w = _cbar_width(0.0, 1.0, "alpha")
+    gap = 0.25
+    room = max_width - 2 * _MARGIN_IN - label_w - cbar_w
+    shown = min(T, int(room // TOKEN_CELL_IN))
+    first = T - shown
+    note = f"the last {shown} of {T} tokens (weights on the {first} before them are not drawn)" if first else ""
+    tokens, alpha = tokens[first:], alpha[:, first:, first:]
+    label_w = _widest(tokens) + _TICK_PAD_IN
+    room = max_width - 2 * _MARGIN_IN - label_w - cbar_w
+    # One colour scale for every panel, up to the largest weight drawn: over a long context
+    # the weights are small, and a scale up to 1 would show them all black.
+    vmax = float(np.nanmax(alpha[senses], initial=0)) or 1.0
+    n = max(len(senses), 1)
+    cell = float(np.clip((room / min(n, 4) - gap) / shown, TOKEN_CELL_IN, 0.3))
+    panel = shown * cell
+    ncols = max(1, min(n, int((room + gap) // (panel + gap))))
+    nrows = math.ceil(n / ncols)
+    head = text_size("lp", 9)[1] + 0.08  # "sense l" over each panel
+    block = head + panel + _TICK_PAD_IN + label_w + 0.15  # one row of panels with its labels
+    W = 2 * _MARGIN_IN + label_w + ncols * panel + (ncols - 1) * gap + cbar_w
+    wrapped = "\n".join(wrap(t, W - 2 * _MARGIN_IN) for t in (title, note) if t)
+    top = _title_height(wrapped)
+    H = _MARGIN_IN + top + nrows * block
+    fig = plt.figure(figsize=(W, H), layout="none")
+    axes = []
+    for i, l in enumerate(senses):
+        r, c = divmod(i, ncols)
+        x0 = _MARGIN_IN + label_w + c * (panel + gap)
+        y0 = H - _MARGIN_IN - top - r * block - head - panel
+        ax = _place(fig, x0, y0, panel, panel)
+        im = ax.imshow(alpha[l], cmap="magma", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_title(f"sense {l}", fontsize=9, pad=3)
+        ax.set_xticks(range(shown), tokens, rotation=90, fontsize=MIN_FONT_PT)
+        ax.set_yticks(range(shown), tokens if c == 0 else [""] * shown, fontsize=MIN_FONT_PT)
+        axes.append(ax)
+        if i == 0:
+            _colorbar(fig, im, _MARGIN_IN + label_w + ncols * panel + (ncols - 1) * gap, y0, panel, "alpha")
+    if wrapped:
+        fig.text(0.5, 1 - _MARGIN_IN / H, wrapped, ha="center", va="top", fontsize=TITLE_PT)
+    thin_ticks(fig, axes)
     return fig
 
 

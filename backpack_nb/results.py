@@ -23,6 +23,7 @@ from .errors import UserError
 from .evaluation import evaluate_checkpoint
 from .params import TrainConfig, load_params
 from .runfiles import read_json
+from .senses import token_label
 
 # --- a notebook's parameters -----------------------------------------------------------------
 
@@ -388,7 +389,8 @@ def format_reweight(r: Mapping) -> str:
     head = (f"prompt {r['prompt']!r}: sense {r['sense']} of {r['word']!r} scaled by {r['factor']} at "
             f"positions {r['positions'] or 'none (the word is not in the prompt)'}; "
             f"KL(before || after) = {r['kl']:.4f} nats")
-    lines = [head, f"{'before':>28}   {'after':<28}"]
+    # tokens shown as everywhere else (senses.token_label: a space as ␣, escapes for bytes)
+    lines = [head, f"{'before':>27}   {'after':<27}"]
     for (tb, pb), (ta, pa) in zip(r["before"], r["after"]):
-        lines.append(f"{tb!r:>20} {pb:6.3f}   {ta!r:<20} {pa:6.3f}")
+        lines.append(f"{token_label(tb):>20} {pb:6.3f}   {token_label(ta):<20} {pa:6.3f}")
     return "\n".join(lines)

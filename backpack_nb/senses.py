@@ -133,9 +133,28 @@ def frequent_content_words(
 # tables that read well in a notebook and in a terminal
 
 
+def token_label(token: str) -> str:
+    """A token as every table, the widget and every figure show it: a space as ``␣`` (the
+    leading space is what tells " vote" from "vote", and HTML and tick labels swallow it),
+    other invisible characters as Python escapes (``\\n``, ``\\xa0``), everything else as
+    is, so the ``\\xNN`` of a partial UTF-8 byte (:meth:`Tokenizer.token_str`) keeps its
+    one backslash."""
+    return "".join("\N{OPEN BOX}" if ch == " " else ch if ch.isprintable() else repr(ch)[1:-1] for ch in token)
+
+
+# One line per sense, read from the left: Jupyter's tables right-align cells and wrap them.
+_CELL = "text-align:left;white-space:nowrap"
+
+
+def tokens_html(tokens: list[str]) -> str:
+    """Tokens as HTML, each in its own ``<code>`` (see :func:`token_label`)."""
+    return " ".join(f"<code>{html.escape(token_label(t))}</code>" for t in tokens)
+
+
 class SenseTable(list):
     """Rows of :func:`sense_words` (``{"token", "sense", "top", "bottom"}``): a list that
-    renders as an HTML table in a notebook and as aligned text in a terminal or report."""
+    renders as an HTML table in a notebook and as aligned text in a terminal or report,
+    one line per sense."""
 
     def __init__(self, rows, word: str = ""):
         super().__init__(rows)
@@ -143,23 +162,26 @@ class SenseTable(list):
 
     def __str__(self) -> str:
         head = f"senses of {self.word!r}" if self.word else "senses"
+        width = max([len(token_label(r["token"])) for r in self] + [5])
         lines = [head]
         for r in self:
-            lines.append(f"{r['token']!r:>14} sense {r['sense']:>2} | top: {' '.join(repr(t) for t in r['top'])}")
-            lines.append(f"{'':>14}          | bottom: {' '.join(repr(t) for t in r['bottom'])}")
+            lines.append(f"{token_label(r['token']):>{width}} sense {r['sense']:>2} | top: "
+                         f"{' '.join(token_label(t) for t in r['top'])}")
+            lines.append(f"{'':>{width}}          | bottom: {' '.join(token_label(t) for t in r['bottom'])}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        esc = html.escape
         rows = "".join(
-            f"<tr><td><code>{esc(repr(r['token']))}</code></td><td>{r['sense']}</td>"
-            f"<td>{' '.join(f'<code>{esc(t)}</code>' for t in r['top'])}</td>"
-            f"<td style='color:#888'>{' '.join(f'<code>{esc(t)}</code>' for t in r['bottom'])}</td></tr>"
+            f"<tr><td style='{_CELL}'>{tokens_html([r['token']])}</td><td style='{_CELL}'>{r['sense']}</td>"
+            f"<td style='{_CELL}'>{tokens_html(r['top'])}</td>"
+            f"<td style='{_CELL};color:#888'>{tokens_html(r['bottom'])}</td></tr>"
             for r in self
         )
-        title = f"<caption>senses of <b>{esc(self.word)}</b></caption>" if self.word else ""
-        return (f"<table class='sense-table'>{title}<thead><tr><th>token</th><th>sense</th>"
-                f"<th>top words (promoted)</th><th>bottom words (suppressed)</th></tr></thead>"
+        title = (f"<caption style='text-align:left'>senses of <b>{html.escape(self.word)}</b></caption>"
+                 if self.word else "")
+        head = "".join(f"<th style='{_CELL}'>{h}</th>" for h in
+                       ("token", "sense", "top words (promoted)", "bottom words (suppressed)"))
+        return (f"<table class='sense-table'>{title}<thead><tr>{head}</tr></thead>"
                 f"<tbody>{rows}</tbody></table>")
 
 
@@ -233,13 +255,15 @@ def cross_lingual_pairs(model: nn.Module, tok, pairs=DEFAULT_PAIRS) -> list[dict
 
 
 def alignment_figure(rows: list[dict]):
-    """Heatmap: one row per pair, one column per sense, the same-index cosine."""
+    """Heatmap: one row per pair, one column per sense, the same-index cosine; each row's
+    label gives the pair's alignment (the row's mean) and its chance level."""
     from . import plots  # matplotlib: kept out of `import backpack_nb.senses` (the widget and training import it)
 
     m = np.stack([np.diag(r["matrix"]) for r in rows])
-    labels = [f"{r['en']} / {r['fr']}  ({r['alignment']:+.2f}, chance {r['baseline']:+.2f})" for r in rows]
-    return plots.heatmap(m, labels, [str(l) for l in range(m.shape[1])], title="cosine of sense l (en) with sense l (fr)",
-                         cmap="RdBu_r", vmin=-1, vmax=1)
+    labels = [f"{r['en']} / {r['fr']}: {r['alignment']:+.2f} (chance {r['baseline']:+.2f})" for r in rows]
+    return plots.heatmap(m, labels, [str(l) for l in range(m.shape[1])],
+                         title="cosine of sense l (en) with sense l (fr)", cmap="RdBu_r", vmin=-1, vmax=1,
+                         xlabel="sense l")
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,7 +287,8 @@ def contextualization_heatmap(model: nn.Module, tok, sentence: str, senses=None)
     finally:
         bare.train(was_training)
     tokens = [tok.token_str(t) for t in ids]
-    fig = plots.alpha_heatmaps(alpha, tokens, senses, title=f"contextualization weights: {sentence[:60]!r}")
+    title = f"contextualization weights of {len(ids)} tokens: {tok.decode(ids)!r}"
+    fig = plots.alpha_heatmaps(alpha, [token_label(t) for t in tokens], senses, title=title)
     return fig, alpha, tokens
 
 

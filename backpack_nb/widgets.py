@@ -14,20 +14,29 @@ import html
 
 import ipywidgets as W
 import numpy as np
+from IPython.display import display
 
 from . import senses as S
 from .errors import UserError
 
+# A live widget hides the static-report note (see SenseBrowser._ipython_display_): this style
+# only reaches the page when the widget is rendered, which a static HTML report never does.
 _STYLE = """<style>
 .bnb-table {border-collapse: collapse; font-size: 12px}
-.bnb-table td, .bnb-table th {padding: 2px 6px; border-bottom: 1px solid #ddd; text-align: left}
+.bnb-table td, .bnb-table th {padding: 2px 6px; border-bottom: 1px solid #ddd; text-align: left;
+  white-space: nowrap}
 .bnb-table tr.chosen {background: #fff3c4}
 .bnb-table code {background: none}
+.bnb-static-note {display: none}
 </style>"""
 
+STATIC_NOTE = ("interactive widget (SenseBrowser): open this notebook in JupyterLab and run it; "
+               "a static report cannot show it")
 
-def _esc(s: str) -> str:
-    return html.escape(repr(s)[1:-1])
+
+def _esc(token: str) -> str:
+    """A token as HTML, shown as in every table and figure (senses.token_label)."""
+    return html.escape(S.token_label(token))
 
 
 class SenseBrowser(W.VBox):
@@ -64,6 +73,15 @@ class SenseBrowser(W.VBox):
             W.HBox([self.prompt, self.factor]), self.prediction,
         ])
         self._refresh_all()
+
+    def _ipython_display_(self) -> None:
+        """The widget, after a one-line note for where it cannot be shown: nbconvert's HTML
+        has no live kernel and shows a widget as an empty box. The widget's own style hides
+        the note wherever it does render."""
+        display({"text/plain": STATIC_NOTE,
+                 "text/html": f"<div class='bnb-static-note' style='color:#666;font-style:italic'>"
+                              f"{html.escape(STATIC_NOTE)}</div>"}, raw=True)
+        display(self._repr_mimebundle_(), raw=True)
 
     # -- rendering -------------------------------------------------------------------------
 

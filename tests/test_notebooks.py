@@ -12,6 +12,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from backpack_nb.senses import token_label
 from backpack_nb import comparison, reports
 from backpack_nb.params import load_params
 
@@ -148,7 +149,7 @@ def test_04_senses_html_has_the_sense_tables(kernel, tiny_backpack_run, tmp_path
         assert f"senses of <b>{html.escape(table.word)}</b>" in page
         for row in table[:2]:
             for t in row["top"][:3]:  # the words themselves, as text in the report
-                assert f"<code>{html.escape(t)}</code>" in page
+                assert f"<code>{html.escape(token_label(t))}</code>" in page
     assert "top words (promoted)" in page
 
 

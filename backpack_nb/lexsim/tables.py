@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .. import paths
 from ..errors import UserError
-from ..senses import _unwrap, word_senses, word_token_ids
+from ..senses import _unwrap, token_label, tokens_html, word_senses, word_token_ids
 from ..tokenizer import Tokenizer
 from .benchmark import EUROPARL_CODES, MultiSimLex, _has_files, load_multisimlex, normalize_word
 from .representations import has_senses
@@ -82,10 +82,12 @@ class LexsimTable(list):
 
     def _repr_html_(self) -> str:
         esc = html.escape
+        left = "text-align:left;white-space:nowrap"  # one line per row: Jupyter right-aligns and wraps cells
         head = "".join(f"<th>{esc(c)}</th>" for c in ["model", "method", *self.columns])
         body = "".join(
-            "<tr>" + f"<td>{esc(r['model'])}</td><td><code>{esc(r['method'])}</code></td>"
-            + "".join(f"<td style='text-align:right'>{esc(self._fmt(r.get(c)))}</td>" for c in self.columns) + "</tr>"
+            "<tr>" + f"<td style='{left}'>{esc(r['model'])}</td><td style='{left}'><code>{esc(r['method'])}</code></td>"
+            + "".join(f"<td style='text-align:right;white-space:nowrap'>{esc(self._fmt(r.get(c)))}</td>"
+                      for c in self.columns) + "</tr>"
             for r in self
         )
         cov = "<br>".join(esc(c) for c in self.coverage)
@@ -150,6 +152,8 @@ def comparison_figure(results: Mapping[str, dict], methods: Sequence[str] = ("em
     # matplotlib only when a figure is asked for: evaluate.py --lexsim never draws.
     import matplotlib.pyplot as plt
 
+    from .. import plots  # matplotlib too
+
     table = side_by_side(results, methods)
     # Models with the same vocabulary and width draw the same random control: show it once.
     seen_random: list[dict] = []
@@ -163,7 +167,10 @@ def comparison_figure(results: Mapping[str, dict], methods: Sequence[str] = ("em
     series = [(r["model"], r["method"]) for r in table]
     cols = table.columns
     width = 0.8 / max(len(series), 1)
-    fig, ax = plt.subplots(figsize=(2 + 0.5 * len(series) * len(cols), 4.2), constrained_layout=True)
+    # No wider than a report shows unscaled (plots.PAGE_WIDTH_IN): a wider figure is shrunk
+    # on the page, and its legend with it.
+    fig_w = min(plots.PAGE_WIDTH_IN, 1.5 + 0.3 * len(series) * len(cols))
+    fig, ax = plt.subplots(figsize=(fig_w, 5), layout="constrained")
     xs = np.arange(len(cols))
     models = list(dict.fromkeys(m for m, _ in series))
     hatches = {m: h for m, h in zip(methods, ["", "//", "xx", "..", "--", "oo"])}
@@ -178,10 +185,11 @@ def comparison_figure(results: Mapping[str, dict], methods: Sequence[str] = ("em
                label="random (chance)" if method == "random" and len(seen_random) == 1 else f"{model_name} {method}")
     ax.axhline(0, color="k", linewidth=0.6)
     ax.set_xticks(xs, cols)
+    plots.thin_ticks(fig, [ax])
     ax.set_ylabel("Spearman rho / P@1")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(plots.wrap(title, fig_w - 0.9, 10), fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    plots.legend_below(fig, ax, len(series))
     return fig
 
 
@@ -240,26 +248,29 @@ class PairSenseTable(list):
         for r in self:
             cells = " ".join(f"{c:+.2f}{'*' if l == r['carrier'] else ' '}" for l, c in enumerate(r["senses"]))
             lines.append(f"{r['word_1'] + ' / ' + r['word_2']:<28}{r['gold']:>6.2f}{r['embedding']:>+7.2f}{r['sense_mean']:>+7.2f}  "
-                         f"{cells} | {' '.join(repr(t) for t in r['carrier_words'])}")
+                         f"{cells} | {' '.join(token_label(t) for t in r['carrier_words'])}")
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
         esc = html.escape
         k = len(self[0]["senses"]) if self else 0
-        head = "".join(f"<th>{h}</th>" for h in ["pair", "gold", "embedding", "sense mean", *[f"s{l}" for l in range(k)], "carrier's top words"])
+        heads = ["pair", "gold", "embedding", "sense mean", *[f"s{l}" for l in range(k)], "carrier's top words"]
+        head = "".join(f"<th style='text-align:{'left' if h in (heads[0], heads[-1]) else 'right'}'>{h}</th>" for h in heads)
         body = ""
+        left, num = "text-align:left;white-space:nowrap", "text-align:right;white-space:nowrap"
         for r in self:
-            cells = "".join(f"<td style='text-align:right;{'font-weight:bold;background:#ffe9a8' if l == r['carrier'] else ''}'>{c:+.2f}</td>"
+            cells = "".join(f"<td style='{num};{'font-weight:bold;background:#ffe9a8' if l == r['carrier'] else ''}'>{c:+.2f}</td>"
                             for l, c in enumerate(r["senses"]))
-            body += (f"<tr><td>{esc(r['word_1'])} / {esc(r['word_2'])}</td><td>{r['gold']:.2f}</td><td>{r['embedding']:+.2f}</td>"
-                     f"<td>{r['sense_mean']:+.2f}</td>{cells}<td>{' '.join(f'<code>{esc(t)}</code>' for t in r['carrier_words'])}</td></tr>")
+            body += (f"<tr><td style='{left}'>{esc(r['word_1'])} / {esc(r['word_2'])}</td><td style='{num}'>{r['gold']:.2f}</td>"
+                     f"<td style='{num}'>{r['embedding']:+.2f}</td><td style='{num}'>{r['sense_mean']:+.2f}</td>{cells}"
+                     f"<td style='{left}'>{tokens_html(r['carrier_words'])}</td></tr>")
         return f"<table class='pair-sense-table'><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
     def figure(self, title: str = "cosine of sense l of word 1 with sense l of word 2") -> Figure:
-        # plots imports matplotlib: only when a figure is asked for.
-        from ..plots import heatmap
+        from .. import plots  # matplotlib: only when a figure is asked for
 
         m = np.stack([r["senses"] for r in self])
         labels = [f"{r['word_1']} / {r['word_2']} (gold {r['gold']:.1f})" for r in self]
-        return heatmap(m, labels, [f"sense {l}" for l in range(m.shape[1])], title=title, cmap="RdBu_r", vmin=-1, vmax=1)
+        return plots.heatmap(m, labels, [str(l) for l in range(m.shape[1])], title=title, cmap="RdBu_r",
+                             vmin=-1, vmax=1, xlabel="sense l")
 
