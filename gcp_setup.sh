@@ -88,6 +88,9 @@ options (every one also has a default in gcp.conf or the environment, flags win)
   --bucket gs://B/PATH  GCP_BUCKET         (sync checkpoints and reports to GCS after each save;
                         a fresh VM restores from it; fetch reads from it)
   --europarl-source S   EUROPARL_SOURCE on the VM (a path there, or a URL)
+  --logger L            live curves: none, tensorboard or wandb (train.py's --logger; default:
+                        the params file's); the VM installs the package, and wandb needs
+                        wandb login on the VM once (docs/gcp.md: Watch a run from your laptop)
   --sync-every SECONDS  how often to look for a new checkpoint to sync (default $DEFAULT_SYNC_SECONDS)
  fetch:
   --bucket gs://B/PATH  read from the bucket instead of the VM
@@ -303,6 +306,11 @@ settle() { # flags > environment > config file > defaults; validate what will be
     [[ $DISK_GB =~ $int_re ]] || die "--disk-size must be a number of GB, got '$DISK_GB'"
     [[ $PORT =~ $int_re ]] || die "--port must be a port number, got '$PORT'"
     [[ $SYNC_SECONDS =~ $int_re ]] || die "--sync-every must be a number of seconds, got '$SYNC_SECONDS'"
+    case $opt_logger in
+        "" | none | tensorboard | wandb) ;; # train.py's choices (backpack_nb.params.LOGGERS)
+        *) die "--logger must be none, tensorboard or wandb, got '$opt_logger'" \
+            "--logger tensorboard (event files in out/RUN/tensorboard) or --logger wandb (Weights & Biases)" ;;
+    esac
     case $ENV_KIND in
         conda | venv) ;;
         *) die "--env must be conda or venv, got '$ENV_KIND'" "--env conda (environment.yml) or --env venv (make setup)" ;;
@@ -535,6 +543,7 @@ cmd_run() {
     local args=(vm-run "$RUN_NAME" --params "$PARAMS" --out-dir "$OUT_DIR" --sync-every "$SYNC_SECONDS")
     if [[ -n $BUCKET ]]; then args+=(--bucket "$BUCKET"); fi
     if [[ -n $opt_europarl_source ]]; then args+=(--europarl-source "$opt_europarl_source"); fi
+    if [[ -n $opt_logger ]]; then args+=(--logger "$opt_logger"); fi
     vm_ssh "$(in_checkout "${args[@]}")"
     info "follow it: ./gcp_setup.sh status $RUN_NAME   (or connect, then: tmux attach -t bnb-$RUN_NAME)"
     info "the VM is billed while it runs: stop or delete it when the run is done and fetched"
@@ -636,7 +645,7 @@ DRY_RUN=0 opt_yes=0 opt_spot=0 opt_lab=0 opt_foreground=0 opt_code_only=0
 opt_project="" opt_zone="" opt_instance="" opt_config="" opt_gpu="" opt_gpu_count=""
 opt_machine_type="" opt_image_family="" opt_image_project="" opt_disk_size="" opt_bucket=""
 opt_remote_dir="" opt_env="" opt_repo="" opt_ref="" opt_port="" opt_europarl_source=""
-opt_dest="" opt_params="" opt_out_dir="" opt_python="" opt_sync_every=""
+opt_dest="" opt_params="" opt_out_dir="" opt_python="" opt_sync_every="" opt_logger=""
 CMD="" RUN_ARG="" TEMP_FILES="" PARAMS_PY=""
 
 set_opt() { # set_opt FLAG VALUE
@@ -658,6 +667,7 @@ set_opt() { # set_opt FLAG VALUE
         --ref) opt_ref=$2 ;;
         --port) opt_port=$2 ;;
         --europarl-source) opt_europarl_source=$2 ;;
+        --logger) opt_logger=$2 ;;
         --dest) opt_dest=$2 ;;
         --params) opt_params=$2 ;;
         --out-dir) opt_out_dir=$2 ;;
@@ -671,7 +681,8 @@ takes_value() {
     case $1 in
         --project | --zone | --name | --instance | --config | --gpu | --gpu-count | --machine-type | \
             --image-family | --image-project | --disk-size | --bucket | --remote-dir | --env | --repo | \
-            --ref | --port | --europarl-source | --dest | --params | --out-dir | --python | --sync-every)
+            --ref | --port | --europarl-source | --dest | --params | --out-dir | --python | --sync-every | \
+            --logger)
             return 0
             ;;
     esac
@@ -739,6 +750,7 @@ check_command_line() {
     only_for --port "$opt_port" connect vm-lab
     only_for --bucket "$opt_bucket" run fetch vm-run
     only_for --europarl-source "$opt_europarl_source" run vm-run
+    only_for --logger "$opt_logger" run vm-run
     only_for --sync-every "$opt_sync_every" run vm-run
     only_for --dest "$opt_dest" fetch
     only_for --yes "$opt_yes" delete

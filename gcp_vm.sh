@@ -9,8 +9,8 @@
 # From gcp_setup.sh it uses: die, info, shell_quote, trim; resolve_run, which sets RUN_NAME,
 # PARAMS and OUT_DIR (reading a params file through `python -m backpack_nb.params get`, with
 # the interpreter in PARAMS_PY); ROOT, GCLOUD, DEFAULT_SYNC_SECONDS; the settled ENV_KIND,
-# BUCKET, PORT, SYNC_SECONDS and RUN_ARG; the options opt_python, opt_foreground and
-# opt_europarl_source.
+# BUCKET, PORT, SYNC_SECONDS and RUN_ARG; the options opt_python, opt_foreground,
+# opt_europarl_source and opt_logger.
 #
 # Written for bash >= 3.2, like gcp_setup.sh.
 # shellcheck shell=bash disable=SC2153,SC2154  # (the names above come from gcp_setup.sh)
@@ -160,6 +160,7 @@ cmd_vm_run() {
         die "cannot read $BUCKET from this VM" \
             "create it (gcloud storage buckets create gs://NAME --location=REGION); the VM needs the storage-rw scope that ./gcp_setup.sh create gives it"
     fi
+    if [[ -n $opt_logger && $opt_logger != none ]]; then ensure_logger "$py" "$opt_logger"; fi
     mkdir -p "$STATE_DIR/active"
     {
         printf 'repo=%s\n' "$ROOT"
@@ -170,8 +171,25 @@ cmd_vm_run() {
         printf 'europarl_source=%s\n' "$opt_europarl_source"
         printf 'python=%s\n' "$py"
         printf 'sync_every=%s\n' "$SYNC_SECONDS"
+        printf 'logger=%s\n' "$opt_logger"
     } >"$STATE_DIR/active/$RUN_NAME"
     launch_job "$RUN_NAME"
+}
+
+ensure_logger() { # ensure_logger PYTHON LOGGER: its package in the environment, W&B's key on the VM
+    local py=$1 logger=$2
+    # the extra of pyproject.toml has the package's name (tensorboard, wandb)
+    if ! "$py" -c "import $logger" >/dev/null 2>&1; then
+        info "installing the $logger extra: pip install -e '.[$logger]'"
+        "$py" -m pip install --quiet -e ".[$logger]" ||
+            die "could not install the $logger package on this VM" \
+                "on the VM: cd $ROOT && $py -m pip install -e '.[$logger]'; or run without --logger"
+    fi
+    if [[ $logger == wandb && ${WANDB_MODE:-} != offline && -z ${WANDB_API_KEY:-} ]] &&
+        ! grep -qs 'api.wandb.ai' "$HOME/.netrc"; then
+        die "W&B has no API key on this VM" \
+            "once per VM: ./gcp_setup.sh connect, then $(dirname "$py")/wandb login (paste the key from https://wandb.ai/authorize)"
+    fi
 }
 
 cmd_vm_resume() {
@@ -219,10 +237,11 @@ cmd_vm_job() { # the run itself: restore, train/evaluate/report, sync; in tmux o
     [[ -f $marker ]] || die "$JOB_RUN has no active run (start it with vm-run)"
     JOB_OUT=$(kv_get out_dir "$marker")
     JOB_BUCKET=$(kv_get bucket "$marker")
-    local params py europarl
+    local params py europarl logger
     params=$(kv_get params "$marker")
     py=$(kv_get python "$marker")
     europarl=$(kv_get europarl_source "$marker")
+    logger=$(kv_get logger "$marker")
     JOB_EVERY=$(kv_get sync_every "$marker")
     JOB_EVERY=${JOB_EVERY:-$DEFAULT_SYNC_SECONDS}
     if job_running "$JOB_RUN"; then
@@ -253,6 +272,7 @@ cmd_vm_job() { # the run itself: restore, train/evaluate/report, sync; in tmux o
     if [[ -f $JOB_OUT/ckpt.pt ]]; then job_log "checkpoint $JOB_OUT/ckpt.pt found: the pipeline resumes from it"; fi
     if [[ -n $europarl ]]; then export EUROPARL_SOURCE=$europarl; fi
     local cmd=("$py" -m backpack_nb.reports pipeline -f "params/$params.yaml" -p out_dir "$JOB_OUT")
+    if [[ -n $logger ]]; then cmd+=(-p logger "$logger"); fi
     job_log "+ $(shell_quote "${cmd[@]}")"
     local rc status
     set +e

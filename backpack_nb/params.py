@@ -33,6 +33,7 @@ from backpack_nb.models.config import MODEL_KEYS, MODEL_TYPES, ModelConfig, conf
 from backpack_nb.paths import params_dir, resolve_in_root
 
 INIT_FROM = ("scratch", "resume")
+LOGGERS = ("none", "tensorboard", "wandb")  # backpack_nb.training.loggers
 
 
 class _ModelShape:
@@ -135,6 +136,12 @@ class TrainConfig:
     """Also save ckpt.pt every this many iterations (besides on improvement and at the end)."""
     log_interval: int = 10
     """Update the progress bar / print a progress line every this many iterations."""
+    logger: str = "none"
+    """Live curves besides training_log.json: ``none``, ``tensorboard`` (event files in
+    ``out_dir/tensorboard``) or ``wandb`` (Weights & Biases; ``WANDB_MODE=offline`` works
+    without an account). Rank 0 logs loss, lr, tokens/s and MFU every ``log_interval`` and
+    both losses at every evaluation; a resumed run continues the same curves. Each needs its
+    extra: ``pip install -e '.[tensorboard]'`` or ``'.[wandb]'``."""
     probe_words: list[str] = field(default_factory=list)
     """Words whose sense top words are logged at each evaluation (Backpack only); a YAML list
     or a comma-separated string. Empty: frequent content words of the training data."""
@@ -255,6 +262,7 @@ class TrainConfig:
         choice("init_from", INIT_FROM)
         choice("data_form", DATA_FORMS)
         choice("dtype", DTYPES)
+        choice("logger", LOGGERS)
         if device_problem(self.device):
             p.append(device_problem(self.device))
         # The model's shape is checked by the models' own rules, so the two never disagree.

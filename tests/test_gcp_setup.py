@@ -95,6 +95,8 @@ with open(os.environ["FAKE_PY_LOG"], "a") as f:
                         "europarl": os.environ.get("EUROPARL_SOURCE")}}) + "\n")
 if args[:2] == ["-m", "backpack_nb.params"]:
     os.execv(sys.executable, [sys.executable, *args])
+if args[:1] == ["-c"] and args[1] == "import " + os.environ.get("FAKE_PY_MISSING", "-"):
+    sys.exit(f"ModuleNotFoundError: No module named {{os.environ['FAKE_PY_MISSING']!r}}")
 if args == ["-"]:  # setup's CUDA check, read from stdin
     sys.stdin.read()
     if os.environ.get("FAKE_PY_NO_CUDA"):
@@ -535,6 +537,18 @@ def test_run_with_bucket_and_europarl_source(cloud):
     assert cloud.ssh_command().endswith("--bucket gs://lab-bucket/bnb --europarl-source '/mnt/my data'")
 
 
+def test_run_forwards_the_logger(cloud):
+    cloud.add_vm()
+    ok(cloud.run("run", "backpack_full", "--logger", "tensorboard"))
+    assert cloud.ssh_command().endswith("--sync-every 60 --logger tensorboard")
+    for args in (["run", "backpack_full", "--logger", "mlflow"], ["create", "--logger", "wandb"]):
+        result = cloud.run(*args)
+        assert result.returncode == 2 and "--logger" in result.stderr, (args, result.stderr)
+    assert "--logger must be none, tensorboard or wandb, got 'mlflow'" in cloud.run(
+        "run", "backpack_full", "--logger", "mlflow").stderr
+    assert len(cloud.calls("compute", "ssh")) == 1
+
+
 def test_run_on_a_stopped_vm(cloud):
     cloud.add_vm()
     ok(cloud.run("stop"))
@@ -878,3 +892,33 @@ def test_vm_setup_with_conda(cloud, vm):
     assert vm.python_calls()[3]["conda"][:2] == ["env", "update"]
     failed = vm.run("vm-setup", FAKE_PY_NO_CUDA="1")
     assert failed.returncode == 2 and "PyTorch sees no GPU" in failed.stderr
+
+
+def test_vm_run_with_a_logger_installs_its_extra_and_the_pipeline_logs(cloud, vm):
+    """--logger reaches the pipeline (-p logger ...), at the first start and at every resume;
+    a package missing on the VM is installed first (its pyproject extra)."""
+    vm.set_up()
+    result = vm.run("vm-run", "transformer_full", "--logger", "tensorboard", "--foreground",
+                    FAKE_PY_MISSING="tensorboard", FAKE_PY_RC="143")
+    assert result.returncode == 143 and "installing the tensorboard extra" in result.stderr
+    calls = [c["argv"] for c in vm.python_calls()]
+    assert calls[:2] == [["-c", "import tensorboard"], ["-m", "pip", "install", "--quiet", "-e",
+                                                        ".[tensorboard]"]]
+    assert calls[2][:2] == ["-m", "backpack_nb.reports"] and calls[2][-2:] == ["logger", "tensorboard"]
+    ok(vm.run("vm-resume", "transformer_full", "--foreground"))  # after a restart: the same
+    assert vm.python_calls()[-1]["argv"] == calls[2]
+
+    ok(vm.run("vm-run", "backpack_full", "--foreground"))  # no --logger: the params file's
+    assert vm.python_calls()[-1]["argv"] == PIPELINE
+
+
+def test_vm_run_with_wandb_needs_a_key_on_the_vm(cloud, vm):
+    vm.set_up()
+    no_key = {"WANDB_API_KEY": "", "WANDB_MODE": ""}
+    result = vm.run("vm-run", "backpack_full", "--logger", "wandb", "--foreground", **no_key)
+    assert result.returncode == 2 and "W&B has no API key on this VM" in result.stderr
+    assert "./gcp_setup.sh connect, then" in result.stderr and "wandb login" in result.stderr
+    assert not [c for c in vm.python_calls() if c["argv"][:2] == ["-m", "backpack_nb.reports"]]
+    (cloud.home / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password k\n")
+    ok(vm.run("vm-run", "backpack_full", "--logger", "wandb", "--foreground", **no_key))
+    assert vm.python_calls()[-1]["argv"] == PIPELINE + ["-p", "logger", "wandb"]

@@ -16,7 +16,7 @@ MAX_LINES = 600
 # Imports a function may make: optional heavy dependencies kept out of `import backpack_nb`.
 LAZY_OK = ("matplotlib", "ipywidgets", "papermill", "nbformat", "nbconvert", "nbclient",
            "jupyter_client", "ipykernel", "IPython", "huggingface_hub", "safetensors",
-           "backpack_nb.plots", "backpack_nb.widgets")
+           "backpack_nb.plots", "backpack_nb.widgets", "wandb", "torch.utils.tensorboard")
 
 
 def _modules() -> dict[str, Path]:

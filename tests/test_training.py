@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,8 @@ from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.params import TrainConfig
 from backpack_nb.devices import resolve_device
-from backpack_nb.training import BatchSampler, WarmupCosineSchedule, train
+from backpack_nb.training import BatchSampler, Runtime, WarmupCosineSchedule, train
+from backpack_nb.training import meters
 from conftest import ROOT, tiny_config
 
 sys.path.insert(0, str(ROOT))
@@ -83,6 +85,49 @@ def test_sampler_is_deterministic_resumable_and_sliced_per_rank():
     assert torch.equal(torch.cat(parts), whole)
     with pytest.raises(UserError, match="too few for block_size 8"):
         BatchSampler(tokens[:9], **kw, name="val")
+
+
+def test_mfu_peak_is_each_gpu_once_and_a_shared_cpu_machine_once(monkeypatch):
+    """MFU's denominator is the hardware the run shares. At f3defa5 every rank used its own
+    peak (one GPU; on a CPU, a matmul on the one thread torchrun gives each rank) while the
+    numerator held the tokens of all ranks: "mfu 108.4%" with two CPU processes."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    gpu = torch.device("cuda", 0)
+    for world, dtype, expected in ((1, "bfloat16", 989e12), (2, "bfloat16", 2 * 989e12),
+                                   (8, "float32", 8 * 989e12 / 2)):
+        peak, what = meters.run_peak_flops(Runtime(gpu, dtype, world_size=world,
+                                                   local_world_size=min(world, 8)))
+        assert peak == expected and what.startswith(f"{world} x NVIDIA H100")
+
+    # A fake CPU whose cores peak at 50 GFLOP/s each; the ranks' one thread each (torchrun's
+    # OMP_NUM_THREADS=1) must not shrink the machine's peak.
+    monkeypatch.setattr(meters, "_core_peak", [])
+    monkeypatch.setattr(meters, "_measure_core_peak", lambda: 50e9)
+    machine = 50e9 * meters.machine_cores()
+    sent = []
+
+    def broadcast(box: list, src: int) -> None:  # as gloo would: rank 0's value everywhere
+        sent.append(box[0])
+        box[0] = machine
+
+    monkeypatch.setattr(meters.dist, "broadcast_object_list", broadcast)
+    cpu = torch.device("cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert meters.run_peak_flops(Runtime(cpu, "float32"))[0] == machine
+        two_ranks = meters.run_peak_flops(Runtime(cpu, "float32", world_size=2,
+                                                  local_world_size=2))
+        assert two_ranks[0] == machine and two_ranks[1].startswith("1 machine(s)")
+        two_machines = meters.run_peak_flops(Runtime(cpu, "float32", rank=2, world_size=4,
+                                                     local_world_size=2))
+        assert two_machines[0] == 2 * machine
+        assert sent == [machine, None]  # rank 0 measured and told the others; rank 2 did not
+    finally:
+        torch.set_num_threads(threads)
+    # the same tokens/s over the shared peak: 2 ranks each at the single process's speed
+    single = meters.Throughput(512, 1e6, machine).mfu(40_000)
+    assert meters.Throughput(1024, 1e6, machine).mfu(80_000) == pytest.approx(2 * single)
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="checks the fallback on a machine without CUDA")
@@ -227,17 +272,32 @@ def test_a_second_trainer_on_a_busy_run_folder_exits_2(prepared_europarl, tmp_pa
 # --- torch.compile ------------------------------------------------------------------------------
 
 
-def test_compiled_run_saves_clean_checkpoints_and_resumes(prepared_europarl, tmp_path):
+def test_compiled_run_saves_clean_checkpoints_and_resumes(prepared_europarl, tmp_path, capsys,
+                                                          monkeypatch):
+    """Also: compiling says so, and how long it took, in a log file and in a terminal (at
+    f3defa5 a CPU spent about 48 s before the first line with no word)."""
     small = dict(n_layer=1, max_iters=3, eval_interval=2, eval_iters=1, batch_size=2,
                  checkpoint_interval=2, compile=True)
     cfg = tiny_config("backpack", tmp_path / "c", **small)
     assert train(cfg)["iter_num"] == 3
+    lines = capsys.readouterr().out.splitlines()  # output to a file: plain lines
+    for what, first in (("evaluation", "evaluation"), ("training", "step")):
+        start = lines.index(f"compiling the model for {what} (torch.compile, once per session: "
+                            "it can take a minute)")
+        assert re.fullmatch(rf"compiled for {what}: the first {first} took \d+\.\d s, "
+                            "compilation included", lines[start + 1])
+        if what == "evaluation":  # said before the silence, not after it
+            assert start < [ln.startswith("eval 0: ") for ln in lines].index(True)
     state = torch.load(tmp_path / "c" / "ckpt.pt", weights_only=True, map_location="cpu")
     assert not any("_orig_mod" in k for k in state["model"])
     model = build_model("backpack", ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])  # strict: every key matches a bare model
+    monkeypatch.setattr(meters, "show_bars", lambda enabled=True: enabled)  # a terminal
     resumed = train(cfg.replace(init_from="resume", max_iters=5))
     assert resumed["iter_num"] == 5 and _log(tmp_path / "c")["iterations"] == [0, 2, 3, 4, 5]
+    out, err = capsys.readouterr()
+    assert "5/5 [" in err  # the bar was drawn
+    assert "compiling the model for training" in out and "compiled for training: " in out
 
 
 def test_auto_compile_is_off_on_cpu_and_activation_checkpointing_changes_nothing(
@@ -273,11 +333,14 @@ def _env() -> dict:
 
 
 def test_ddp_two_processes_gloo(prepared_europarl, tmp_path):
+    """Two CPU processes: the global batch, rank 0 alone writing (files, progress, live
+    curves), and MFU over the one machine's peak (at f3defa5, one rank's: over 100%)."""
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            "2", "train.py", *_tiny_argv("transformer", out, "--max_iters", "6",
                                         "--eval_interval", "3", "--eval_iters", "2",
-                                        "--checkpoint_interval", "3")]
+                                        "--checkpoint_interval", "3", "--log_interval", "3",
+                                        "--logger", "tensorboard")]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -289,7 +352,14 @@ def test_ddp_two_processes_gloo(prepared_europarl, tmp_path):
     assert info["effective_batch"]["sequences"] == 16
     assert proc.stdout.count("eval 6:") == 1  # rank 0 alone reports
     assert sorted(p.name for p in out.iterdir()) == [
-        "best.pt", "ckpt.prev.pt", "ckpt.pt", "run.json", "training_log.json"]
+        "best.pt", "ckpt.prev.pt", "ckpt.pt", "run.json", "tensorboard", "training_log.json"]
+    assert len(list((out / "tensorboard").iterdir())) == 1  # rank 0 alone logs curves
+    # MFU: the tokens of both ranks over the peak of the machine they share, all its cores
+    # (torchrun gives each rank one thread)
+    assert info["peak_flops_of"] == (f"1 machine(s) of {meters.machine_cores()} CPU cores, "
+                                     "one core's float32 matmul peak measured")
+    assert info["mfu"] == pytest.approx(info["flops_per_token"] * info["tokens_per_s"]
+                                        / info["peak_flops"])
     state = ck.read_checkpoint(out / "ckpt.pt")
     assert len(state["rng"]) == 2 and state["sampler"]["world_size"] == 2
 

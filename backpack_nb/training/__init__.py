@@ -18,11 +18,12 @@ What it guarantees:
   batch_size x gradient_accumulation_steps x processes, and only rank 0 writes files.
 
 Files in ``out_dir``: ``ckpt.pt`` (+ ``ckpt.prev.pt``), ``best.pt``, ``training_log.json``
-(the seed's layout plus lr, tokens_seen, elapsed_s) and ``run.json`` (config, versions, data).
+(the seed's layout plus lr, tokens_seen, elapsed_s) and ``run.json`` (config, versions, data);
+with a ``logger``, live curves in ``tensorboard/`` or ``wandb/`` (+ ``wandb_run.json``).
 
 The modules: :mod:`.loop` (the Trainer and train), :mod:`.batches`, :mod:`.schedule`,
 :mod:`.meters` (FLOPs, peak, throughput, progress bar), :mod:`.records` (training_log.json,
-run.json) and :mod:`.runtime` (device, DDP, signals).
+run.json), :mod:`.loggers` (TensorBoard, W&B) and :mod:`.runtime` (device, DDP, signals).
 """
 
 from .batches import BatchSampler

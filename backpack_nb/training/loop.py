@@ -12,7 +12,7 @@ import contextlib
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -28,8 +28,9 @@ from backpack_nb.params import TrainConfig
 from backpack_nb.paths import resolve_in_root
 from backpack_nb.runfiles import run_lock, write_json
 
+from . import loggers
 from .batches import BatchSampler
-from .meters import Progress, Throughput, flops_per_token, peak_flops
+from .meters import Progress, Throughput, flops_per_token, run_peak_flops
 from .records import (LOG_NAME, RUN_NAME, append_evaluation, device_name, earlier_throughput,
                       git_commit, new_training_log, now, versions)
 from .runtime import Runtime, StopRequest, setup_runtime
@@ -49,6 +50,7 @@ def train(cfg: TrainConfig, *, callback: EvalCallback | None = None) -> dict[str
     after each evaluation with the eval record (iteration, train_loss, val_loss, lr,
     tokens_seen, elapsed_s, best_val_loss, improved, top_activating_words), e.g. for a live
     plot. Returns a summary dict; raises UserError for bad input and never calls sys.exit."""
+    loggers.require(cfg.logger)  # a missing package is bad input: before anything is written
     rt = setup_runtime(cfg)
     stop = StopRequest()
     try:
@@ -80,7 +82,8 @@ def _prepare_data(cfg: TrainConfig, rt: Runtime, data_dir: Path) -> None:
     # on the other ranks this only checks that the dataset fits this run
     data.ensure_prepared(
         data_dir, source=cfg.data_source or None, langs=cfg.languages, form=cfg.data_form,
-        block_size=cfg.block_size, seed=cfg.seed, encoding=cfg.encoding, progress=rt.master)
+        block_size=cfg.block_size, seed=cfg.seed, encoding=cfg.encoding, progress=rt.master,
+        source_flag="--data_source")
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
@@ -119,6 +122,8 @@ class Trainer:
             for name in (ckpt_io.CKPT_NAME, ckpt_io.PREV_NAME, ckpt_io.BEST_NAME,
                          LOG_NAME):
                 (self.out_dir / name).unlink(missing_ok=True)  # never resume the replaced run
+        if cfg.init_from == "scratch" and rt.master:
+            loggers.clear(self.out_dir)  # a new run draws new curves
 
         torch.manual_seed(cfg.seed + rt.rank)  # same weights (DDP syncs them), own dropout
         self.model_config = ModelConfig.from_params(cfg.to_dict(), self.tok.vocab_size)
@@ -153,9 +158,11 @@ class Trainer:
         self.distinct_tokens = mean_distinct_tokens(self.splits["train"], cfg.batch_size,
                                                     cfg.block_size)
         self.flops_per_token = flops_per_token(self.raw_model, cfg, self.distinct_tokens)
-        self.peak_flops = peak_flops(rt.device, rt.dtype)
+        self.peak_flops, self.peak_flops_of = run_peak_flops(rt)
         self.throughput = Throughput(self.tokens_per_iter, self.flops_per_token, self.peak_flops)
         self.display = Progress(False, cfg.max_iters, 0, cfg.run_name)  # shown once run() starts
+        self.logger: loggers.NoLogger = loggers.NoLogger()  # opened once run() starts
+        self._compiled_for: set[str] = set()  # what torch.compile has compiled this session
 
         # Non-finite losses since the last check, counted on the device (no sync per step).
         self._nonfinite = torch.zeros((), dtype=torch.int32, device=rt.device)
@@ -183,35 +190,62 @@ class Trainer:
         cfg, prog = self.cfg, self.progress
         run_info = self._start()
         stopped: str | None = None
-        while True:
-            it = prog["iter_num"]
-            lr = self.schedule.step_to(it, self.optimizer)
-            done = it >= cfg.max_iters
-            stopped = None if done else self._stop_reason(stop)  # `done` agrees on all ranks
-            evaluate, save = self._evaluation_due(it, done, stopped), self._save_due(it, done, stopped)
-            if evaluate or save:
-                self._check_finite()
-            if evaluate and self.evaluate(lr) and it > 0:
-                self.save(best=True)
-            if save and it != self.last_saved:
-                self.save()
-            if done or stopped:
-                break
+        try:
+            while True:
+                it = prog["iter_num"]
+                lr = self.schedule.step_to(it, self.optimizer)
+                done = it >= cfg.max_iters
+                stopped = None if done else self._stop_reason(stop)  # `done` agrees on all ranks
+                evaluate = self._evaluation_due(it, done, stopped)
+                save = self._save_due(it, done, stopped)
+                if evaluate or save:
+                    self._check_finite()
+                if evaluate and self.evaluate(lr) and it > 0:
+                    self.save(best=True)
+                if save and it != self.last_saved:
+                    self.save()
+                if done or stopped:
+                    break
 
-            t_step = time.perf_counter()
-            loss = self.train_step()
-            log_now = prog["iter_num"] % cfg.log_interval == 0 or prog["iter_num"] == cfg.max_iters
-            if log_now:
-                loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs the GPU
-                self._check_finite()
-            self.throughput.add_step(time.perf_counter() - t_step)
-            if log_now:
-                tok_s, mfu = self.throughput.end_window()
-                self.display.update(prog["iter_num"], f"loss {loss_value:.4f} | lr {lr:.2e} | "
-                                    f"{tok_s:,.0f} tok/s | mfu "
-                                    f"{f'{100 * mfu:.1f}%' if mfu else '-'}")
-        self.display.close()
+                t_step = time.perf_counter()
+                with self._compiling("training"):
+                    loss = self.train_step()
+                it = prog["iter_num"]
+                log_now = it % cfg.log_interval == 0 or it == cfg.max_iters
+                if log_now:
+                    loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs the GPU
+                    self._check_finite()
+                self.throughput.add_step(time.perf_counter() - t_step)
+                if log_now:
+                    tok_s, mfu = self.throughput.end_window()
+                    self.display.update(it, f"loss {loss_value:.4f} | lr {lr:.2e} | "
+                                        f"{tok_s:,.0f} tok/s | mfu "
+                                        f"{f'{100 * mfu:.1f}%' if mfu else '-'}")
+                    self.logger.log(it, loggers.step_metrics(loss_value, lr, tok_s, mfu))
+        except BaseException:
+            self.logger.close(failed=True)
+            raise
+        finally:
+            self.display.close()
+        self.logger.close()
         return self._finish(run_info, stopped)
+
+    @contextlib.contextmanager
+    def _compiling(self, what: str) -> Iterator[None]:
+        """Say so when torch.compile compiles the model (the first evaluation and the first
+        training step of a session), and how long it took: a minute or so on a CPU, with no
+        sign of life otherwise."""
+        if not self.compiled or what in self._compiled_for:
+            yield
+            return
+        self._compiled_for.add(what)
+        self.display.line(f"compiling the model for {what} (torch.compile, once per session: "
+                          "it can take a minute)")
+        t0 = time.perf_counter()
+        yield
+        first = "step" if what == "training" else "evaluation"
+        self.display.line(f"compiled for {what}: the first {first} took "
+                          f"{time.perf_counter() - t0:.1f} s, compilation included")
 
     def _evaluation_due(self, it: int, done: bool, stopped: str | None) -> bool:
         # A stop saves at once and leaves a due evaluation to the resume, which runs it
@@ -231,6 +265,11 @@ class Trainer:
         if rt.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             stale = ckpt_io.remove_stale_temps(self.out_dir)  # left by a crash mid-save
+        # before run.json says "running": a logger that cannot start is the user's to fix
+        self.logger = loggers.open_logger(cfg, self.out_dir, master=rt.master,
+                                          iteration=prog["iter_num"],
+                                          resumed=self.resumed_from is not None)
+        if rt.master:
             write_json(self.out_dir / RUN_NAME, {**run_info, "status": "running"})
         self.display = Progress(rt.master, cfg.max_iters, prog["iter_num"], cfg.run_name)
         if stale:
@@ -336,7 +375,8 @@ class Trainer:
         """Evaluate at the current iteration: append to the log, write training_log.json and
         call the callback. Returns whether the val loss improved (the caller saves best.pt)."""
         it = self.progress["iter_num"]
-        losses = self.estimate_loss()
+        with self._compiling("evaluation"):
+            losses = self.estimate_loss()
         self.progress["last_eval_iter"] = it
         self.progress["elapsed_s"] = self._elapsed()
         improved = losses["val"] < self.progress["best_val_loss"]
@@ -353,6 +393,7 @@ class Trainer:
                                              self.cfg.sense_top_k)
                 self.log["top_activating_words"].append({"iteration": it, "words": words})
             write_json(self.out_dir / LOG_NAME, self.log)
+            self.logger.log(it, loggers.eval_metrics(losses["train"], losses["val"]))
             self.display.line(f"eval {it}: train loss {losses['train']:.4f}, val loss "
                               f"{losses['val']:.4f}{' (best)' if improved else ''}")
             if self.callback is not None:
@@ -520,5 +561,6 @@ class Trainer:
             "probe_words": self.probe_words,
             "compiled": self.compiled, "distinct_tokens_per_batch": self.distinct_tokens,
             "flops_per_token": self.flops_per_token, "peak_flops": self.peak_flops,
+            "peak_flops_of": self.peak_flops_of,
             **self.history, "warnings": rt.warnings,
         }

@@ -1,16 +1,22 @@
-"""What the loop measures and shows: useful FLOPs, the hardware's peak, throughput and MFU
-over log windows, and the progress bar (plain lines when output goes to a file)."""
+"""What the loop measures and shows: useful FLOPs, the peak of the hardware a run shares,
+throughput and MFU over log windows, and the progress bar (plain lines when output goes to a
+file)."""
 
 from __future__ import annotations
 
+import os
 import time
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from backpack_nb.console import show_bars
 from backpack_nb.models.flops import train_flops
 from backpack_nb.params import TrainConfig
+
+from .runtime import Runtime
 
 
 def flops_per_token(model: torch.nn.Module, cfg: TrainConfig, distinct_tokens: float) -> float:
@@ -25,13 +31,50 @@ def flops_per_token(model: torch.nn.Module, cfg: TrainConfig, distinct_tokens: f
 _GPU_PEAKS = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12),
               ("A10G", 70e12), ("L4", 121e12), ("4090", 165e12), ("3090", 71e12),
               ("V100", 125e12), ("T4", 65e12)]
-_cpu_peak: float | None = None
+_core_peak: list[float] = []  # one CPU core's matmul peak, measured once per process
+
+
+def machine_cores() -> int:
+    """The physical CPU cores this process may run on (hyperthreads of one core count once:
+    they share its matmul units)."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # macOS: no affinity masks, no sysfs
+        return os.cpu_count() or 1
+    try:
+        return len({Path(f"/sys/devices/system/cpu/cpu{c}/topology/thread_siblings_list")
+                    .read_text().strip() for c in cpus})
+    except OSError:  # no sysfs topology (a container may hide it): count logical CPUs
+        return len(cpus)
+
+
+def _measure_core_peak() -> float:
+    """One core's float32 matmul FLOP/s: the fastest of the calls made in a quarter second
+    (at least 4). One thread, the fastest call: a multi-threaded measurement on a busy
+    machine stalls at every call on its slowest thread, and would put the peak below what
+    the training itself reaches."""
+    n = 1024
+    g = torch.Generator().manual_seed(0)  # never the global RNG: a resume must not shift it
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        a @ b  # warm up the kernel
+        t_end, best, calls = time.perf_counter() + 0.25, float("inf"), 0
+        while calls < 4 or time.perf_counter() < t_end:
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+            calls += 1
+        return 2 * n**3 / best
+    finally:
+        torch.set_num_threads(before)
 
 
 def peak_flops(device: torch.device, dtype: str) -> float | None:
-    """Peak FLOP/s for MFU: a table for known GPUs; on the CPU a float32 matmul measured in
-    this process (no table fits all CPUs). None where unknown."""
-    global _cpu_peak
+    """Peak FLOP/s of one device: a table for known GPUs; on the CPU the whole machine's,
+    one core's float32 matmul peak (measured: no table fits all CPUs) times its cores.
+    None where unknown."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, peak in _GPU_PEAKS:
@@ -40,15 +83,35 @@ def peak_flops(device: torch.device, dtype: str) -> float | None:
         return None
     if device.type != "cpu":
         return None
-    if _cpu_peak is None:
-        g = torch.Generator().manual_seed(0)  # never the global RNG: a resume must not shift it
-        a, b = torch.randn(1024, 1024, generator=g), torch.randn(1024, 1024, generator=g)
-        a @ b  # warm up the kernel
-        t0, reps = time.perf_counter(), 8
-        for _ in range(reps):
-            a @ b
-        _cpu_peak = reps * 2 * 1024**3 / (time.perf_counter() - t0)
-    return _cpu_peak
+    if not _core_peak:
+        _core_peak.append(_measure_core_peak())
+    return _core_peak[0] * machine_cores()
+
+
+def run_peak_flops(rt: Runtime) -> tuple[float | None, str]:
+    """The peak of the hardware the whole run shares, MFU's denominator, and what it is.
+
+    MFU divides the useful FLOP/s of all ranks by it. Each GPU process has a device of its
+    own: one device's peak times the processes. The ranks on one machine share its CPU: its
+    peak counts once per machine, however many ranks it runs (measured by rank 0 while the
+    others wait, so that no measurement competes with another rank's, and sent to them).
+    """
+    if rt.device.type == "cpu":
+        if rt.ddp:
+            box = [peak_flops(rt.device, rt.dtype) if rt.rank == 0 else None]
+            dist.broadcast_object_list(box, src=0)
+            unit = box[0]
+        else:
+            unit = peak_flops(rt.device, rt.dtype)
+        machines = max(1, rt.world_size // rt.local_world_size)
+        return unit * machines, (f"{machines} machine(s) of {machine_cores()} CPU cores, "
+                                 "one core's float32 matmul peak measured")
+    unit = peak_flops(rt.device, rt.dtype)
+    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else str(rt.device)
+    if unit is None:
+        return None, f"{rt.world_size} x {name} (peak unknown: no MFU)"
+    return unit * rt.world_size, (f"{rt.world_size} x {name} "
+                                  f"({'TF32' if rt.dtype == 'float32' else 'fp16/bf16'} dense)")
 
 
 class Throughput:

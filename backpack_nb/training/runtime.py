@@ -30,6 +30,7 @@ class Runtime:
     rank: int = 0
     local_rank: int = 0
     world_size: int = 1
+    local_world_size: int = 1  # the processes on this machine (they share its CPU)
     owns_process_group: bool = False  # we initialised torch.distributed, so we tear it down
     warnings: list[str] = field(default_factory=list)
 
@@ -64,7 +65,9 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
     rank, local_rank, world = dist_env()
     device, dtype, notes = resolve_device(cfg.device, cfg.dtype, strict=cfg.strict_device,
                                           local_rank=local_rank, world_size=world)
-    rt = Runtime(device=device, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world)) if world > 1 else 1
+    rt = Runtime(device=device, dtype=dtype, rank=rank, local_rank=local_rank, world_size=world,
+                 local_world_size=local_world)
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
