@@ -31,7 +31,7 @@ from .checkpoint import load_model, merge_eval_json
 from .console import progress_bar
 from .devices import DTYPES, autocast_dtype, device_problem, resolve_device
 from .errors import UserError, exit_on_user_error
-from .params import load_params
+from .params import load_params, prepare_args
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -279,6 +279,11 @@ def evaluate_checkpoint(
         raise UserError("; ".join(problems))
     if config is not None:
         cfg = load_params(config)
+        if data_dir is not None and str(data_dir) != cfg.data_dir:
+            # only the params file's own dataset is prepared on first use: another name that
+            # does not exist is a typo, not a new dataset to prepare (and download)
+            dataset.require_existing(str(data_dir), flag=f"{flag_prefix}data_dir",
+                                     prepare_args=prepare_args(cfg))
         ddir = data.ensure_prepared(
             data_dir or cfg.data_dir, source=cfg.data_source or None, langs=cfg.languages,
             form=cfg.data_form, block_size=model.config.block_size, seed=cfg.seed,

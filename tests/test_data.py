@@ -675,3 +675,17 @@ def test_full_vocabulary_keeps_the_encodings_ids(tmp_path, europarl_source, meta
     first_doc = text.split("<|endoftext|>")[0]
     assert enc.encode_ordinary(first_doc) == ids[:len(enc.encode_ordinary(first_doc))].tolist()
     assert "full_vocab" not in meta["config"]  # the session's compact dataset
+
+
+def test_evaluate_with_a_config_and_a_data_dir_typo(tiny_backpack_run, capsys):
+    """evaluate.py --config X --data_dir TYPO used to prepare a dataset under the typo."""
+    from backpack_nb import evaluation
+
+    before = sorted(p.name for p in paths.data_root().iterdir())
+    with pytest.raises(SystemExit) as exc:
+        evaluation.main(["--model_path", str(tiny_backpack_run["out_dir"] / "best.pt"),
+                         "--config", "tiny_backpack", "--data_dir", "europarl_sampel"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--data_dir europarl_sampel: no prepared dataset" in err
+    assert "did you mean 'europarl_sample'?" in err and "Traceback" not in err
+    assert sorted(p.name for p in paths.data_root().iterdir()) == before
