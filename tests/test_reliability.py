@@ -844,7 +844,7 @@ def _bad_inputs(run: Path, other_vocab_data: Path, garbage: Path) -> list[tuple]
         ("reports", ["pipeline", "-f", "tiny_backpack", "-p", "lerning_rate", "1"],
          "did you mean 'learning_rate'?"),
         ("reports", ["pipeline", "-f", "tiny_backpack", "-p", "max_iters", "-5"],
-         "--max_iters: must be >= 0, got -5"),
+         "-p max_iters: must be >= 0, got -5"),  # the runner's own spelling (issue 17)
         ("reports", ["run", "train", "-f", "tiny_backpack", "-p", "model_type", "gpt"],
          "'gpt' is not one of backpack, transformer"),
         ("reports", ["compare", "-f", "tiny_backpack", "--seeds", "a,b"],
