@@ -412,12 +412,17 @@ def config_from_argv(argv: Sequence[str] | None) -> TrainConfig:
     else:
         cfg = load_params(name, ns)
         named = read_params_file(name).get("data_dir", TrainConfig().data_dir)
-    # A dataset is prepared on first use only when it is the one the params file names: a
-    # --data_dir typed on the command line must exist, or a typo would prepare (and download)
-    # a second dataset.
-    if "data_dir" in ns and cfg.data_dir != str(named):
-        dataset.require_existing(cfg.data_dir, prepare_args=prepare_args(cfg))
+    if "data_dir" in ns:
+        require_typed_dataset(cfg, named)
     return cfg
+
+
+def require_typed_dataset(cfg: TrainConfig, named: Any, flag: str = "--data_dir") -> None:
+    """A dataset is prepared on first use only when it is the one the params file names
+    (``named``): a data_dir typed on a command line must exist, or a typo would prepare (and
+    download) a second dataset."""
+    if cfg.data_dir != str(named):
+        dataset.require_existing(cfg.data_dir, flag=flag, prepare_args=prepare_args(cfg))
 
 
 def prepare_args(cfg: TrainConfig) -> str:

@@ -43,7 +43,8 @@ import yaml
 from . import paths
 from .checkpoint import existing_checkpoints
 from .errors import UserError, exit_on_user_error
-from .params import TrainConfig, load_params, params_path, read_params_file
+from .params import (TrainConfig, load_params, params_path, read_params_file,
+                     require_typed_dataset)
 from .runfiles import read_json, write_json
 
 KERNEL_NAME = "backpack-nb"
@@ -51,10 +52,9 @@ KERNEL_NAME = "backpack-nb"
 ALIASES = {"train": "01_train", "resume": "02_resume", "evaluate": "03_evaluate",
            "senses": "04_senses", "compare": "05_compare"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# ipykernel >= 7.4 warns at every start that its sockets are plain TCP. They listen on 127.0.0.1
-# only and every message is signed with the kernel's own key, as in any local Jupyter; the
-# warning is one line of noise at the top of every run (this runner, papermill, JupyterLab's
-# log), so the kernel is registered to log errors only.
+# ipykernel >= 7.4 warns at every start that its sockets are plain TCP; they listen on 127.0.0.1
+# only and every message is signed with the kernel's key, so the kernel is registered to log
+# errors only (one line of noise less in every run, papermill's and JupyterLab's too).
 KERNEL_QUIET = "--IPKernelApp.log_level=ERROR"
 FAILED = ".failed"  # 01_train.failed.ipynb / .html: the notebook of the last run that failed
 
@@ -168,6 +168,8 @@ def resolve_parameters(notebooks: Sequence[str | Path], params_file: str | None,
         cfg = load_params(params_file, train_overrides)
     elif train_overrides:
         cfg = TrainConfig.from_dict(train_overrides, source="-p parameters")
+    if cfg is not None and "data_dir" in overrides:
+        require_typed_dataset(cfg, values.get("data_dir", TrainConfig.data_dir), "-p data_dir")
     # A notebook reads the params file itself (results.config_from_notebook); it gets the keys it
     # declares and the training overrides, not every key of the file.
     injected = {k: v for k, v in {**values, **overrides}.items() if k in declared or k in overrides}

@@ -279,3 +279,18 @@ def test_the_docs_direct_papermill_command_is_quiet(tmp_path):
     injected = nbformat.read(tmp_path / "quiet.ipynb", as_version=4)
     source = "".join(c.source for c in injected.cells if "injected-parameters" in c.metadata.get("tags", []))
     assert 'params_file = "params/tiny_backpack.yaml"' in source
+
+
+def test_a_data_dir_typo_given_to_the_runner_is_an_error(prepared_europarl, capsys):
+    """-p data_dir TYPO used to prepare (or download) a second dataset inside 01_train."""
+    from backpack_nb import paths
+    from backpack_nb.reports import main
+
+    before = sorted(p.name for p in paths.data_root().iterdir())
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "01_train", "-f", "params/tiny_backpack.yaml", "-p", "data_dir",
+              "europarl_sampel"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "-p data_dir europarl_sampel: no prepared dataset" in err
+    assert "did you mean 'europarl_sample'?" in err and "Traceback" not in err
+    assert sorted(p.name for p in paths.data_root().iterdir()) == before
