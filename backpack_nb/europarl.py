@@ -14,15 +14,12 @@ import hashlib
 import os
 import re
 import tarfile
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from . import paths
 from .errors import UserError
+from .runfiles import download
 
 EUROPARL_LANGS = ("bg cs da de el en es et fi fr hu it lt lv nl pl pt ro sk sl sv").split()
 OFFICIAL_BASE_URL = "https://www.statmt.org/europarl/v7/"
@@ -100,28 +97,13 @@ def _read_archive(path: Path, form: str, langs: Sequence[str]) -> Iterator[Sourc
 
 
 def _download(url: str, dest: Path, flag: str = "--source") -> Path:
-    """Download ``url`` to ``dest`` (cached) with a progress bar; a partial file never
-    takes the final name."""
+    """Download ``url`` to ``dest`` (cached) with a progress bar."""
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=30) as resp, open(tmp, "wb") as out:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-                    bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        tmp.unlink(missing_ok=True)
-        raise UserError(
-            f"could not download {url} ({exc}). Without network access, download the Europarl "
-            f"files elsewhere and pass a local copy: {flag} /path/to/europarl (a folder or .tgz), "
-            "or set EUROPARL_SOURCE=/path/to/europarl"
-        ) from exc
-    os.replace(tmp, dest)
-    return dest
+    return download(url, dest, lambda exc: (
+        f"could not download {url} ({exc}). Without network access, download the Europarl "
+        f"files elsewhere and pass a local copy: {flag} /path/to/europarl (a folder or .tgz), "
+        "or set EUROPARL_SOURCE=/path/to/europarl"), bar=f"download {dest.name}")
 
 
 def _official_urls(form: str, langs: Sequence[str], base: str = OFFICIAL_BASE_URL) -> list[str]:

@@ -1,4 +1,4 @@
-"""Crash-safe files in a run folder: atomic writes, JSON sidecars, the run lock.
+"""Crash-safe files: atomic writes, JSON sidecars, the run lock, downloads.
 
 A file is written to a temporary file beside it, fsynced and renamed over the old one, so a
 reader (or a resume after a crash at any moment) sees either the old file or the new one,
@@ -16,8 +16,12 @@ import os
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
+
+from tqdm.auto import tqdm
 
 from backpack_nb.errors import UserError
 
@@ -248,3 +252,24 @@ def _running_run(out_dir: Path) -> str:
         return f" (run {info.get('run_name')!r}, started {info.get('started_at')})"
     except (OSError, ValueError, AttributeError):
         return ""
+
+
+def download(url: str, dest: Path, failed: Callable[[BaseException], str], *,
+             bar: str | None = None) -> Path:
+    """Fetch ``url`` into ``dest`` through a ``.part`` file renamed at the end, so a partial
+    file never takes the final name; ``bar`` shows a progress bar with that label. A network
+    or disk failure removes the partial file and raises UserError(``failed(exc)``)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with urllib.request.urlopen(url, timeout=30) as resp, open(tmp, "wb") as out:
+            total = int(resp.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=bar, disable=bar is None) as shown:
+                while chunk := resp.read(1 << 20):
+                    out.write(chunk)
+                    shown.update(len(chunk))
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise UserError(failed(exc)) from exc
+    os.replace(tmp, dest)
+    return dest

@@ -121,3 +121,28 @@ def test_write_json_is_atomic_and_readable(tmp_path):
 
     runfiles.write_json(tmp_path / "a" / "log.json", {"x": [1.5, "é"]})
     assert json.loads((tmp_path / "a" / "log.json").read_text("utf-8")) == {"x": [1.5, "é"]}
+
+
+def test_download_renames_only_a_complete_file(tmp_path):
+    """runfiles.download (Europarl archives, Multi-SimLex): the file appears under its name
+    only when complete; a failure leaves no partial file and says what the caller says."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "a.bin").write_bytes(b"x" * 3_000_000)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        got = runfiles.download(f"{base}/a.bin", tmp_path / "out" / "a.bin", lambda e: "never")
+        assert got.read_bytes() == b"x" * 3_000_000
+        with pytest.raises(UserError, match=r"^no b\.bin: HTTP Error 404"):
+            runfiles.download(f"{base}/b.bin", tmp_path / "out" / "b.bin",
+                              lambda e: f"no b.bin: {e}", bar="b.bin")
+    finally:
+        server.shutdown()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.bin"]

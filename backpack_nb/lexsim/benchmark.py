@@ -12,8 +12,6 @@ from __future__ import annotations
 import csv
 import os
 import re
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +19,7 @@ import numpy as np
 
 from .. import paths
 from ..errors import UserError
+from ..runfiles import download
 
 # Multi-SimLex language columns that are Europarl languages, and their Europarl codes.
 EUROPARL_CODES = {"ENG": "en", "FRA": "fr", "FIN": "fi", "SPA": "es", "EST": "et", "POL": "pl"}
@@ -42,20 +41,11 @@ def _fetch_official(dest: Path, base_url: str | None = None) -> Path:
         target = dest / name
         if target.is_file():
             continue
-        tmp = target.with_name(name + ".part")
         url = base_url.rstrip("/") + "/" + name
-        try:
-            with urllib.request.urlopen(url, timeout=30) as resp, open(tmp, "wb") as out:
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            tmp.unlink(missing_ok=True)
-            raise UserError(
-                f"Multi-SimLex is not available locally and could not be fetched from {url} ({exc}). "
-                f"Download {' and '.join(FILES)} from https://multisimlex.com/ and pass their folder "
-                "with --multisimlex PATH, or set MULTISIMLEX_SOURCE=PATH"
-            ) from exc
-        os.replace(tmp, target)
+        download(url, target, lambda exc, url=url: (
+            f"Multi-SimLex is not available locally and could not be fetched from {url} ({exc}). "
+            f"Download {' and '.join(FILES)} from https://multisimlex.com/ and pass their folder "
+            "with --multisimlex PATH, or set MULTISIMLEX_SOURCE=PATH"))
     return dest
 
 
