@@ -163,3 +163,27 @@ def test_model_shape_keys():
     assert not schedule & set(model_shape_keys())
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert set(model_shape_keys()) <= fields
+
+
+def test_params_get_prints_validated_values_for_shell_scripts(tmp_path, capsys):
+    """`python -m backpack_nb.params get` (what gcp_vm.sh reads params files with)."""
+    from backpack_nb.params import main
+
+    assert main(["get", "train_europarl_scratch", "out_dir", "compile", "bias", "dropout",
+                 "probe_words"]) == 0
+    assert capsys.readouterr().out.split("\n") == ["out/backpack_full", "", "false", "0.1", "", ""]
+    custom = tmp_path / "mine.yaml"
+    custom.write_text("max_iters: 10\nprobe_words: [vote, loi]\n")
+    assert main(["get", str(custom), "run_name", "probe_words", "max_iters", "--only-set"]) == 0
+    assert capsys.readouterr().out.split("\n") == ["", "vote,loi", "10", ""]
+    for argv, words in ((["get", "tiny_backpack", "out_dirr"], "did you mean out_dir?"),
+                        (["get", "tiny_backpak", "out_dir"], "Did you mean 'tiny_backpack'?"),
+                        (["get", str(custom)], "the following arguments are required")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and words in err and "Traceback" not in err
+    custom.write_text("dropout: 2\n")
+    with pytest.raises(SystemExit):
+        main(["get", str(custom), "dropout"])
+    assert "dropout" in capsys.readouterr().err
