@@ -110,7 +110,10 @@ def _wandb_records(path: Path):
 def _wandb_sessions(out: Path) -> list[tuple[str, list[dict]]]:
     """(run id, logged rows) for each offline session under out/wandb, oldest first."""
     sessions = []
-    for run_file in sorted(out.glob("wandb/offline-run-*/run-*.wandb")):
+    # by when each session last wrote: the folder names carry a time to the second only, and
+    # two short sessions in one second would sort by their random ids
+    for run_file in sorted(out.glob("wandb/offline-run-*/run-*.wandb"),
+                           key=lambda f: f.stat().st_mtime_ns):
         run_id, rows = None, []
         for record in _wandb_records(run_file):
             kind = record.WhichOneof("record_type")
