@@ -42,10 +42,12 @@ def _setup_logging() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     try:
-        from backpack_nb.params import config_from_argv
+        from backpack_nb.finetune import inherit_shape
+        from backpack_nb.params import config_from_argv, typed_keys
         from backpack_nb.training import train
 
-        cfg = config_from_argv(argv)
+        # a pretrained model (or the checkpoint of a fine-tune) fixes the shape
+        cfg, _ = inherit_shape(config_from_argv(argv), typed=typed_keys(argv))
         result = train(cfg)
     except UserError as exc:
         exit_on_user_error(exc)

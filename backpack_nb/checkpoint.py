@@ -130,7 +130,7 @@ def check_resumable(state: Mapping[str, Any], path: Path, config: Mapping[str, A
                 for k in keys if saved.get(k, False) != config[k]]
     if state["model_config"]["vocab_size"] != vocab_size:
         problems.append(f"vocab_size: checkpoint has {state['model_config']['vocab_size']}, "
-                        f"the dataset has {vocab_size}")
+                        f"this run's model has {vocab_size}")
     if state["data"]["meta_hash"] != data_hash:
         problems.append(f"dataset: checkpoint was trained on {state['data']['data_dir']} "
                         f"(meta hash {state['data']['meta_hash'][:12]}), this run reads "

@@ -369,16 +369,20 @@ def ensure_prepared(
     block_size: int = 1024,
     seed: int = 1337,
     encoding: str = DEFAULT_ENCODING,
+    full_vocab: bool = False,
     progress: bool = True,
     source_flag: str = "--source",
 ) -> Path:
     """The prepared dataset at ``data_dir``, preparing it on first use. An existing dataset
-    must match the requested languages, form and encoding, and hold more than
-    ``block_size`` tokens per language in val and test."""
+    must match the requested languages, form and encoding (by name: ``gpt2`` read from a
+    snapshot folder is still ``gpt2``), hold the encoding's own ids when ``full_vocab`` (a
+    pretrained model's), and hold more than ``block_size`` tokens per language in val and
+    test."""
     data_dir = resolve_data_dir(data_dir)
     wanted = parse_langs(langs)
     if not (data_dir / "meta.json").exists():
-        cfg = PrepareConfig(langs=wanted, form=form, encoding=encoding, seed=seed, block_size=max(block_size, 1024))
+        cfg = PrepareConfig(langs=wanted, form=form, encoding=encoding, seed=seed,
+                            block_size=max(block_size, 1024), full_vocab=full_vocab)
         try:
             prepare(source, data_dir, cfg, progress=progress, source_flag=source_flag)
         except UserError as exc:
@@ -393,12 +397,16 @@ def ensure_prepared(
         problems.append(f"languages {','.join(meta['langs'])} (asked: {','.join(wanted)})")
     if meta.get("form") != form:
         problems.append(f"form {meta.get('form')} (asked: {form})")
-    if meta["encoding"] != encoding:
+    if meta["encoding"].split(":")[0] != encoding.split(":")[0]:
         problems.append(f"encoding {meta['encoding']} (asked: {encoding})")
+    if full_vocab and not meta["config"].get("full_vocab"):
+        problems.append("a compact vocabulary (asked: the encoding's own ids, --full_vocab)")
     if problems:
         raise UserError(
             f"{data_dir} was prepared with {'; '.join(problems)}; use another --data_dir or "
-            f"re-prepare it with `python -m backpack_nb.data prepare --out {data_dir} --overwrite`"
+            f"re-prepare it with `python -m backpack_nb.data prepare --out {data_dir} "
+            f"--langs {','.join(wanted)} --form {form} --encoding {encoding}"
+            f"{' --full_vocab' if full_vocab else ''} --overwrite`"
         )
     for split in ("val", "test"):
         for lang, s in meta["splits"][split]["langs"].items():

@@ -14,7 +14,6 @@ import ast
 import dataclasses
 import difflib
 import inspect
-import math
 import re
 import textwrap
 import typing
@@ -27,8 +26,11 @@ import yaml
 
 from backpack_nb import dataset
 from backpack_nb.europarl import EUROPARL_LANGS, FORMS as DATA_FORMS, parse_langs
+from backpack_nb.coerce import coerce
 from backpack_nb.devices import DTYPES, device_problem
 from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.hub.layout import PRETRAINED_ENCODING
+from backpack_nb.hub.load import is_pretrained
 from backpack_nb.models.config import MODEL_KEYS, MODEL_TYPES, ModelConfig, config_problems
 from backpack_nb.paths import params_dir, resolve_in_root
 
@@ -72,7 +74,9 @@ class TrainConfig:
     from the project root, not the current directory."""
     init_from: str = "scratch"
     """``scratch`` starts a new run (refused where a checkpoint exists, unless ``overwrite``);
-    ``resume`` continues from ``out_dir/ckpt.pt`` (or ``ckpt.prev.pt``)."""
+    ``resume`` continues from ``out_dir/ckpt.pt`` (or ``ckpt.prev.pt``); ``hf:<repo id>`` or a
+    folder holding a Hugging Face model's config.json starts a new run from those weights,
+    whose shape it takes (a fine-tune; docs/hub.md)."""
     overwrite: bool = False
     """Let ``init_from: scratch`` replace the checkpoints already in ``out_dir``."""
 
@@ -206,7 +210,7 @@ class TrainConfig:
             if name not in known:
                 continue
             try:
-                kwargs[name] = _coerce(value, _field_types()[name])
+                kwargs[name] = coerce(value, _field_types()[name])
             except ValueError as exc:
                 mistyped.add(name)
                 problems.append(f"{'--' if name in cli_keys else ''}{name}: {exc}")
@@ -259,7 +263,9 @@ class TrainConfig:
                 p.append(f"{name}: must be >= {lo:g}, got {v}")
 
         choice("model_type", MODEL_TYPES)
-        choice("init_from", INIT_FROM)
+        if self.init_from not in INIT_FROM and not is_pretrained(self.init_from):
+            p.append(f"init_from: {self.init_from!r} is not one of {', '.join(INIT_FROM)}, "
+                     "hf:<repo id> or a folder holding a Hugging Face model's config.json")
         choice("data_form", DATA_FORMS)
         choice("dtype", DTYPES)
         choice("logger", LOGGERS)
@@ -417,6 +423,11 @@ def config_from_argv(argv: Sequence[str] | None) -> TrainConfig:
     return cfg
 
 
+def typed_keys(argv: Sequence[str] | None) -> set[str]:
+    """The TrainConfig keys a train.py command line sets (not those of its --config file)."""
+    return set(vars(build_arg_parser().parse_args(argv))) - {"config"}
+
+
 def require_typed_dataset(cfg: TrainConfig, named: Any, flag: str = "--data_dir") -> None:
     """A dataset is prepared on first use only when it is the one the params file names
     (``named``): a data_dir typed on a command line must exist, or a typo would prepare (and
@@ -428,8 +439,13 @@ def require_typed_dataset(cfg: TrainConfig, named: Any, flag: str = "--data_dir"
 def prepare_args(cfg: TrainConfig) -> str:
     """The ``python -m backpack_nb.data prepare`` options that make ``cfg``'s dataset."""
     args = [f"--langs {cfg.languages}", f"--form {cfg.data_form}"]
-    if cfg.encoding != TrainConfig.encoding:
+    pretrained = cfg.init_from not in INIT_FROM  # a fine-tune reads the model's own ids
+    if pretrained and cfg.encoding.split(":")[0] != PRETRAINED_ENCODING:
+        args.append(f"--encoding {PRETRAINED_ENCODING}")
+    elif cfg.encoding != TrainConfig.encoding:
         args.append(f"--encoding {cfg.encoding}")
+    if pretrained:
+        args.append("--full_vocab")
     if cfg.block_size > 1024:  # the preparation's floor for val/test follows block_size
         args.append(f"--block_size {cfg.block_size}")
     if cfg.data_source:
@@ -470,71 +486,6 @@ def _class_field_docs(cls: type) -> dict[str, str]:
                 and isinstance(nxt.value.value, str)):
             docs[node.target.id] = " ".join(nxt.value.value.split())
     return docs
-
-
-_TRUE = {"true", "yes", "on", "1"}
-_FALSE = {"false", "no", "off", "0"}
-
-
-def _describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
-
-
-def _coerce(value: Any, typ: Any) -> Any:
-    """``value`` as ``typ`` (bool, int, float, str, list[str], int | None) or ValueError."""
-    args = typing.get_args(typ)
-    if type(None) in args:  # Optional[X]; for a switch (bool | None), None is "auto"
-        (inner,) = [a for a in args if a is not type(None)]
-        nulls = {"none", "null", ""} | ({"auto"} if inner is bool else set())
-        if value is None or (isinstance(value, str) and value.strip().lower() in nulls):
-            return None
-        if inner is bool and not (isinstance(value, bool) or isinstance(value, str)
-                                  and value.strip().lower() in _TRUE | _FALSE):
-            raise ValueError(f"expected true, false or auto, got {_describe(value)}")
-        return _coerce(value, inner)
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-            return value.strip().lower() in _TRUE
-        raise ValueError(f"expected true or false, got {_describe(value)}")
-    if typ is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {_describe(value)}")
-        if isinstance(value, int):
-            return value
-        # 5e4 or "50_000" read as text/float still mean a whole number of iterations
-        number = value
-        if isinstance(value, str):
-            try:
-                number = float(value.replace("_", ""))
-            except ValueError:
-                raise ValueError(f"expected an integer, got {_describe(value)}") from None
-        if isinstance(number, float) and math.isfinite(number) and number.is_integer():
-            return int(number)
-        raise ValueError(f"expected an integer, got {_describe(value)}")
-    if typ is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {_describe(value)}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"expected a number, got {_describe(value)}")
-    if typ is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"expected text, got {_describe(value)}")
-    if typing.get_origin(typ) is list:
-        if isinstance(value, str):
-            return [w.strip() for w in value.split(",") if w.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(w, str) for w in value):
-            return [w for w in value if w.strip()]
-        raise ValueError(f"expected a list of words or a comma-separated string, got {_describe(value)}")
-    raise TypeError(f"unsupported config field type {typ!r}")  # a programming error
 
 
 # --- python -m backpack_nb.params --------------------------------------------------------------

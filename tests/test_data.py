@@ -659,9 +659,9 @@ def test_prepared_folder_follows_the_umask(tmp_path, europarl_source, monkeypatc
 def test_full_vocabulary_keeps_the_encodings_ids(tmp_path, europarl_source, meta):
     """--full_vocab: no compaction, ids are the encoding's own (what a pretrained model
     reads); a compact dataset's meta.json does not change (checkpoints record its hash)."""
-    from test_hub import TEXT, _write_small_gpt2_bpe
+    from hub_fixtures import TEXT, write_small_gpt2_bpe
 
-    _write_small_gpt2_bpe(tmp_path / "bpe", TEXT, n_merges=63)
+    write_small_gpt2_bpe(tmp_path / "bpe", TEXT, n_merges=63)
     encoding = f"gpt2:{tmp_path / 'bpe'}"
     assert data.main(["prepare", "--source", str(europarl_source), "--langs", "en",
                       "--encoding", encoding, "--full_vocab", "--block_size", "64",

@@ -15,13 +15,11 @@ import pytest
 import torch
 
 from backpack_nb import hub
-from backpack_nb.hub.layout import is_conv1d
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.tokenizer import get_encoding, gpt2_style_encoding
 from conftest import ROOT
-
-TINY = ROOT.parent / "shared" / "backpack-gpt2-tiny"
+from hub_fixtures import TEXT, TINY, as_gpt2_folder, write_small_gpt2_bpe
 
 
 @pytest.fixture(scope="module")
@@ -152,29 +150,6 @@ def test_a_pickle_that_is_not_a_plain_state_dict_is_refused(tiny_copy):
 # --- GPT-2's own layout (GPT2LMHeadModel, e.g. hf:gpt2) --------------------------------------
 
 
-def _as_gpt2_folder(model, folder: Path, *, bare: bool) -> None:
-    """Write a project GPT as transformers' GPT2LMHeadModel files (Conv1D weights (in, out),
-    the old causal-mask buffers, lm_head tied) — the layout GPT-2's own files have."""
-    c = model.config
-    prefix = "" if bare else "transformer."
-    state = {}
-    for name, tensor in model.state_dict().items():
-        hf_name = prefix + name.removeprefix("transformer.")
-        if is_conv1d(hf_name):
-            tensor = tensor.t()
-        state[hf_name] = tensor.clone().contiguous()
-    state["lm_head.weight"] = state[f"{prefix}wte.weight"].clone()
-    for i in range(c.n_layer):
-        state[f"{prefix}h.{i}.attn.bias"] = torch.ones(1, 1, c.block_size, c.block_size).tril()
-    folder.mkdir()
-    torch.save(state, folder / "pytorch_model.bin")
-    (folder / "config.json").write_text(json.dumps({
-        "architectures": ["GPT2LMHeadModel"], "activation_function": "gelu_new",
-        "vocab_size": c.vocab_size, "n_positions": c.block_size, "n_embd": c.n_embd,
-        "n_layer": c.n_layer, "n_head": c.n_head, "n_inner": None, "resid_pdrop": 0.1,
-        "layer_norm_epsilon": 1e-5, "scale_attn_weights": True}))
-
-
 @pytest.mark.parametrize("bare", [True, False])
 def test_gpt2_layout_loads_as_the_transformer(tmp_path, bare):
     torch.manual_seed(3)
@@ -183,7 +158,7 @@ def test_gpt2_layout_loads_as_the_transformer(tmp_path, bare):
     original = build_model("transformer", config).eval()
     for p in original.parameters():  # no zero biases or symmetric weights to hide behind
         p.data.add_(0.05 * torch.randn_like(p))
-    _as_gpt2_folder(original, tmp_path / "gpt2", bare=bare)
+    as_gpt2_folder(original, tmp_path / "gpt2", bare=bare)
     model, _, info = hub.load_pretrained(tmp_path / "gpt2", tokenizer=False)
     assert info["model_type"] == "transformer"
     idx = torch.randint(0, 90, (2, 16))
@@ -194,41 +169,8 @@ def test_gpt2_layout_loads_as_the_transformer(tmp_path, bare):
 # --- the GPT-2 tokenizer from a snapshot's vocab.json + merges.txt ----------------------------
 
 
-def _write_small_gpt2_bpe(folder: Path, text: str, n_merges: int) -> None:
-    """A GPT-2-format byte-level BPE learned greedily on ``text``: vocab.json and merges.txt
-    as a Hugging Face snapshot stores them, <|endoftext|> last."""
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    others = [b for b in range(256) if b not in printable]
-    char = {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
-    vocab = {char[b]: i for i, b in enumerate(printable + others)}
-    words = [[char[b] for b in w.encode()] for w in text.replace(" ", " \0").split("\0") if w]
-    merges = []
-    for _ in range(n_merges):
-        pairs: dict[tuple[str, str], int] = {}
-        for w in words:
-            for a, b in zip(w, w[1:]):
-                pairs[a, b] = pairs.get((a, b), 0) + 1
-        (a, b), _ = max(pairs.items(), key=lambda kv: (kv[1], kv[0]))
-        merges.append(f"{a} {b}")
-        vocab[a + b] = len(vocab)
-        for w in words:
-            i = 0
-            while i < len(w) - 1:
-                if (w[i], w[i + 1]) == (a, b):
-                    w[i:i + 2] = [a + b]
-                i += 1
-    vocab["<|endoftext|>"] = len(vocab)
-    folder.mkdir(exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges), encoding="utf-8")
-
-
-TEXT = ("The Commission welcomes the vote of the Parliament on the report. " * 3
-        + "La Commission se félicite du vote du Parlement sur le rapport. " * 3)
-
-
 def test_gpt2_tokenizer_from_a_snapshot(tiny_copy):
-    _write_small_gpt2_bpe(tiny_copy, TEXT, n_merges=63)  # 256 + 63 + 1 = the fixture's 320
+    write_small_gpt2_bpe(tiny_copy, TEXT, n_merges=63)  # 256 + 63 + 1 = the fixture's 320
     model, tok, _ = hub.load_pretrained(tiny_copy)
     assert tok.vocab_size == 320 == model.config.vocab_size and tok.eot_id == 319
     for text in ("The Commission", "Parlement européen", "¿qué? \x00 日本"):
@@ -243,7 +185,7 @@ def test_gpt2_tokenizer_from_a_snapshot(tiny_copy):
 def test_gpt2_tokenizer_problems_are_clear(tmp_path, tiny_copy):
     with pytest.raises(UserError, match="has no vocab.json or merges.txt"):
         gpt2_style_encoding("gpt2", tmp_path)
-    _write_small_gpt2_bpe(tmp_path, TEXT, n_merges=10)
+    write_small_gpt2_bpe(tmp_path, TEXT, n_merges=10)
     vocab = json.loads((tmp_path / "vocab.json").read_text())
     first, second = [k for k, v in sorted(vocab.items(), key=lambda kv: kv[1])][256:258]
     vocab[first], vocab[second] = vocab[second], vocab[first]  # ids out of the merges' order
@@ -328,7 +270,7 @@ def test_an_exported_backpack_has_the_released_layout(tiny_copy, tmp_path):
     and it loads back through load_pretrained with identical logits."""
     from safetensors.torch import load_file
 
-    _write_small_gpt2_bpe(tiny_copy, TEXT, n_merges=63)
+    write_small_gpt2_bpe(tiny_copy, TEXT, n_merges=63)
     model, tok, _ = hub.load_pretrained(tiny_copy)
     state = {"model_type": "backpack", "iter_num": 0, "config": {"run_name": "tiny"}}
     out = hub.export(model, tok, state, tmp_path / "exported")
@@ -404,7 +346,7 @@ def test_evaluate_and_sample_take_a_pretrained_folder(tiny_copy, europarl_source
     from backpack_nb.evaluation import evaluate_checkpoint
     from backpack_nb.sampling import main as sample_main
 
-    _write_small_gpt2_bpe(tiny_copy, TEXT, n_merges=63)
+    write_small_gpt2_bpe(tiny_copy, TEXT, n_merges=63)
     ddir = data.prepare(europarl_source, tmp_path / "ep_gpt2",
                         data.PrepareConfig(langs=("en",), block_size=64,
                                            encoding=f"gpt2:{tiny_copy}", full_vocab=True),

@@ -14,6 +14,8 @@ HF_PREFIX = "hf:"
 ARCHITECTURES = {"BackpackGPT2LMHeadModel": "backpack", "GPT2LMHeadModel": "transformer"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+# Both architectures read GPT-2's byte-level BPE (tiktoken's name for it), in its own ids.
+PRETRAINED_ENCODING = "gpt2"
 # Causal-mask buffers older transformers versions wrote into GPT-2 state dicts.
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 # GPT-2's Conv1D layers (weights stored (in, out)); the Backpack's sense_weight_net.c_attn is

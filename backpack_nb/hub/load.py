@@ -20,6 +20,7 @@ distinct tensor of the file is used exactly once. GPT-2's ``Conv1D`` layers stor
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -54,15 +55,26 @@ def load_pretrained(name_or_path: str | os.PathLike, device: str | torch.device 
     (``gpt2:/path/gpt2.tiktoken``), else tiktoken's ``gpt2`` (downloaded where there is
     network). ``tokenizer=False`` skips it (None)."""
     folder = snapshot_folder(name_or_path)
-    hf_config = read_config(folder)
-    model_type, config = model_config(hf_config, folder)
-    model = build_model(model_type, config)
-    model.load_state_dict(convert_weights(read_weights(folder), model, folder))
+    model_type, model = build_pretrained(folder)
     model.to(device).eval()
+    config = model.config
     tok = pretrained_tokenizer(folder, config.vocab_size, encoding) if tokenizer else None
     info = {"model_type": model_type, "model_config": config.to_dict(),
-            "source": str(name_or_path), "folder": str(folder), "hf_config": hf_config}
+            "source": str(name_or_path), "folder": str(folder), "hf_config": read_config(folder)}
     return model, tok, info
+
+
+def build_pretrained(folder: Path, *, dropout: float | None = None,
+                     ) -> tuple[str, torch.nn.Module]:
+    """The model type and the project's model (on the CPU, train mode) of a snapshot folder,
+    holding its weights; ``dropout``, when given, replaces the config's (a fine-tune's own
+    choice: dropout changes no weight)."""
+    model_type, config = model_config(read_config(folder), folder)
+    if dropout is not None:
+        config = dataclasses.replace(config, dropout=dropout)
+    model = build_model(model_type, config)
+    model.load_state_dict(convert_weights(read_weights(folder), model, folder))
+    return model_type, model
 
 
 # --- where the files are -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from backpack_nb import checkpoint as ckpt_io
-from backpack_nb import data, dataset, senses
+from backpack_nb import data, dataset, finetune, senses
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.models.flops import mean_distinct_tokens
@@ -71,7 +71,7 @@ def train(cfg: TrainConfig, *, callback: EvalCallback | None = None) -> dict[str
             dist.destroy_process_group()
 
 
-def _prepare_data(cfg: TrainConfig, rt: Runtime, data_dir: Path) -> None:
+def _prepare_data(cfg: TrainConfig, rt: Runtime, data_dir: Path, *, full_vocab: bool) -> None:
     """Prepare the dataset on first use, once per machine (local rank 0). The other processes
     wait for its meta.json (the dataset folder appears atomically, complete) rather than at a
     collective: a first preparation can outlast NCCL's timeout, and if rank 0 fails torchrun
@@ -82,8 +82,8 @@ def _prepare_data(cfg: TrainConfig, rt: Runtime, data_dir: Path) -> None:
     # on the other ranks this only checks that the dataset fits this run
     data.ensure_prepared(
         data_dir, source=cfg.data_source or None, langs=cfg.languages, form=cfg.data_form,
-        block_size=cfg.block_size, seed=cfg.seed, encoding=cfg.encoding, progress=rt.master,
-        source_flag="--data_source")
+        block_size=cfg.block_size, seed=cfg.seed, encoding=cfg.encoding, full_vocab=full_vocab,
+        progress=rt.master, source_flag="--data_source")
 
 
 def _all_finite(model: torch.nn.Module) -> bool:
@@ -95,10 +95,12 @@ class Trainer:
     :meth:`state_dict` is the checkpoint and :meth:`load_state_dict` resumes from one."""
 
     def __init__(self, cfg: TrainConfig, rt: Runtime, *, callback: EvalCallback | None = None):
+        cfg, self.origin = finetune.inherit_shape(cfg)  # a fine-tune: its weights fix the shape
         self.cfg, self.rt, self.callback = cfg, rt, callback
         self.out_dir = resolve_in_root(cfg.out_dir)
         existing = ckpt_io.existing_checkpoints(self.out_dir)
-        if cfg.init_from == "scratch" and existing and not cfg.overwrite:
+        new_run = cfg.init_from != "resume"  # from scratch or from a pretrained model
+        if new_run and existing and not cfg.overwrite:
             raise UserError(
                 f"{self.out_dir} already holds a run ({', '.join(p.name for p in existing)}); "
                 "continue it with --init_from resume, pick another --out_dir, or pass "
@@ -109,7 +111,11 @@ class Trainer:
 
         # Data: prepared on first use (by rank 0), then the compact-vocabulary tokenizer.
         self.data_dir = dataset.resolve_data_dir(cfg.data_dir)
-        _prepare_data(cfg, rt, self.data_dir)
+        if self.origin is not None and (self.data_dir / "meta.json").is_file():
+            # before the generic check of _prepare_data, whose hint would re-prepare it
+            finetune.check_data(dataset.load_meta(self.data_dir), self.origin.vocab_size,
+                                self.data_dir, self.origin)
+        _prepare_data(cfg, rt, self.data_dir, full_vocab=self.origin is not None)
         self.meta = dataset.load_meta(self.data_dir)
         self.data_hash = dataset.meta_hash(self.data_dir)
         self.tok = dataset.load_tokenizer(self.data_dir)
@@ -117,17 +123,24 @@ class Trainer:
                        for split in ("train", "val")}
         for split, tokens in self.splits.items():
             dataset.check_token_ids(tokens, self.tok.vocab_size, self.data_dir / f"{split}.bin")
+        if self.origin is not None:  # prepared just now: ids still below the model's vocab?
+            finetune.check_data(self.meta, self.origin.vocab_size, self.data_dir, self.origin)
 
-        if cfg.init_from == "scratch" and cfg.overwrite and rt.master:
+        if new_run and cfg.overwrite and rt.master:
             for name in (ckpt_io.CKPT_NAME, ckpt_io.PREV_NAME, ckpt_io.BEST_NAME,
                          LOG_NAME):
                 (self.out_dir / name).unlink(missing_ok=True)  # never resume the replaced run
-        if cfg.init_from == "scratch" and rt.master:
+        if new_run and rt.master:
             loggers.clear(self.out_dir)  # a new run draws new curves
 
         torch.manual_seed(cfg.seed + rt.rank)  # same weights (DDP syncs them), own dropout
-        self.model_config = ModelConfig.from_params(cfg.to_dict(), self.tok.vocab_size)
-        self.raw_model = build_model(cfg.model_type, self.model_config).to(rt.device)
+        if finetune.starts_from_pretrained(cfg):
+            self.raw_model = finetune.pretrained_model(cfg).to(rt.device)
+            self.model_config = self.raw_model.config
+        else:  # a pretrained model's vocabulary may exceed its data's (50,264 > 50,257)
+            vocab = self.origin.vocab_size if self.origin else self.tok.vocab_size
+            self.model_config = ModelConfig.from_params(cfg.to_dict(), vocab)
+            self.raw_model = build_model(cfg.model_type, self.model_config).to(rt.device)
         self.optimizer = make_optimizer(
             self.raw_model, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
             weight_decay=cfg.weight_decay, sparse_table=cfg.sparse_table)
@@ -139,7 +152,8 @@ class Trainer:
         self.log = new_training_log()
         self.progress = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": None,
                          "tokens_seen": 0, "elapsed_s": 0.0, "last_eval_iter": None}
-        self.history = {"started_at": now(), "resumed_at": []}
+        self.history = {"started_at": now(), "resumed_at": [],
+                        "pretrained": self.origin.source if self.origin else None}
         self.probe_words: list[str] = list(cfg.probe_words)
 
         self.raw_model.set_activation_checkpointing(cfg.activation_checkpointing)
@@ -279,9 +293,11 @@ class Trainer:
         parts = ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items() if k != "total")
         self.display.line(
             f"{cfg.model_type}: {params['total'] / 1e6:.2f}M parameters ({parts}); vocab "
-            f"{self.tok.vocab_size:,}; {rt.device} {rt.dtype}{' compiled' if self.compiled else ''}"
+            f"{self.model_config.vocab_size:,}; {rt.device} {rt.dtype}{' compiled' if self.compiled else ''}"
             f"{', activation checkpointing' if cfg.activation_checkpointing else ''}"
             f"; {rt.world_size} process(es); {self.tokens_per_iter:,} tokens/iteration")
+        if finetune.starts_from_pretrained(cfg):
+            self.display.line(f"starting from the weights of {cfg.init_from}")
         if self.resumed_from is not None:
             self.display.line(f"resumed at iteration {prog['iter_num']} from "
                               f"{self.resumed_from.name} (best val loss "
@@ -439,7 +455,7 @@ class Trainer:
         everything this call may have loaded)."""
         ckpt_io.check_layout(state, path)
         ckpt_io.check_resumable(state, path, self.cfg.to_dict(), self.data_hash,
-                                self.tok.vocab_size)
+                                self.model_config.vocab_size)
         ckpt_io.check_weights_fit(state["model"], self.raw_model, path)
         try:
             self.load_state_dict(state)
