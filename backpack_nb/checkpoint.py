@@ -44,6 +44,7 @@ from backpack_nb import paths
 from backpack_nb.errors import UserError
 from backpack_nb.hub.load import is_pretrained, load_pretrained
 from backpack_nb.runfiles import atomic_write, write_json
+from backpack_nb.spelling import setting
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.models.config import model_shape_keys
 from backpack_nb.tokenizer import Tokenizer
@@ -139,8 +140,8 @@ def check_resumable(state: Mapping[str, Any], path: Path, config: Mapping[str, A
         raise UserError(
             f"cannot resume from {path}: it does not match this run's model shape or data:\n"
             + "\n".join(f"  - {p}" for p in problems)
-            + "\nResume with the checkpoint's values (the same --config and shape options), "
-              "or start a new run in another --out_dir."
+            + "\nResume with the checkpoint's values (the same params file and shape "
+              f"settings), or start a new run in another {setting('out_dir')}."
         )
 
 
@@ -322,8 +323,9 @@ def require_checkpoint(out_dir: str | os.PathLike) -> None:
     """A UserError unless ``out_dir`` holds ckpt.pt or ckpt.prev.pt (cheap: checks names)."""
     if not existing_checkpoints(out_dir):
         raise UserError(
-            f"--init_from resume: no checkpoint in {out_dir} (neither {CKPT_NAME} nor "
-            f"{PREV_NAME}); check --out_dir, or start with --init_from scratch"
+            f"{setting('init_from', 'resume')}: no checkpoint in {out_dir} (neither {CKPT_NAME} "
+            f"nor {PREV_NAME}); check {setting('out_dir')}, or start with "
+            f"{setting('init_from', 'scratch')}"
         )
 
 

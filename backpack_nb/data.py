@@ -102,6 +102,8 @@ class PrepareConfig:
             problems.append(f"block_size must be >= 1, got {self.block_size}")
         if self.aligned_block_lines < 1:
             problems.append(f"aligned_block_lines must be >= 1, got {self.aligned_block_lines}")
+        if self.seed < 0:
+            problems.append(f"seed must be >= 0, got {self.seed}")
         if problems:
             raise UserError("bad data settings:\n  - " + "\n  - ".join(problems))
 
@@ -245,6 +247,17 @@ def prepare(
         raise UserError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a folder; choose another --out")
+    others = _foreign_files(out)
+    if others:  # the folder is replaced whole: never take a user's files with it
+        raise UserError(
+            f"{out} holds files that are not part of a prepared dataset "
+            f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); preparing would "
+            "replace the folder and lose them: choose a new or empty --out")
+    try:  # early: a folder that cannot be made should not cost the tokenization first
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {out.parent} ({exc.strerror or exc}); choose another "
+                        "--out") from None
     t0 = time.perf_counter()
     enc = get_encoding(cfg.encoding)
 
@@ -280,12 +293,11 @@ def prepare(
     dtype = np.dtype(np.uint16) if tok.vocab_size <= 1 << 16 else np.dtype(np.uint32)
     eot = np.array([tok.eot_id], dtype=dtype)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
     # mkdir, not mkdtemp: the dataset folder gets the user's umask like any other (mkdtemp
     # makes it 0700); the random part keeps two preparations from sharing it
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
     try:
+        tmp.mkdir()
         stats: dict[str, dict] = {}
         byte_fallback = {}
         for split, members in splits.items():
@@ -349,14 +361,30 @@ def prepare(
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # the dataset that was there stays
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError):  # a full disk, a permission: out is as it was
+            raise UserError(f"could not write the dataset {out} ({exc.strerror or exc}); "
+                            f"nothing was changed there: free space or choose another --out"
+                            ) from None
         raise
     return out
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """What ``out`` holds besides a prepared dataset's own files (meta.json, *.bin)."""
+    if not out.is_dir():
+        return []
+    return sorted(p.name for p in out.iterdir()
+                  if not (p.is_file() and (p.name == "meta.json" or p.suffix == ".bin")))
 
 
 
@@ -424,7 +452,9 @@ def ensure_prepared(
 
 def format_stats(meta: dict) -> str:
     lines = [
-        f"encoding {meta['encoding']}: compact vocabulary {meta['vocab_size']:,} of "
+        f"encoding {meta['encoding']}: "
+        f"{'full' if meta['config'].get('full_vocab') else 'compact'} vocabulary "
+        f"{meta['vocab_size']:,} of "
         f"{meta.get('base_vocab_size', 0):,} tokens ({meta['dtype']}), form {meta['form']}, "
         f"seed {meta['config']['seed']}",
         f"{'split':<6} {'lang':<5} {'docs':>5} {'tokens':>10} {'bytes':>11} {'bytes/tok':>9}",

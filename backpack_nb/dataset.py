@@ -63,6 +63,9 @@ def require_existing(data_dir: str, *, flag: str = "--data_dir",
 def load_meta(data_dir: str | os.PathLike) -> dict:
     """``meta.json`` of a prepared dataset (a bare name is looked up in the data root)."""
     path = resolve_data_dir(data_dir) / "meta.json"
+    if path.parent.is_file():
+        raise UserError(f"{path.parent} is a file, not a prepared dataset's folder; give the "
+                        "folder that `python -m backpack_nb.data prepare` wrote")
     if not path.is_file():
         raise UserError(
             f"{data_dir} is not a prepared dataset (no meta.json); prepare it with "

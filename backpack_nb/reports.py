@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import difflib
 import json
 import logging
@@ -46,6 +45,7 @@ from .errors import UserError, exit_on_user_error
 from .params import (TrainConfig, load_params, params_path, read_params_file,
                      require_typed_dataset)
 from .runfiles import read_json, write_json
+from .spelling import RUNNER_ENV, runner_spelling
 
 KERNEL_NAME = "backpack-nb"
 # Short names accepted wherever a notebook is named.
@@ -251,37 +251,6 @@ def finished_report(ipynb: str | Path) -> bool:
         return False
 
 
-_FLAG = re.compile(r"(?<![\w-])--([a-z][a-z0-9_]*)(?:\s+(true|false)\b)?")
-_BOOL_KEYS = {f.name for f in dataclasses.fields(TrainConfig) if "bool" in str(f.type)}
-
-
-def runner_spelling(message: str) -> str:
-    """``message`` with train.py's flags for training settings spelled as this runner takes
-    them: ``--init_from resume`` -> ``-p init_from resume``, ``--overwrite`` -> ``-p overwrite
-    true``, a flag naming a problem (``--compile: expected ...``) -> ``-p compile:``. Hints from
-    a notebook or the params file's validation are written for train.py. Left alone: backquoted
-    text (a whole command) and flags after "prepare" in a clause (``backpack_nb.data``'s)."""
-    keys = set(TrainConfig.keys())
-
-    def flag(m: re.Match) -> str:
-        key, value = m.group(1), m.group(2)
-        if key not in keys:
-            return m.group(0)
-        if key in _BOOL_KEYS and not m.string.startswith(":", m.end(1)):
-            return f"-p {key} {value or 'true'}"
-        return f"-p {key}" + (f" {value}" if value else "")
-
-    parts = message.split("`")
-    for i in range(0, len(parts), 2):  # the even parts are outside backquotes
-        clauses = []
-        for clause in re.split(r"([;\n])", parts[i]):
-            cut = clause.find("prepare")
-            cut = len(clause) if cut < 0 else cut
-            clauses.append(_FLAG.sub(flag, clause[:cut]) + clause[cut:])
-        parts[i] = "".join(clauses)
-    return "`".join(parts)
-
-
 def _failure_message(exc: BaseException, notebook: str, report: Path, failed: Path,
                      html: Path | None) -> tuple[str, bool]:
     ename = getattr(exc, "ename", type(exc).__name__)
@@ -348,7 +317,7 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any], run_name: 
     t0 = time.perf_counter()
     try:
         try:
-            with _papermill_logging(log_output):
+            with _papermill_logging(log_output), _in_report():
                 papermill.execute_notebook(
                     str(src), str(running), parameters=dict(parameters), kernel_name=kernel,
                     cwd=str(paths.project_root()), progress_bar=False, log_output=log_output)
@@ -375,6 +344,21 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any], run_name: 
     failed.unlink(missing_ok=True)
     failed.with_suffix(".html").unlink(missing_ok=True)
     return NotebookRun(src.stem, report, page, time.perf_counter() - t0, dict(parameters))
+
+
+@contextlib.contextmanager
+def _in_report() -> Iterator[None]:
+    """Tell the kernels started meanwhile that they run a report: their hints then name
+    settings as this command takes them (``-p max_iters``; :mod:`backpack_nb.spelling`)."""
+    before = os.environ.get(RUNNER_ENV)
+    os.environ[RUNNER_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(RUNNER_ENV, None)
+        else:
+            os.environ[RUNNER_ENV] = before
 
 
 def _publish(running: Path, target: Path, html: bool, exclude_input: bool) -> Path | None:

@@ -5,6 +5,7 @@ the library's, so a parsing bug cannot hide behind itself."""
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -689,3 +690,75 @@ def test_evaluate_with_a_config_and_a_data_dir_typo(tiny_backpack_run, capsys):
     assert exc.value.code == 2 and "--data_dir europarl_sampel: no prepared dataset" in err
     assert "did you mean 'europarl_sample'?" in err and "Traceback" not in err
     assert sorted(p.name for p in paths.data_root().iterdir()) == before
+
+
+# --- the data command, flag by flag (issue 17: every flag of every command) ------------------
+
+
+def _prepare_main(argv, capsys) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as exc:
+        data.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    return exc.value.code, err
+
+
+def test_prepare_never_replaces_a_folder_holding_other_files(tmp_path, europarl_source, capsys):
+    """A folder that is not a dataset used to be replaced whole, the user's files with it."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    for extra in ([], ["--overwrite"]):
+        code, err = _prepare_main(["prepare", "--source", str(europarl_source), "--out",
+                                   str(out), "--langs", "en", "--block_size", "64", *extra],
+                                  capsys)
+        assert code == 2 and "notes.txt" in err and "choose a new or empty --out" in err
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    # an empty folder is fine
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert data.main(["prepare", "--source", str(europarl_source), "--out", str(empty),
+                      "--langs", "en", "--block_size", "64"]) == 0
+    assert (empty / "meta.json").is_file()
+    assert "compact vocabulary" in capsys.readouterr().out
+
+
+def test_prepare_flags_out_of_range_or_pointing_at_the_wrong_thing(tmp_path, europarl_source,
+                                                                   capsys):
+    a_file = tmp_path / "a_file.txt"
+    a_file.write_text("text")
+    src = ["--source", str(europarl_source), "--block_size", "64"]
+    cases = [
+        (["prepare", *src, "--seed", "-1", "--out", str(tmp_path / "x")], "seed must be >= 0"),
+        (["prepare", *src, "--out", str(a_file / "sub")], "cannot create"),
+        (["prepare", *src, "--out", str(a_file)], "is not a folder"),
+        (["prepare", *src, "--test_fraction", "nan", "--out", str(tmp_path / "x")],
+         "test_fraction must be in (0, 0.5)"),
+        (["prepare", *src, "--aligned_block_lines", "0", "--form", "aligned", "--out",
+          str(tmp_path / "x")], "aligned_block_lines must be >= 1"),
+        (["stats", str(a_file)], "is a file, not a prepared dataset's folder"),
+    ]
+    for argv, words in cases:
+        code, err = _prepare_main(argv, capsys)
+        assert code == 2 and words in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file.txt"]
+    assert a_file.read_text() == "text"
+
+
+def test_a_full_disk_while_preparing_keeps_the_dataset_that_was_there(tmp_path, europarl_source,
+                                                                      monkeypatch, capsys):
+    out = tmp_path / "ep"
+    argv = ["prepare", "--source", str(europarl_source), "--out", str(out), "--langs", "en",
+            "--block_size", "64"]
+    assert data.main(argv) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "_write_tokens", full)
+    code, err = _prepare_main(argv + ["--overwrite", "--seed", "7"], capsys)
+    assert code == 2 and "No space left on device" in err and "nothing was changed" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["ep"]  # no temporary folder left

@@ -174,3 +174,21 @@ def test_the_gpt2_layout_fine_tunes_as_the_transformer(pretrained, gpt2_data, tm
     state = read_checkpoint(out_dir / "ckpt.pt")
     assert state["model_type"] == "transformer" and state["iter_num"] == 10
     assert state["model_config"]["n_embd"] == 64
+
+
+def test_a_fine_tuned_run_exports_and_loads_back(finetuned, tmp_path):
+    """The fine-tune's checkpoint (biases, scale_attn_by_inverse_layer_idx) leaves in the
+    released layout and comes back with the same logits."""
+    from backpack_nb.checkpoint import load_model
+    from backpack_nb.hub.__main__ import main as hub_main
+
+    out = tmp_path / "exported"
+    assert hub_main(["export", str(finetuned["out_dir"] / "best.pt"), str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["scale_attn_by_inverse_layer_idx"] is True and config["vocab_size"] == 320
+    ours, _, _ = load_model(finetuned["out_dir"] / "best.pt")
+    back, _, _ = hub.load_pretrained(out, tokenizer=False)
+    idx = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(idx, all_logits=True)[0], back(idx, all_logits=True)[0]
+    assert (a - b).abs().max() < 1e-5

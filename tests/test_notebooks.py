@@ -178,7 +178,8 @@ def test_pipeline_resumes_an_existing_checkpoint(kernel, tiny_transformer_run, t
     folder = Path(reports.paths.outputs_root()) / "tiny_transformer"
     train_outs = check_executed(reports.NotebookRun("01_train", folder / "01_train.ipynb",
                                                     folder / "01_train.html", 0.0), min_images=0)
-    assert "nothing to train" in text_of(train_outs)
+    # the report's hint names the setting as the runner takes it
+    assert "nothing to train (raise -p max_iters to continue)" in text_of(train_outs)
     assert (tf / "eval.json").is_file()
     # Run again on the finished run: it is re-evaluated, and its training report is kept.
     before = (folder / "01_train.ipynb").stat().st_mtime_ns

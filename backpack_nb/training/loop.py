@@ -27,6 +27,7 @@ from backpack_nb.optim import clip_grad_norm_, make_optimizer
 from backpack_nb.params import TrainConfig
 from backpack_nb.paths import resolve_in_root
 from backpack_nb.runfiles import run_lock, write_json
+from backpack_nb.spelling import setting
 
 from . import loggers
 from .batches import BatchSampler
@@ -103,8 +104,8 @@ class Trainer:
         if new_run and existing and not cfg.overwrite:
             raise UserError(
                 f"{self.out_dir} already holds a run ({', '.join(p.name for p in existing)}); "
-                "continue it with --init_from resume, pick another --out_dir, or pass "
-                "--overwrite to replace it"
+                f"continue it with {setting('init_from', 'resume')}, pick another "
+                f"{setting('out_dir')}, or pass {setting('overwrite', True)} to replace it"
             )
         if cfg.init_from == "resume":
             ckpt_io.require_checkpoint(self.out_dir)  # before the data and the model: fail fast
@@ -304,7 +305,7 @@ class Trainer:
                               f"{prog['best_val_loss']:.4f})")
         if prog["iter_num"] >= cfg.max_iters:
             self.display.line(f"iteration {prog['iter_num']} already reaches max_iters "
-                              f"{cfg.max_iters}: nothing to train (raise --max_iters to continue)")
+                              f"{cfg.max_iters}: nothing to train (raise {setting('max_iters')} to continue)")
         self.model.train()
         self._t_run, self._elapsed_base = time.perf_counter(), prog["elapsed_s"]
         return run_info
@@ -332,7 +333,8 @@ class Trainer:
                 "tokens_seen": prog["tokens_seen"], "tokens_per_s": tok_s, "mfu": mfu})
             if stopped:
                 print(f"stopped at iteration {prog['iter_num']} ({stopped}); checkpoint in "
-                      f"{self.out_dir / ckpt_io.CKPT_NAME}; continue with --init_from resume",
+                      f"{self.out_dir / ckpt_io.CKPT_NAME}; continue with "
+                      f"{setting('init_from', 'resume')}",
                       flush=True)
         return result
 
@@ -533,9 +535,10 @@ class Trainer:
         kept = (f"{ckpt} (iteration {self.last_saved}) is intact" if self.last_saved > 0
                 and ckpt.exists() else "no checkpoint was written")
         return (f"{what}; stopped without evaluating or saving, so {kept}. Lower "
-                f"--learning_rate (now {self.cfg.learning_rate:g}), raise --warmup_iters or "
-                f"set --grad_clip (now {self.cfg.grad_clip:g}), or train in float32, then "
-                "continue with --init_from resume")
+                f"{setting('learning_rate')} (now {self.cfg.learning_rate:g}), raise "
+                f"{setting('warmup_iters')} or set {setting('grad_clip')} (now "
+                f"{self.cfg.grad_clip:g}), or train in float32, then continue with "
+                f"{setting('init_from', 'resume')}")
 
     def _stop_reason(self, stop: StopRequest) -> str | None:
         it = self.progress["iter_num"]
