@@ -301,6 +301,9 @@ class TrainConfig:
         for name in ("run_name", "out_dir", "data_dir", "encoding"):
             if not getattr(self, name).strip():
                 p.append(f"{name}: must not be empty")
+        if any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):
+            p.append(f"run_name: {self.run_name!r} names the reports' folder (outputs/"
+                     "<run_name>): no '/' and not '..'")
         if self.stop_after is not None and self.stop_after < 0:
             p.append(f"stop_after: must be >= 0 or null, got {self.stop_after}")
         return p

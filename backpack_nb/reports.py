@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,20 +41,16 @@ import yaml
 from . import paths
 from .checkpoint import existing_checkpoints
 from .errors import UserError, exit_on_user_error
+from .kernel import KERNEL_NAME, ensure_kernel
 from .params import (TrainConfig, load_params, params_path, read_params_file,
                      require_typed_dataset)
-from .runfiles import read_json, write_json
+from .runfiles import read_json
 from .spelling import RUNNER_ENV, runner_spelling
 
-KERNEL_NAME = "backpack-nb"
 # Short names accepted wherever a notebook is named.
 ALIASES = {"train": "01_train", "resume": "02_resume", "evaluate": "03_evaluate",
            "senses": "04_senses", "compare": "05_compare"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-# ipykernel >= 7.4 warns at every start that its sockets are plain TCP; they listen on 127.0.0.1
-# only and every message is signed with the kernel's key, so the kernel is registered to log
-# errors only (one line of noise less in every run, papermill's and JupyterLab's too).
-KERNEL_QUIET = "--IPKernelApp.log_level=ERROR"
 FAILED = ".failed"  # 01_train.failed.ipynb / .html: the notebook of the last run that failed
 
 
@@ -86,40 +81,6 @@ def notebook_path(name: str | Path) -> Path:
                         + (f"Did you mean {hint[0]!r}? " if hint else "")
                         + f"Available: {', '.join(names) or 'none'}.")
     return path
-
-
-def ensure_kernel(name: str = KERNEL_NAME, quiet: bool = True) -> str:
-    """The Jupyter kernel ``name`` of this Python environment, installed into it
-    (``python -m ipykernel install --sys-prefix --name NAME``) when missing, and registered
-    to start without the TCP warning (:data:`KERNEL_QUIET`)."""
-    # Jupyter, papermill and nbconvert are imported where they are used: `import backpack_nb`
-    # (and the notebooks' helpers) must not pay for them.
-    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
-
-    specs = KernelSpecManager()
-    try:
-        python = Path(specs.get_kernel_spec(name).argv[0])
-    except (NoSuchKernel, IndexError):
-        python = None
-    if python is None or not (python == Path(sys.executable)
-                              or python.name.startswith("python") and python.exists()):
-        cmd = [sys.executable, "-m", "ipykernel", "install", "--sys-prefix", "--name", name,
-               "--display-name", f"Python ({name})"]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            raise UserError(f"could not install the Jupyter kernel {name!r} ({' '.join(cmd)}):\n"
-                            f"{out.stderr.strip()}")
-        if not quiet:
-            print(f"installed the Jupyter kernel {name!r} into {sys.prefix}")
-    spec = specs.get_kernel_spec(name)
-    if KERNEL_QUIET not in spec.argv:
-        kernel_json = Path(spec.resource_dir) / "kernel.json"
-        try:
-            info = read_json(kernel_json)
-            write_json(kernel_json, {**info, "argv": [*info["argv"], KERNEL_QUIET]})
-        except (OSError, ValueError, KeyError, TypeError, UserError):
-            pass  # a read-only or unusual kernel.json keeps its warning; nothing else depends on it
-    return name
 
 
 def notebook_parameters(notebook: str | Path) -> dict[str, Any]:
@@ -221,6 +182,9 @@ def render_html(ipynb: str | Path, out: str | Path | None = None, *,
     exporter = HTMLExporter(template_name=template, exclude_input=exclude_input,
                             exclude_input_prompt=exclude_input, exclude_output_prompt=exclude_input)
     target = Path(out) if out else ipynb.with_suffix(".html")
+    if target.is_dir():
+        raise UserError(f"--out {target} is a folder; give the .html file to write "
+                        f"(e.g. {target / ipynb.with_suffix('.html').name})")
     _write_text(target, exporter.from_notebook_node(nb)[0])
     return target
 
@@ -392,10 +356,12 @@ def run(notebook: str, params_file: str | None, overrides: Mapping[str, Any], *,
     injected, cfg = resolve_parameters([notebook], params_file, overrides)
     # Without a params file the config's run_name is only a default: name the folder after
     # the run the notebook looks at.
-    name = (run_name or injected.get("run_name") or (cfg.run_name if params_file else None)
+    name = (run_name if run_name is not None else injected.get("run_name") or (cfg.run_name if params_file else None)
             or (Path(str(injected["out_dir"])).name if injected.get("out_dir") else None)
             or str(notebook_parameters(notebook).get("run_name") or "").strip("'\"") or "notebooks")
     name = str(name)
+    if _folder_name_problem(name):
+        raise UserError(f"run name {name!r}: {_folder_name_problem(name)}")
     return run_notebook(notebook, injected, name, html=html, log_output=log_output)
 
 
@@ -465,6 +431,8 @@ def compare(params_file: str, overrides: Mapping[str, Any], *, seeds: Sequence[i
     (only ``model_type``, ``run_name`` and ``out_dir`` differ; one pair per seed), then render
     ``05_compare`` comparing them into ``outputs/<run_name>/``."""
     injected, cfg = resolve_parameters(PIPELINE + ("05_compare",), params_file, overrides)
+    if docs_copy:  # before the hours of training, not after
+        _check_page_target(paths.resolve_in_root(docs_copy), "--docs")
     seeds = list(seeds) or [cfg.seed]
     seeds_flag = [f"--seeds {','.join(map(str, seeds))}"] if len(seeds) > 1 else []
     again = command_line("compare", params_file,
@@ -495,6 +463,22 @@ def compare(params_file: str, overrides: Mapping[str, Any], *, seeds: Sequence[i
         if verbose:
             print(f"copied the report to {target}")
     return r
+
+
+def _folder_name_problem(name: str) -> str | None:
+    if not name.strip() or Path(name).name != name or name in (".", ".."):
+        return "give a folder name for outputs/ (not empty, no '/', not '..')"
+    return None
+
+
+def _check_page_target(target: Path, flag: str) -> None:
+    if target.is_dir():
+        raise UserError(f"{flag} {target} is a folder; give the .html file to write")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{flag} {target}: cannot create {target.parent} "
+                        f"({exc.strerror or exc}); choose another place") from None
 
 
 # --- command line --------------------------------------------------------------------------
@@ -544,6 +528,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "run_name", None) is not None and _folder_name_problem(args.run_name):
+        exit_on_user_error(UserError(f"--run_name {args.run_name!r}: "
+                                     f"{_folder_name_problem(args.run_name)}"))
     try:
         if args.command == "kernel":
             print(f"kernel {ensure_kernel(args.name, quiet=False)!r} is installed")
@@ -566,6 +553,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
             except ValueError:
                 raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+            twice = sorted({x for x in seeds if seeds.count(x) > 1})
+            if twice or any(x < 0 for x in seeds):
+                raise UserError(f"--seeds {args.seeds}: each seed >= 0 and listed once (one "
+                                "Backpack/Transformer pair each)")
             r = compare(args.params_file, overrides, seeds=seeds, html=args.html,
                         log_output=args.log_output, docs_copy=args.docs)
             print(f"report: {r.html or r.ipynb}")

@@ -21,7 +21,7 @@ import papermill
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
-from backpack_nb import paths, reports
+from backpack_nb import kernel, paths, reports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -222,7 +222,7 @@ def test_the_kernel_is_registered_without_the_tcp_warning(monkeypatch, tmp_path)
     for _ in range(2):
         assert reports.ensure_kernel("runner-test") == "runner-test"
     spec = json.loads((spec_dir / "kernel.json").read_text())
-    assert spec["argv"] == [*argv, reports.KERNEL_QUIET] and spec["display_name"] == "t"
+    assert spec["argv"] == [*argv, kernel.KERNEL_QUIET] and spec["display_name"] == "t"
 
 
 def test_a_refused_run_end_to_end(prepared_europarl, tmp_path, capfd, caplog):
@@ -294,3 +294,33 @@ def test_a_data_dir_typo_given_to_the_runner_is_an_error(prepared_europarl, caps
     assert exc.value.code == 2 and "-p data_dir europarl_sampel: no prepared dataset" in err
     assert "did you mean 'europarl_sample'?" in err and "Traceback" not in err
     assert sorted(p.name for p in paths.data_root().iterdir()) == before
+
+
+def test_runner_flags_out_of_range_or_pointing_at_the_wrong_thing(tmp_path, capsys, monkeypatch):
+    """Issue 17's flag-by-flag audit of the runner: each is exit 2 with one message naming
+    the flag, before any notebook runs or anything is written."""
+    monkeypatch.setenv("BACKPACK_NB_OUTPUTS", str(tmp_path / "outputs"))
+    nb = tmp_path / "nb.ipynb"
+    nb.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    cases = [
+        (["run", "03_evaluate", "-f", "tiny_backpack", "--run_name", "../../escape"],
+         "--run_name '../../escape': give a folder name for outputs/"),
+        (["run", "03_evaluate", "-f", "tiny_backpack", "--run_name", ""],
+         "--run_name '': give a folder name"),
+        (["run", "03_evaluate", "-f", "tiny_backpack", "-p", "run_name", "a/b"],
+         "run_name: 'a/b' names the reports' folder"),
+        (["render", str(nb), "--out", str(tmp_path)], f"--out {tmp_path} is a folder"),
+        (["kernel", "--name", "bad name/x"], "--name 'bad name/x': a kernel name is"),
+        (["kernel", "--name", ""], "--name '': a kernel name is"),
+        (["compare", "-f", "tiny_backpack", "--seeds", "1,1"], "each seed >= 0 and listed once"),
+        (["compare", "-f", "tiny_backpack", "--seeds", "-5"], "each seed >= 0 and listed once"),
+        (["compare", "-f", "tiny_backpack", "--docs", str(nb / "x.html")],
+         f"--docs {nb / 'x.html'}: cannot create {nb}"),
+        (["compare", "-f", "tiny_backpack", "--docs", str(tmp_path)], "is a folder"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as exc:
+            reports.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and words in err and "Traceback" not in err, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nb.ipynb"]
