@@ -42,10 +42,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from . import paths
-from .console import show_bars
+from .console import progress_bar
 from .dataset import load_meta, resolve_data_dir
 from .errors import UserError, exit_on_user_error
 from .europarl import (EUROPARL_LANGS, FORMS, OFFICIAL_BASE_URL, SourceFile, decode,
@@ -263,6 +262,11 @@ def prepare(
 
     roots = resolve_source(source, cfg.form, cfg.langs, flag=source_flag)
     files = read_source(roots, cfg.form, cfg.langs)
+    if progress:  # what the next minutes are spent on (the bar follows)
+        print(f"preparing {out}: {len(files)} Europarl {cfg.form} files "
+              f"({sum(len(f.data) for f in files) / 2**20:,.1f} MiB, {','.join(cfg.langs)}), "
+              f"{cfg.encoding}{' full vocabulary' if cfg.full_vocab else ''}",
+              file=sys.stderr, flush=True)
     # Each document is encoded on a worker thread (tiktoken releases the GIL) as soon as it
     # is parsed, so parsing the next files overlaps with encoding; the ids come back as
     # numpy arrays, never as Python lists.
@@ -275,8 +279,7 @@ def prepare(
                 (u.uid, lang), pool.submit(encode, u.texts[lang])))
             nbytes = {(u.uid, lang): len(t.encode("utf-8")) for u in units for lang, t in u.texts.items()}
             n_bytes = sum(nbytes.values())
-            bar = tqdm(total=n_bytes, unit="B", unit_scale=True, desc="tokenize",
-                       disable=not show_bars(progress))
+            bar = progress_bar(n_bytes, "tokenize", "B", progress)
             for u in units:
                 for lang in u.texts:
                     u.tokens[lang] = pending.pop((u.uid, lang)).result()

@@ -21,8 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from tqdm.auto import tqdm
 
+from backpack_nb.console import progress_bar
 from backpack_nb.errors import UserError
 
 try:
@@ -264,7 +264,7 @@ def download(url: str, dest: Path, failed: Callable[[BaseException], str], *,
     try:
         with urllib.request.urlopen(url, timeout=30) as resp, open(tmp, "wb") as out:
             total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=bar, disable=bar is None) as shown:
+            with progress_bar(total, bar or "download", "B", progress=bar is not None) as shown:
                 while chunk := resp.read(1 << 20):
                     out.write(chunk)
                     shown.update(len(chunk))

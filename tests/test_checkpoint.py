@@ -142,7 +142,7 @@ def test_download_renames_only_a_complete_file(tmp_path):
         assert got.read_bytes() == b"x" * 3_000_000
         with pytest.raises(UserError, match=r"^no b\.bin: HTTP Error 404"):
             runfiles.download(f"{base}/b.bin", tmp_path / "out" / "b.bin",
-                              lambda e: f"no b.bin: {e}", bar="b.bin")
+                              lambda e: f"no b.bin: {e}", bar="download b.bin")
     finally:
         server.shutdown()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.bin"]

@@ -425,3 +425,34 @@ def test_no_time_estimate_from_the_first_few_percent(monkeypatch, capsys):
     clock[0] = 6.0
     bar.update(8)  # 0.8% after a slow start: an estimate would say 744 s
     assert capsys.readouterr().err.splitlines()[-1] == "test en: 8/1,000 windows (1%), 6 s"
+
+
+def test_bytes_and_unknown_totals_in_plain_lines(monkeypatch, capsys):
+    """Downloads and data preparation in a log file: MiB, and a download without a length
+    shows what arrived (issue 17: plain progress lines for preparation and downloads)."""
+    clock = [0.0]
+    monkeypatch.setattr(console.time, "monotonic", lambda: clock[0])
+    with console.progress_bar(8 * 2**20, "tokenize", "B") as bar:
+        clock[0] = 6.0
+        bar.update(2 * 2**20)
+        clock[0] = 12.0
+        bar.update(6 * 2**20)
+    assert capsys.readouterr().err.splitlines() == [
+        "tokenize: 0.0/8.0 MiB", "tokenize: 2.0/8.0 MiB (25%), 6 s, about 18 s left",
+        "tokenize: 8.0/8.0 MiB in 12 s"]
+    with console.progress_bar(None, "download x.tgz", "B") as bar:
+        clock[0] = 20.0
+        bar.update(3 * 2**20)
+    assert capsys.readouterr().err.splitlines() == [
+        "download x.tgz: 0.0 MiB", "download x.tgz: 3.0 MiB, 8 s", "download x.tgz: 3.0 MiB in 8 s"]
+
+
+def test_preparing_in_a_log_says_what_it_reads_in_plain_lines(tmp_path, europarl_source, capsys):
+    from backpack_nb import data
+
+    data.prepare(europarl_source, tmp_path / "ep", data.PrepareConfig(langs=("en",), block_size=64))
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith(f"preparing {tmp_path / 'ep'}: 4 Europarl raw files (")
+    assert lines[1].startswith("tokenize: 0.0/") and lines[1].endswith(" MiB")
