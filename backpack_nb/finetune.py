@@ -34,6 +34,7 @@ from .paths import resolve_in_root
 
 log = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
 class Origin:
     """Where a run's weights started: ``source`` (``hf:<id>`` or a folder), the values its
@@ -62,11 +63,12 @@ def origin(cfg: TrainConfig) -> Origin | None:
     if cfg.init_from != "resume":
         return None
     state, path = _peek(resolve_in_root(cfg.out_dir))
-    source = (state or {}).get("history", {}).get("pretrained")
-    if not source:
-        return None
+    history = (state or {}).get("history")
+    source = history.get("pretrained") if isinstance(history, dict) else None
+    if not source or not isinstance(state.get("model_config"), dict):
+        return None  # a run from scratch, or a damaged checkpoint the resume will name
     saved = state["config"]
-    keys = model_shape_keys(saved["model_type"]) + ("encoding",)
+    keys = model_shape_keys(saved.get("model_type", "backpack")) + ("encoding",)
     return Origin(source, {k: saved[k] for k in keys if k in saved},
                   state["model_config"]["vocab_size"], f"checkpoint {path} (from {source})")
 
