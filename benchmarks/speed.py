@@ -1,7 +1,8 @@
 """Training-step time, MFU and the headline ratios, measured within one run.
 
     python -m benchmarks.speed [--quick] [--tiny] [--rounds N] [--data zipf|europarl|europarl-en]
-        [--threads N] [--device cpu|cuda] [--only VARIANT ...] [--json PATH]
+        [--threads N] [--device cpu|cuda] [--dtype float32|bfloat16|float16] [--seed-config]
+        [--only VARIANT ...] [--json PATH]
 
 Times training steps (forward, backward, gradient clipping, AdamW) of the Backpack, the
 Transformer baseline and a straightforward nanoGPT-style GPT of the same architecture
@@ -13,6 +14,11 @@ tokens has about 550 distinct ones, as real Europarl batches do). Without ``--qu
 times one variant per performance lever (senses per position, SDPA mixing, full logits,
 for-each AdamW, torch.compile, activation checkpointing, the sense table with dense and
 sparse updates). Writes JSON to ``--json`` (default ``<outputs root>/bench/speed.json``).
+
+On a GPU (``--device cuda --seed-config``: batch 32 x 512, V 13,034, float16 with a gradient
+scaler, as the seed's commands train) MFU is taken against the GPU's dense peak for the dtype
+(:func:`backpack_nb.training.meters.peak_flops`, named in the output); on the CPU against the
+fp32 matmul peak measured in the same rounds.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from backpack_nb import optim
 from backpack_nb.errors import UserError, exit_on_user_error
 from backpack_nb.models import BackpackLM, ModelConfig, build_model
 from backpack_nb.models.flops import train_flops
+from backpack_nb.training.meters import peak_flops
 
 from benchmarks.batches import europarl_batches, zipf_batches
 from benchmarks.common import MiB, matmul_gflops, sync, write_json
@@ -105,6 +112,7 @@ class SpeedSetup:
     data: str = "zipf"  # or "europarl", "europarl-en"
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
+    dtype: str = "float32"  # autocast dtype; float16 adds a GradScaler (CUDA only)
 
     def model_config(self, model: str) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab_size, block_size=self.block_size,
@@ -116,6 +124,9 @@ class SpeedSetup:
 SPEED_PRESETS = {
     "reference": SpeedSetup(),
     "quick": SpeedSetup(rounds=3),
+    # the seed's configuration as its GPU commands train it (batch 32 x 512, V of the sample)
+    "seed": SpeedSetup(vocab_size=13_034, block_size=512, batch_size=32, dropout=0.1,
+                       rounds=5, dtype="float16"),
     # seconds, for tests: the code paths, not the numbers
     "tiny": SpeedSetup(vocab_size=512, block_size=32, batch_size=2, n_layer=2, n_head=2,
                        n_embd=64, n_senses=4, rounds=2, threads=1),
@@ -152,17 +163,23 @@ class _Runner:
         self.kwargs = {} if variant.model == "nanogpt" else {"chunked_loss": variant.chunked}
         self.params = list(model.parameters())
         self.i = 0
+        # as train.py runs it: autocast to the dtype, float16 with a gradient scaler
+        self.dtype = None if setup.dtype == "float32" else getattr(torch, setup.dtype)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=setup.dtype == "float16")
 
     def step(self) -> None:
         x, y = self.batches[self.i % len(self.batches)]
         self.i += 1
-        _, loss = self.forward(x, y, **self.kwargs)
-        loss.backward()
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            _, loss = self.forward(x, y, **self.kwargs)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
         if self.variant.optimizer == "sparse":
             optim.clip_grad_norm_(self.params, 1.0)
         else:
             torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.opt.step()
+        self.scaler.step(self.opt)
+        self.scaler.update()
         self.opt.zero_grad(set_to_none=True)
 
     def timed_step(self) -> float:
@@ -229,7 +246,7 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
         f"{setup.n_senses} senses, block {setup.block_size}, batch {setup.batch_size}, "
         f"V {setup.vocab_size:,}, dropout {setup.dropout}; {setup.data} batches "
         f"({distinct:.0f} distinct tokens a batch on average); {setup.device}, "
-        f"{torch.get_num_threads()} threads, float32, torch {torch.__version__}")
+        f"{torch.get_num_threads()} threads, {setup.dtype}, torch {torch.__version__}")
 
     runners: dict[str, _Runner] = {}
     compile_s: dict[str, float] = {}
@@ -257,6 +274,13 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
             times[name].append(runners[name].timed_step())
         peaks.append(matmul_gflops(device=setup.device))
     peak_gflops = statistics.median(peaks)
+    # MFU's denominator: on a GPU its dense peak for the dtype (a table by name), elsewhere
+    # the fp32 matmul peak measured in the rounds
+    named = peak_flops(torch.device(setup.device), setup.dtype) if setup.device != "cpu" else None
+    mfu_peak = named / 1e9 if named else peak_gflops
+    mfu_peak_of = (f"{torch.cuda.get_device_name(torch.device(setup.device))} dense "
+                   f"{'TF32' if setup.dtype == 'float32' else 'fp16/bf16'} peak" if named
+                   else "measured fp32 matmul peak")
 
     rows = []
     for v in variants:
@@ -271,7 +295,7 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
             "tokens_per_s": round(setup.batch_size * setup.block_size / ms * 1000),
             "useful_gflop": round(flops["total"] / 1e9, 2),
             "gflop_by_part": {k: round(f / 1e9, 2) for k, f in flops.items()},
-            "mfu": round(flops["total"] / (ms / 1000) / (peak_gflops * 1e9), 4),
+            "mfu": round(flops["total"] / (ms / 1000) / (mfu_peak * 1e9), 4),
             "peak_mib": None if mem is None else round(mem / MiB, 1),
             "params": sum(p.numel() for p in runner.params),
             **({"compile_s": round(compile_s[v.name], 1)} if v.name in compile_s else {}),
@@ -279,6 +303,7 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
     return {"section": "speed", "setup": dataclasses.asdict(setup),
             "threads": torch.get_num_threads(), "load_average": [load, os.getloadavg()[0]],
             "distinct_tokens": distinct, "peak_gflops": round(peak_gflops, 1),
+            "mfu_peak_gflops": round(mfu_peak, 1), "mfu_peak_of": mfu_peak_of,
             "peak_gflops_all": [round(p, 1) for p in peaks], "rows": rows,
             "ratios": _ratios(rows, times)}
 
@@ -340,7 +365,8 @@ def format_speed(result: dict[str, Any]) -> str:
                      "(goal <= 1.00)")
     mfu = {r["variant"]: r["mfu"] for r in result["rows"]}
     if "backpack" in mfu and "transformer" in mfu:
-        lines.append(f"MFU (useful FLOPs / measured fp32 matmul peak): transformer "
+        lines.append(f"MFU (useful FLOPs / {result.get('mfu_peak_of', 'measured fp32 matmul peak')}"
+                     f", {result.get('mfu_peak_gflops', result['peak_gflops']):,.0f} GFLOP/s): transformer "
                      f"{mfu['transformer']:.0%}, backpack {mfu['backpack']:.0%}"
                      + (f", nanogpt {mfu['nanogpt']:.0%}" if "nanogpt" in mfu else "")
                      + " (goal: transformer >= 70%)")
@@ -365,6 +391,12 @@ def parser() -> argparse.ArgumentParser:
                    "--tiny)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (ms/step, MFU against "
                    "the fp32 matmul peak, torch.cuda.max_memory_allocated)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="autocast dtype as train.py uses it (float16: with a GradScaler, CUDA "
+                   "only); default float32, float16 with --seed-config")
+    p.add_argument("--seed-config", action="store_true",
+                   help="the seed's GPU configuration: batch 32 x block 512, V 13,034, "
+                   "dropout 0.1, float16 (for a GPU)")
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="time only these variants")
     p.add_argument("--json", help="where to write the JSON (default outputs/bench/)")
     return p
@@ -374,8 +406,14 @@ def setup_and_variants(args: argparse.Namespace) -> tuple[SpeedSetup, list[Varia
     """The measurement plan the flags ask for (UserError for a device or variant not here)."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device here; use --device cpu")
-    preset = "tiny" if args.tiny else "quick" if args.quick else "reference"
+    preset = ("tiny" if args.tiny else "seed" if args.seed_config else "quick" if args.quick
+              else "reference")
     setup = dataclasses.replace(SPEED_PRESETS[preset], data=args.data, device=args.device)
+    if args.dtype:
+        setup = dataclasses.replace(setup, dtype=args.dtype)
+    if setup.dtype == "float16" and not setup.device.startswith("cuda"):
+        raise UserError(f"--dtype float16 runs with a gradient scaler on CUDA only; on "
+                        f"{setup.device} use --dtype bfloat16 or float32")
     if args.threads is not None:
         setup = dataclasses.replace(setup, threads=args.threads)
     if args.rounds:

@@ -156,6 +156,29 @@ def test_data_section_times_prepare_against_bare_encode(europarl_source, tmp_pat
     assert "prepare rate / bare encode rate" in data_bench.format_data(result)
 
 
+def test_speed_runs_under_autocast_as_train_py_does(tmp_path, capsys):
+    """--dtype: the steps run under autocast (float16 with a gradient scaler, on CUDA only);
+    the dry run of the GPU measurement on this CPU, in bfloat16."""
+    out = tmp_path / "speed.json"
+    speed.main(["--tiny", "--dtype", "bfloat16", "--json", str(out), "--only", "backpack",
+                "transformer", "nanogpt"])
+    text = capsys.readouterr().out
+    assert "bfloat16" in text and "MFU (useful FLOPs / measured fp32 matmul peak" in text
+    result = json.loads(out.read_text())
+    assert result["setup"]["dtype"] == "bfloat16"
+    assert result["mfu_peak_of"] == "measured fp32 matmul peak"
+    assert all(r["ms_per_step"] > 0 and 0 < r["mfu"] < 2 for r in result["rows"])
+    with pytest.raises(SystemExit) as exc:
+        speed.main(["--tiny", "--dtype", "float16"])
+    assert exc.value.code == 2 and "CUDA only" in capsys.readouterr().err
+    seed = speed.SPEED_PRESETS["seed"]  # --seed-config: for a GPU; float16 is refused here
+    assert (seed.batch_size, seed.block_size, seed.vocab_size, seed.dtype) == (
+        32, 512, 13_034, "float16")
+    setup, _ = speed.setup_and_variants(speed.parser().parse_args(
+        ["--seed-config", "--dtype", "bfloat16", "--quick"]))
+    assert (setup.batch_size, setup.dtype) == (32, "bfloat16")
+
+
 def test_bad_variant_name_is_a_user_error(capsys):
     with pytest.raises(SystemExit) as exc:
         speed.main(["--tiny", "--only", "nonsense"])
