@@ -285,13 +285,12 @@ def _folder_message(path: Path) -> str:
         return (f"checkpoint {path} is a folder, not a checkpoint file; it holds "
                 f"{', '.join(p.name for p in inside)}: pass one of them, for example "
                 f"{inside[0]}")
-    runs = [d for d in sorted(path.iterdir()) if d.is_dir() and _checkpoints_in(d)][:6]
+    runs = [(d, found) for d in sorted(path.iterdir()) if d.is_dir()
+            for found in [_checkpoints_in(d)] if found][:6]
     if runs:
-        listed = "; ".join(f"{d} ({', '.join(p.name for p in _checkpoints_in(d))})"
-                           for d in runs)
+        listed = "; ".join(f"{d} ({', '.join(p.name for p in found)})" for d, found in runs)
         return (f"checkpoint {path} is a folder of run folders, not a checkpoint file; the "
-                f"checkpoints inside: {listed}. Pass one file, for example "
-                f"{_checkpoints_in(runs[0])[0]}")
+                f"checkpoints inside: {listed}. Pass one file, for example {runs[0][1][0]}")
     return (f"checkpoint {path} is a folder with no checkpoint (.pt file) in it; pass the "
             "ckpt.pt or best.pt of a run folder")
 

@@ -29,7 +29,7 @@ from .errors import UserError
 from .hub.layout import PRETRAINED_ENCODING
 from .hub.load import build_pretrained, model_config, read_config, snapshot_folder
 from .models.config import model_shape_keys
-from .params import TrainConfig
+from .params import INIT_FROM, TrainConfig
 from .paths import resolve_in_root
 
 log = logging.getLogger(__name__)
@@ -38,16 +38,18 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class Origin:
     """Where a run's weights started: ``source`` (``hf:<id>`` or a folder), the values its
-    weights fix (TrainConfig keys) and the model's vocabulary size (may exceed the data's)."""
+    weights fix (TrainConfig keys), the model's vocabulary size (may exceed the data's) and,
+    for a run that starts from it, the local folder of the pretrained model."""
 
     source: str
     fixed: dict[str, Any]
     vocab_size: int
     described: str  # "the pretrained model hf:x" or "checkpoint out/x/ckpt.pt (from hf:x)"
+    folder: Path | None = None  # None when resuming: the weights come from the checkpoint
 
 
 def starts_from_pretrained(cfg: TrainConfig) -> bool:
-    return cfg.init_from not in ("scratch", "resume")
+    return cfg.init_from not in INIT_FROM
 
 
 def origin(cfg: TrainConfig) -> Origin | None:
@@ -59,7 +61,7 @@ def origin(cfg: TrainConfig) -> Origin | None:
         fixed = {"model_type": model_type,
                  **{k: getattr(config, k) for k in model_shape_keys(model_type)[1:]}}
         return Origin(cfg.init_from, _with_encoding(fixed, cfg.encoding), config.vocab_size,
-                      f"the pretrained model {cfg.init_from}")
+                      f"the pretrained model {cfg.init_from}", folder)
     if cfg.init_from != "resume":
         return None
     state, path = _peek(resolve_in_root(cfg.out_dir))
@@ -119,9 +121,11 @@ def inherit_shape(cfg: TrainConfig, typed: Collection[str] = ()) -> tuple[TrainC
     return cfg, found
 
 
-def pretrained_model(cfg: TrainConfig) -> torch.nn.Module:
-    """The pretrained model ``cfg.init_from`` names (CPU, train mode), with ``cfg.dropout``."""
-    _, model = build_pretrained(snapshot_folder(cfg.init_from), dropout=cfg.dropout)
+def pretrained_model(found: Origin, dropout: float) -> torch.nn.Module:
+    """The pretrained model a run starts from (CPU, train mode), with the run's dropout."""
+    if found.folder is None:
+        raise ValueError(f"{found.described}: a resumed run's weights come from its checkpoint")
+    _, model = build_pretrained(found.folder, dropout=dropout)
     return model
 
 

@@ -360,8 +360,8 @@ def run(notebook: str, params_file: str | None, overrides: Mapping[str, Any], *,
             or (Path(str(injected["out_dir"])).name if injected.get("out_dir") else None)
             or str(notebook_parameters(notebook).get("run_name") or "").strip("'\"") or "notebooks")
     name = str(name)
-    if _folder_name_problem(name):
-        raise UserError(f"run name {name!r}: {_folder_name_problem(name)}")
+    if problem := _folder_name_problem(name):
+        raise UserError(f"run name {name!r}: {problem}")
     return run_notebook(notebook, injected, name, html=html, log_output=log_output)
 
 
@@ -528,9 +528,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if getattr(args, "run_name", None) is not None and _folder_name_problem(args.run_name):
-        exit_on_user_error(UserError(f"--run_name {args.run_name!r}: "
-                                     f"{_folder_name_problem(args.run_name)}"))
+    if getattr(args, "run_name", None) is not None and (
+            problem := _folder_name_problem(args.run_name)):
+        # before the spelling below, which would turn the runner's own --run_name into -p
+        exit_on_user_error(UserError(f"--run_name {args.run_name!r}: {problem}"))
     try:
         if args.command == "kernel":
             print(f"kernel {ensure_kernel(args.name, quiet=False)!r} is installed")

@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-
 from backpack_nb.console import progress_bar
 from backpack_nb.errors import UserError
 

@@ -37,7 +37,7 @@ from backpack_nb import optim
 from backpack_nb.errors import UserError, exit_on_user_error
 from backpack_nb.models import BackpackLM, ModelConfig, build_model
 from backpack_nb.models.flops import train_flops
-from backpack_nb.training.meters import peak_flops
+from backpack_nb.training.meters import gpu_peak_name, peak_flops
 
 from benchmarks.batches import europarl_batches, zipf_batches
 from benchmarks.common import MiB, matmul_gflops, sync, write_json
@@ -276,11 +276,10 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
     peak_gflops = statistics.median(peaks)
     # MFU's denominator: on a GPU its dense peak for the dtype (a table by name), elsewhere
     # the fp32 matmul peak measured in the rounds
-    named = peak_flops(torch.device(setup.device), setup.dtype) if setup.device != "cpu" else None
+    device = torch.device(setup.device)
+    named = peak_flops(device, setup.dtype) if device.type == "cuda" else None
     mfu_peak = named / 1e9 if named else peak_gflops
-    mfu_peak_of = (f"{torch.cuda.get_device_name(torch.device(setup.device))} dense "
-                   f"{'TF32' if setup.dtype == 'float32' else 'fp16/bf16'} peak" if named
-                   else "measured fp32 matmul peak")
+    mfu_peak_of = f"{gpu_peak_name(device, setup.dtype)} peak" if named else "measured fp32 matmul peak"
 
     rows = []
     for v in variants:

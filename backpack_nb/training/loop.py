@@ -112,8 +112,10 @@ class Trainer:
 
         # Data: prepared on first use (by rank 0), then the compact-vocabulary tokenizer.
         self.data_dir = dataset.resolve_data_dir(cfg.data_dir)
-        if self.origin is not None and (self.data_dir / "meta.json").is_file():
-            # before the generic check of _prepare_data, whose hint would re-prepare it
+        # a fine-tune's data must be in the model's ids: checked before the generic check of
+        # _prepare_data (whose hint would re-prepare the dataset), or after a first preparation
+        prepared_before = (self.data_dir / "meta.json").is_file()
+        if self.origin is not None and prepared_before:
             finetune.check_data(dataset.load_meta(self.data_dir), self.origin.vocab_size,
                                 self.data_dir, self.origin)
         _prepare_data(cfg, rt, self.data_dir, full_vocab=self.origin is not None)
@@ -124,7 +126,7 @@ class Trainer:
                        for split in ("train", "val")}
         for split, tokens in self.splits.items():
             dataset.check_token_ids(tokens, self.tok.vocab_size, self.data_dir / f"{split}.bin")
-        if self.origin is not None:  # prepared just now: ids still below the model's vocab?
+        if self.origin is not None and not prepared_before:
             finetune.check_data(self.meta, self.origin.vocab_size, self.data_dir, self.origin)
 
         if new_run and cfg.overwrite and rt.master:
@@ -135,8 +137,8 @@ class Trainer:
             loggers.clear(self.out_dir)  # a new run draws new curves
 
         torch.manual_seed(cfg.seed + rt.rank)  # same weights (DDP syncs them), own dropout
-        if finetune.starts_from_pretrained(cfg):
-            self.raw_model = finetune.pretrained_model(cfg).to(rt.device)
+        if self.origin is not None and self.origin.folder is not None:  # starts from it
+            self.raw_model = finetune.pretrained_model(self.origin, cfg.dropout).to(rt.device)
             self.model_config = self.raw_model.config
         else:  # a pretrained model's vocabulary may exceed its data's (50,264 > 50,257)
             vocab = self.origin.vocab_size if self.origin else self.tok.vocab_size

@@ -107,11 +107,16 @@ def run_peak_flops(rt: Runtime) -> tuple[float | None, str]:
         return unit * machines, (f"{machines} machine(s) of {machine_cores()} CPU cores, "
                                  "one core's float32 matmul peak measured")
     unit = peak_flops(rt.device, rt.dtype)
-    name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else str(rt.device)
     if unit is None:
+        name = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else str(rt.device)
         return None, f"{rt.world_size} x {name} (peak unknown: no MFU)"
-    return unit * rt.world_size, (f"{rt.world_size} x {name} "
-                                  f"({'TF32' if rt.dtype == 'float32' else 'fp16/bf16'} dense)")
+    return unit * rt.world_size, f"{rt.world_size} x {gpu_peak_name(rt.device, rt.dtype)}"
+
+
+def gpu_peak_name(device: torch.device, dtype: str) -> str:
+    """What :func:`peak_flops` took for a GPU: ``NVIDIA H200 (fp16/bf16 dense)``."""
+    return (f"{torch.cuda.get_device_name(device)} "
+            f"({'TF32' if dtype == 'float32' else 'fp16/bf16'} dense)")
 
 
 class Throughput:
