@@ -168,6 +168,14 @@ class TrainConfig:
     """Recompute each Transformer block's activations in backward instead of storing them:
     about a third more compute in the blocks, most of their activation memory saved. For
     configurations that do not fit otherwise (``python -m benchmarks.memory``)."""
+    fused_loss: bool = False
+    """Compute each chunk of the loss's softmax and gradient in one compiled function instead
+    of a dozen eager passes over it (same values): a speed lever for a GPU at large
+    vocabularies, off until a GPU measurement says it pays (docs/performance.md)."""
+    distinct_on_host: bool = False
+    """Backpack: find each batch's distinct tokens (whose senses are computed once) where the
+    batch is assembled, padded to a few sizes, instead of on the device: no device sync in the
+    step, static shapes for the compiler. Off until a GPU measurement says it pays."""
     strict_device: bool = False
     """Refuse to fall back to another device or dtype than the one asked for."""
 

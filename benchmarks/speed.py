@@ -59,6 +59,7 @@ class Variant:
     optimizer: str = "fused"  # "fused" or "foreach" AdamW, or "sparse" (table only)
     compile: bool = False
     checkpointing: bool = False
+    fused_loss: bool = False  # off by default: its row is the lever switched on
 
 
 MAIN = [Variant("backpack", "backpack"), Variant("transformer", "transformer"),
@@ -89,6 +90,10 @@ LEVERS = [
             "backpack", checkpointing=True),
     Variant("transformer/checkpointed", "transformer", "activation checkpointing (cost)",
             "transformer", checkpointing=True),
+    Variant("backpack/fused-loss", "backpack", "fused loss chunks (on; off by default)",
+            "backpack", fused_loss=True),
+    Variant("transformer/fused-loss", "transformer", "fused loss chunks (on; off by default)",
+            "transformer", fused_loss=True),
     Variant("backpack-table/dense", "backpack-table", "sense table, dense AdamW", "backpack"),
     Variant("backpack-table/sparse", "backpack-table", "sense table, sparse updates",
             "backpack-table/dense", optimizer="sparse"),
@@ -153,6 +158,8 @@ class _Runner:
             model.dedup_senses, model.mixing = variant.dedup, variant.mixing
         if variant.checkpointing:
             model.set_activation_checkpointing(True)
+        if variant.fused_loss:
+            model.fused_loss = True
         self.model = model.to(self.device).train()
         if variant.optimizer == "sparse":
             self.opt = optim.make_optimizer(model, lr=1e-4, sparse_table=True)

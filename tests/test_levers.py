@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from backpack_nb import optim
 from backpack_nb.models import ModelConfig, build_model, linear_cross_entropy
-from backpack_nb.models.mixing import Senses, causal_mixing, choose_kernel, weighted_sum_of_senses
+from backpack_nb.models.mixing import (Senses, causal_mixing, choose_kernel, distinct_tokens,
+                                       weighted_sum_of_senses)
 
 V = 41
 
@@ -157,6 +158,28 @@ def test_blocked_mixing_under_bfloat16_autocast_gives_float32_gradients():
         assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
 
 
+def test_distinct_tokens_pad_to_a_few_sizes_by_repeating_the_last_id():
+    idx = torch.randint(0, 5000, (4, 256), generator=torch.Generator().manual_seed(0))
+    exact, where = torch.unique(idx, return_inverse=True)
+    types, where_b = distinct_tokens(idx)
+    n = len(exact)  # about 950 distinct: steps of 64
+    assert len(types) % 64 == 0 and n <= len(types) < n + 64
+    assert torch.equal(types[:n], exact) and (types[n:] == exact[-1]).all()
+    assert torch.equal(where_b, where) and torch.equal(types[where_b], idx)
+    small = torch.tensor([[3, 1, 3]])
+    assert distinct_tokens(small)[0].tolist() == [1, 3] + [3] * 62
+    assert distinct_tokens(small, bucket=False)[0].tolist() == [1, 3]
+
+
+@pytest.mark.parametrize("source", ["network", "table"])
+def test_distinct_tokens_found_ahead_give_the_same_loss_and_gradients(source):
+    model = tiny(sense_source=source).eval()
+    idx, targets = batch()
+    plain = loss_and_grads(model, idx, targets)
+    ahead = loss_and_grads(model, idx, targets, distinct=distinct_tokens(idx))  # padded
+    assert_same(ahead, plain)
+
+
 # -- the chunked loss: gradients computed in forward -----------------------------------
 
 
@@ -196,6 +219,34 @@ def test_chunked_loss_under_autocast_returns_float32_weight_gradients():
     assert W.grad.dtype == torch.float32 and h.grad.dtype == torch.float32
     ref = F.cross_entropy(h.detach() @ W.detach().T, y)
     assert abs(loss.item() - ref.item()) < 0.05
+
+
+def test_fused_loss_chunks_equal_the_eager_chunks_in_float64():
+    # ignored rows and an uneven last chunk (70 = 32 + 32 + 6 rows): two compiled shapes
+    torch.manual_seed(0)
+    h = torch.randn(70, 16, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(53, 16, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 53, (70,))
+    y[[3, 40]] = -100
+    runs = []
+    for fused in (False, True):
+        h.grad = W.grad = None
+        loss = linear_cross_entropy(h, W, y, chunk_rows=32, fused=fused)
+        loss.backward()
+        runs.append((loss.detach(), h.grad.clone(), W.grad.clone()))
+    for eager, fused in zip(*runs):
+        torch.testing.assert_close(fused, eager, rtol=0, atol=1e-13)
+    ref = F.cross_entropy(h.detach() @ W.detach().T, y)
+    torch.testing.assert_close(runs[1][0], ref, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("kind", ["transformer", "backpack"])
+def test_fused_loss_lever_gives_the_models_same_loss_and_gradients(kind):
+    model = tiny(kind).eval()
+    idx, targets = batch()
+    plain = loss_and_grads(model, idx, targets, loss_chunk_rows=32)
+    model.fused_loss = True
+    assert_same(loss_and_grads(model, idx, targets, loss_chunk_rows=32), plain, atol=1e-12)
 
 
 # -- activation checkpointing ----------------------------------------------------------

@@ -325,6 +325,49 @@ def test_auto_compile_is_off_on_cpu_and_activation_checkpointing_changes_nothing
     assert [a[k] for k in ("train_loss", "val_loss")] == [b[k] for k in ("train_loss", "val_loss")]
 
 
+def test_speed_levers_fused_loss_and_distinct_on_host_keep_the_run(prepared_europarl, tmp_path):
+    """``fused_loss`` and ``distinct_on_host`` change how a step is computed, not what: with
+    dropout 0 the run's losses equal the plain run's (float32, CPU), and the host really
+    supplies the distinct tokens (the model never looks for them itself)."""
+    from backpack_nb.models import BackpackLM
+
+    small = dict(n_layer=2, max_iters=4, eval_interval=2, eval_iters=1, batch_size=2,
+                 checkpoint_interval=100, dropout=0.0)
+    found_on_device = {"plain": 0, "levers": 0}
+    real = BackpackLM._distinct_tokens
+    run = "plain"
+
+    def counted(self, idx):
+        found_on_device[run] += 1
+        return real(self, idx)
+
+    BackpackLM._distinct_tokens = counted
+    try:
+        plain = _log(train(tiny_config("backpack", tmp_path / "plain", **small))["out_dir"])
+        run = "levers"
+        levers = train(tiny_config("backpack", tmp_path / "levers", fused_loss=True,
+                                   distinct_on_host=True, **small))
+    finally:
+        BackpackLM._distinct_tokens = real
+    # evaluation and the sense probes still find them on the device; the 4 steps do not
+    assert found_on_device["plain"] - found_on_device["levers"] == 4
+    fast = _log(levers["out_dir"])
+    for key in ("train_loss", "val_loss"):
+        np.testing.assert_allclose(fast[key], plain[key], rtol=0, atol=2e-5)
+    assert plain["train_loss"][-1] < plain["train_loss"][0]
+
+
+def test_sampler_sends_the_same_batches_with_their_distinct_tokens():
+    tokens = np.arange(5000, dtype=np.uint16) % 97
+    kw = dict(block_size=16, batch_size=3, seed=5, device=torch.device("cpu"))
+    plain, ahead = BatchSampler(tokens, **kw), BatchSampler(tokens, **kw)
+    for _ in range(3):
+        x, y = plain.next_batch()
+        x2, y2, (types, where) = ahead.next_batch_with_distinct()
+        assert torch.equal(x, x2) and torch.equal(y, y2)
+        assert torch.equal(types[where], x) and len(types) % 64 == 0
+
+
 # --- several processes ------------------------------------------------------------------------------
 
 

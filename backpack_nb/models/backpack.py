@@ -21,7 +21,8 @@ from backpack_nb.models.base import LanguageModel
 from backpack_nb.models.config import ModelConfig
 from backpack_nb.models.init import init_backpack_
 from backpack_nb.models.layers import MLP, CausalTransformer
-from backpack_nb.models.mixing import Senses, causal_alpha, choose_kernel, weighted_sum_of_senses
+from backpack_nb.models.mixing import (Distinct, Senses, causal_alpha, choose_kernel,
+                                       weighted_sum_of_senses)
 
 
 class BackpackLM(LanguageModel):
@@ -56,11 +57,13 @@ class BackpackLM(LanguageModel):
             self.sense_table = nn.Embedding(config.vocab_size, k * d)
         init_backpack_(self)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, idx: torch.Tensor, distinct: Distinct | None = None) -> torch.Tensor:
         """o (B, T, d): each position's weighted sum of the senses of the tokens up to it,
         ``o_i = sum_j sum_l alpha_l[i, j] C(x_j)_l``. Nothing follows the sum: the logits are
-        E o (:meth:`LanguageModel.forward`)."""
-        senses = self._senses(idx)  # C(x): (B, T, k, d), computed once per token type
+        E o (:meth:`LanguageModel.forward`). ``distinct``: the batch's distinct tokens and
+        where each position's is, computed ahead
+        (:func:`~backpack_nb.models.mixing.distinct_tokens`), else here."""
+        senses = self._senses(idx, distinct)  # C(x): (B, T, k, d), once per token type
         q, k = self._queries_keys(idx)  # 2 x (B, k, T, d/k): alpha = causal softmax(q.k)
         o = weighted_sum_of_senses(q, k, senses, self.mixing, self.mixing_block)  # (B, T, d)
         return o
@@ -96,7 +99,7 @@ class BackpackLM(LanguageModel):
             senses: [getattr(self, senses)],
         }
 
-    def _senses(self, idx: torch.Tensor) -> Senses:
+    def _senses(self, idx: torch.Tensor, distinct: Distinct | None = None) -> Senses:
         """C(x) of the batch's tokens (B, T), computed by type unless ``dedup_senses`` is off."""
         shape = (*idx.shape, self.config.n_senses, self.config.n_embd)  # (B, T, k, d)
         if not self.dedup_senses:  # the plain path, kept as the reference for the lever
@@ -106,8 +109,9 @@ class BackpackLM(LanguageModel):
         # shares one dropout mask among a token's occurrences in the batch; at eval it is
         # exact. For the table it makes the (sparse) gradient U rows instead of B*T. (Under
         # torch.compile the data-dependent size U is a graph break; the sense network is
-        # then compiled for a dynamic U.)
-        types, where = self._distinct_tokens(idx)  # (U,), (B, T)
+        # then compiled for a dynamic U. A `distinct` computed ahead on the host avoids both:
+        # no sync, and padded to a few sizes; its padding rows are never gathered.)
+        types, where = distinct if distinct is not None else self._distinct_tokens(idx)
         return Senses(self._senses_of(types), where, shape)  # (U, k*d)
 
     def _senses_of(self, tokens: torch.Tensor) -> torch.Tensor:

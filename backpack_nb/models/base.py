@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from backpack_nb.models.config import ModelConfig
 from backpack_nb.models.loss import LOSS_CHUNK_ROWS, full_logits_cross_entropy, linear_cross_entropy
+from backpack_nb.models.mixing import Distinct
 
 
 class LanguageModel(nn.Module):
@@ -21,8 +22,14 @@ class LanguageModel(nn.Module):
     config: ModelConfig
     wte: nn.Embedding  # E (V x d): input embedding and, tied, the output head
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        """(B, T) token ids -> (B, T, d) vectors h with ``logits = h @ E.T``."""
+    # A performance switch, not part of the model (see BackpackLM's for the others).
+    fused_loss: bool = False
+    """Compute each chunk of the training loss's softmax and logit gradient in one compiled
+    function (:func:`~backpack_nb.models.loss.linear_cross_entropy`'s ``fused``)."""
+
+    def hidden_states(self, idx: torch.Tensor, distinct: Distinct | None = None) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, d) vectors h with ``logits = h @ E.T``. ``distinct``:
+        the batch's distinct tokens, computed ahead (see :meth:`forward`)."""
         raise NotImplementedError
 
     def parameter_parts(self) -> dict[str, list[nn.Module]]:
@@ -40,6 +47,7 @@ class LanguageModel(nn.Module):
         ignore_index: int = -100,
         chunked_loss: bool = True,
         loss_chunk_rows: int = LOSS_CHUNK_ROWS,
+        distinct: Distinct | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Token ids (B, T) -> ``(logits, loss)``.
 
@@ -49,8 +57,12 @@ class LanguageModel(nn.Module):
         computes the plain full-logits loss instead (a reference for tests) and returns the
         logits. Without targets: logits (B, 1, V) of the last position only (all that
         sampling needs), or (B, T, V) with ``all_logits``; loss is None.
+
+        ``distinct``: ``(types, where)`` from :func:`~backpack_nb.models.mixing.distinct_tokens`
+        of ``idx``, computed ahead on the host; the Backpack then needs no device sync to find
+        them (the Transformer ignores it).
         """
-        h = self.hidden_states(idx)  # (B, T, d)
+        h = self.hidden_states(idx, distinct)  # (B, T, d)
         E = self.wte.weight  # (V, d)
         if targets is None:
             if not all_logits:
@@ -59,7 +71,8 @@ class LanguageModel(nn.Module):
         if not chunked_loss:
             return full_logits_cross_entropy(h, E, targets, ignore_index=ignore_index)
         loss = linear_cross_entropy(
-            h, E, targets, ignore_index=ignore_index, chunk_rows=loss_chunk_rows
+            h, E, targets, ignore_index=ignore_index, chunk_rows=loss_chunk_rows,
+            fused=self.fused_loss,
         )
         return (F.linear(h, E) if all_logits else None), loss
 

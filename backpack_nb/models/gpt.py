@@ -11,6 +11,7 @@ from backpack_nb.models.base import LanguageModel
 from backpack_nb.models.config import ModelConfig
 from backpack_nb.models.init import init_gpt_
 from backpack_nb.models.layers import CausalTransformer
+from backpack_nb.models.mixing import Distinct
 
 
 class GPT(LanguageModel):
@@ -25,8 +26,8 @@ class GPT(LanguageModel):
         self.transformer = CausalTransformer(config)
         init_gpt_(self)
 
-    def hidden_states(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.transformer(self.wte(idx))  # (B, T) -> (B, T, d)
+    def hidden_states(self, idx: torch.Tensor, distinct: Distinct | None = None) -> torch.Tensor:
+        return self.transformer(self.wte(idx))  # (B, T) -> (B, T, d); no senses to share
 
     def parameter_parts(self) -> dict[str, list[nn.Module]]:
         t = self.transformer

@@ -26,6 +26,7 @@ def linear_cross_entropy(
     *,
     ignore_index: int = -100,
     chunk_rows: int = LOSS_CHUNK_ROWS,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Mean cross-entropy of ``h @ weight.T`` against ``targets`` over non-ignored rows.
 
@@ -34,6 +35,12 @@ def linear_cross_entropy(
     the gradients come back in the dtypes of ``h`` and ``weight`` (fp32 master weights get
     an fp32 gradient, accumulated in fp32). A batch with no counted rows gives 0
     (``F.cross_entropy`` would give nan).
+
+    ``fused``: each chunk's softmax, loss and logit gradient in one ``torch.compile``d
+    function (:func:`chunk_loss_and_grad`) instead of the eager in-place passes: the eager
+    path reads and writes the (rows x V) chunk about a dozen times in float32, which is
+    memory-bound on a GPU at large V. Same values (checked in float64); off by default
+    until measured on a GPU (``python -m benchmarks.speed`` has the lever).
     """
     h = h.reshape(-1, h.shape[-1])  # (N, d)
     targets = targets.reshape(-1)  # (N,)
@@ -47,7 +54,7 @@ def linear_cross_entropy(
     with_grads = torch.is_grad_enabled() and any(needs)
     return _eager_apply(
         h, weight, targets, ignore_index, chunk_rows, compute_dtype, with_grads and needs[0],
-        with_grads and needs[1],
+        with_grads and needs[1], fused and with_grads,
     )
 
 
@@ -61,6 +68,29 @@ def _eager_apply(*args):
     # Eager, only one chunk is alive; the loop is matmul-bound, so compiling it gains
     # nothing (benchmarks/compile_memory.py measures both).
     return _ChunkedLinearCrossEntropy.apply(*args)
+
+
+def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor,
+                        acc: torch.dtype, out: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk of the loss, out of place, for the compiler to fuse: logits (n, V) in the
+    compute dtype, targets (n,) valid ids, weights (n,) 1 on counted rows, 0 on ignored ones.
+    Returns the row losses (n,) in ``acc`` and the weighted logit gradient (n, V) in ``out``:
+    ``weight * (softmax - onehot(target))``. The one-hot is a comparison with a column
+    index, so compiled it is a few reductions and one elementwise pass over the chunk."""
+    z = logits.to(acc)  # (n, V)
+    row_max = z.amax(dim=-1, keepdim=True)  # (n, 1)
+    e = torch.exp(z - row_max)
+    total = e.sum(dim=-1)  # (n,)
+    row_loss = total.log() + row_max.squeeze(1) - z.gather(1, targets[:, None]).squeeze(1)
+    onehot = torch.arange(z.shape[1], device=z.device) == targets[:, None]  # (n, V)
+    grad = e * (weights / total)[:, None] - onehot * weights[:, None]
+    return row_loss, grad.to(out)
+
+
+# Compiled on first use, once per chunk shape and dtypes (a static shape: a chunk is
+# chunk_rows x V but for the last). Called from the eager chunk loop, so only one chunk's
+# buffers are alive at a time, as in the eager path.
+_fused_chunk = torch.compile(chunk_loss_and_grad, dynamic=False)
 
 
 def full_logits_cross_entropy(
@@ -81,7 +111,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, targets, ignore_index: int, chunk_rows: int,
-                compute_dtype: torch.dtype, grad_h_needed: bool, grad_w_needed: bool):
+                compute_dtype: torch.dtype, grad_h_needed: bool, grad_w_needed: bool,
+                fused: bool = False):
         acc = torch.promote_types(compute_dtype, torch.float32)  # fp32, or fp64 for exact tests
         hc, wc = h.to(compute_dtype), weight.to(compute_dtype)  # no-ops without autocast
         n_rows = hc.shape[0]
@@ -94,21 +125,15 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(h.device.type, enabled=False):
             for start in range(0, n_rows, chunk_rows):
                 rows = slice(start, start + chunk_rows)
-                logits = (hc[rows] @ wc.T).to(acc)  # (n, V), fp32 for the softmax
-                target_logit = logits.gather(1, safe_targets[rows, None]).squeeze(1)  # (n,)
-                # In place from here on: a fresh (n, V) buffer per op costs as much as the op.
-                row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
-                probs = logits.sub_(row_max).exp_()  # unnormalised softmax, (n, V)
-                total = probs.sum(dim=-1)  # (n,)
-                row_loss[rows] = total.log() + row_max.squeeze(1) - target_logit
-                if grad_h is None and grad_w is None:
+                if fused:
+                    row_loss[rows], grad_logits = _fused_chunk(
+                        hc[rows] @ wc.T, safe_targets[rows], weights[rows], acc, compute_dtype)
+                else:
+                    grad_logits = _ChunkedLinearCrossEntropy._eager_chunk(
+                        hc[rows] @ wc.T, safe_targets[rows], weights[rows], row_loss[rows],
+                        acc, compute_dtype, grad_h is not None or grad_w is not None)
+                if grad_logits is None:
                     continue
-                # d row_loss / d logits = softmax - onehot(target), zero on ignored rows; the
-                # mean's 1 / n_counted is applied once at the end, in fp32 (scaling the chunk
-                # before a float16 matmul would push small probabilities into underflow).
-                probs.mul_((weights[rows] / total)[:, None])
-                probs.scatter_add_(1, safe_targets[rows, None], -weights[rows, None])
-                grad_logits = probs.to(compute_dtype)  # (n, V)
                 if grad_h is not None:
                     grad_h[rows] = grad_logits @ wc  # (n, d)
                 if grad_w is not None and compute_dtype == acc:
@@ -125,6 +150,26 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return loss
 
     @staticmethod
+    def _eager_chunk(logits, targets, weights, row_loss, acc, compute_dtype, with_grad):
+        """The eager chunk, in place: fills ``row_loss`` (a view of the chunk's rows) and
+        returns the weighted logit gradient in the compute dtype (None without grad)."""
+        logits = logits.to(acc)  # (n, V), fp32 for the softmax
+        target_logit = logits.gather(1, targets[:, None]).squeeze(1)  # (n,)
+        # In place from here on: a fresh (n, V) buffer per op costs as much as the op.
+        row_max = logits.amax(dim=-1, keepdim=True)  # (n, 1)
+        probs = logits.sub_(row_max).exp_()  # unnormalised softmax, (n, V)
+        total = probs.sum(dim=-1)  # (n,)
+        row_loss.copy_(total.log() + row_max.squeeze(1) - target_logit)
+        if not with_grad:
+            return None
+        # d row_loss / d logits = softmax - onehot(target), zero on ignored rows; the
+        # mean's 1 / n_counted is applied once at the end, in fp32 (scaling the chunk
+        # before a float16 matmul would push small probabilities into underflow).
+        probs.mul_((weights / total)[:, None])
+        probs.scatter_add_(1, targets[:, None], -weights[:, None])
+        return probs.to(compute_dtype)  # (n, V)
+
+    @staticmethod
     def backward(ctx, grad_loss):
         grad_h, grad_w = ctx.saved_tensors
         h_dtype, w_dtype = ctx.dtypes
@@ -132,4 +177,4 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # its .grad, so nothing is wasted.
         gh = (grad_h * grad_loss).to(h_dtype) if grad_h is not None else None
         gw = (grad_w * grad_loss).to(w_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None

@@ -29,6 +29,25 @@ import torch.nn.functional as F
 
 KERNELS = ("sdpa", "einsum", "blocked")
 
+Distinct = tuple[torch.Tensor, torch.Tensor]
+"""A batch's distinct token ids (U,) and each position's index into them (B, T)."""
+
+
+def distinct_tokens(idx: torch.Tensor, bucket: bool = True) -> Distinct:
+    """The distinct ids of a (B, T) batch and where each position's id is among them, for
+    :meth:`BackpackLM.forward`'s ``distinct``: computed where the batch is assembled (the
+    host), the device step then has no data-dependent size to wait for. ``bucket`` pads the
+    ids (repeating the last, so no new token is touched: sparse updates stay the same) to a
+    multiple of 1/8 to 1/16 of their number (at least 64), so a compiled step sees a few
+    sizes instead of a new one every batch; the padding rows are never gathered."""
+    types, where = torch.unique(idx, return_inverse=True)  # (U,), (B, T)
+    if bucket and len(types):
+        n = len(types)
+        step = max(64, 1 << max(0, n.bit_length() - 4))
+        padded = -(-n // step) * step
+        types = torch.cat([types, types[-1:].expand(padded - n)])
+    return types, where
+
 
 class Senses(NamedTuple):
     """C(x) for every position of a (B, T) batch, stored once per token type. Each kernel

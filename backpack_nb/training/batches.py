@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from backpack_nb.errors import UserError
+from backpack_nb.models.mixing import Distinct, distinct_tokens
 
 
 class BatchSampler:
@@ -31,17 +32,33 @@ class BatchSampler:
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """x, y: (batch_size, block_size) int64 on the device; y is x shifted by one."""
+        return self._to_device(self._draw())
+
+    def next_batch_with_distinct(self) -> tuple[torch.Tensor, torch.Tensor, Distinct]:
+        """x, y and x's distinct tokens (:func:`~backpack_nb.models.mixing.distinct_tokens`,
+        bucketed), found here on the host and sent along: the Backpack's step then has no
+        device sync. Draws the same batches as :meth:`next_batch`."""
+        windows = self._draw()  # (B, T+1) on the host
+        types, where = distinct_tokens(windows[:, :-1])
+        x, y = self._to_device(windows)
+        return x, y, (self._send(types), self._send(where))
+
+    def _draw(self) -> torch.Tensor:
         T, B = self.block_size, self.batch_size
         starts = torch.randint(len(self.tokens) - T - 1, (B * self.world_size,),
                                generator=self.generator)[self.rank * B:(self.rank + 1) * B]
         self.batches_drawn += 1
         windows = np.stack([self.tokens[s:s + T + 1] for s in starts.tolist()]).astype(np.int64)
-        batch = torch.from_numpy(windows)  # (B, T+1)
-        if self.device.type == "cuda":
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        else:
-            batch = batch.to(self.device)
+        return torch.from_numpy(windows)  # (B, T+1)
+
+    def _to_device(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self._send(windows)
         return batch[:, :-1], batch[:, 1:]
+
+    def _send(self, t: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned: the copy overlaps the running step
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t.to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn,

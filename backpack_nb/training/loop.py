@@ -160,6 +160,9 @@ class Trainer:
         self.probe_words: list[str] = list(cfg.probe_words)
 
         self.raw_model.set_activation_checkpointing(cfg.activation_checkpointing)
+        self.raw_model.fused_loss = cfg.fused_loss
+        # the Transformer has no senses: there is nothing to find ahead for it
+        self.distinct_on_host = cfg.distinct_on_host and cfg.model_type == "backpack"
         self.model: torch.nn.Module = self.raw_model
         self.compiled = cfg.compile if cfg.compile is not None else rt.device.type == "cuda"
         if self.compiled:
@@ -345,12 +348,16 @@ class Trainer:
         last micro-batch's loss (scaled down by the accumulation)."""
         accum = self.cfg.gradient_accumulation_steps
         for micro in range(accum):
-            x, y = self.sampler.next_batch()
+            if self.distinct_on_host:
+                x, y, distinct = self.sampler.next_batch_with_distinct()
+                kwargs = {"distinct": distinct}
+            else:
+                (x, y), kwargs = self.sampler.next_batch(), {}
             # Under DDP, all-reduce gradients once per step, on the last micro-batch.
             skip_sync = self.rt.ddp and micro < accum - 1
             with self.model.no_sync() if skip_sync else contextlib.nullcontext():
                 with self.rt.autocast():
-                    _, loss = self.model(x, y)
+                    _, loss = self.model(x, y, **kwargs)
                     loss = loss / accum
                 self._nonfinite += (~torch.isfinite(loss.detach())).to(torch.int32)
                 self.scaler.scale(loss).backward()
