@@ -7,7 +7,8 @@
 #           top kernels), then V 100,277 on Zipf batches (both models, the fused loss off/on,
 #           peak memory)
 #   train   train.py's own seed commands (Backpack and Transformer, float16 + --compile):
-#           their tokens/s, to set beside the benchmark's
+#           their tokens/s, to set beside the benchmark's; then each resumed (the guide's
+#           second command) for a few more steps
 #   curves  benchmarks.curves: 200 steps of each model with all levers on, all off, and on
 #           with another dropout seed (the yardstick)
 #   memory  benchmarks.memory: the CPU accounting of the same configurations (seconds)
@@ -36,11 +37,12 @@ run() { "$@" 2>&1 | tee -a "$LOG" | grep -v '^\s*$'; }
 
 if [ -n "$DRY" ]; then
     DEV=cpu; SPEED=(--tiny --dtype float32 --rounds 2); CURVES=(--tiny)
+    RESUME_TO=16
     TRAIN=(--device cpu --dtype float32 --compile --max_iters 12 --log_interval 4
            --eval_iters 1 --eval_interval 1000 --batch_size 2 --block_size 32 --n_layer 2
            --n_head 2 --n_embd 32 --n_senses 4)
 else
-    DEV=cuda; SPEED=(--seed-config --rounds 20); CURVES=(--device cuda)
+    DEV=cuda; SPEED=(--seed-config --rounds 20); CURVES=(--device cuda); RESUME_TO=80
     TRAIN=(--device cuda --dtype float16 --compile --max_iters 60 --log_interval 10
            --eval_iters 2 --eval_interval 1000)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
@@ -64,17 +66,24 @@ if [[ $PHASES == *,train,* ]]; then
         say "train.py --model_type $m --config $cfg (the seed command)"
         run timeout 200 python3 train.py --model_type "$m" --config "$cfg" \
             --out_dir "$RUNS/$m" --data_dir europarl --init_from scratch "${TRAIN[@]}"
+        cp "$RUNS/$m/run.json" "$RUNS/$m.scratch.json" 2>/dev/null
+        say "train.py --model_type $m --init_from resume (20 more steps)"
+        run timeout 120 python3 train.py --model_type "$m" --config "$cfg" \
+            --out_dir "$RUNS/$m" --data_dir europarl --init_from resume "${TRAIN[@]}" \
+            --max_iters "$RESUME_TO"
     done
     python3 - "$RUNS" "$OUT/train.json" <<'EOF'
 import json, sys
 from pathlib import Path
 runs, out = Path(sys.argv[1]), {}
 for m in ("backpack", "transformer"):
-    f = runs / m / "run.json"
+    f, resumed = runs / f"{m}.scratch.json", runs / m / "run.json"
     info = json.loads(f.read_text()) if f.exists() else {}
     out[m] = {k: info.get(k) for k in ("tokens_per_s", "mfu", "compiled", "peak_flops_of",
                                        "distinct_tokens_per_batch", "iterations")}
-    out[m]["error"] = None if info else f"no run.json in {f.parent}"
+    out[m]["error"] = None if info else f"train.py wrote no run.json for {m}"
+    after = json.loads(resumed.read_text()) if resumed.exists() else {}
+    out[m]["resumed"] = {k: after.get(k) for k in ("status", "iterations", "resumed_at")}
 Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 EOF
 fi

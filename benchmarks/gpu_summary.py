@@ -10,8 +10,8 @@ CPU accounting). A missing file leaves its part out. Prints Markdown.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -208,12 +208,14 @@ def summarize(folder: Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or not Path(args[0]).is_dir():
-        print("usage: python -m benchmarks.gpu_summary DIR (the folder device_check.sh "
-              "wrote)", file=sys.stderr)
-        raise SystemExit(2)
-    print(summarize(Path(args[0])))
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_summary",
+                                description=__doc__.split("\n")[0])
+    p.add_argument("folder", help="the folder benchmarks/device_check.sh wrote ($OUT)")
+    args = p.parse_args(argv)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        p.error(f"{folder} is not a folder: give the one device_check.sh wrote ($OUT)")
+    print(summarize(folder))
 
 
 if __name__ == "__main__":

@@ -171,11 +171,18 @@ def test_distinct_tokens_pad_to_a_few_sizes_by_repeating_the_last_id():
     assert distinct_tokens(small, bucket=False)[0].tolist() == [1, 3]
 
 
-@pytest.mark.parametrize("source", ["network", "table"])
+@pytest.mark.parametrize("source", ["network", "table", "sparse table"])
 def test_distinct_tokens_found_ahead_give_the_same_loss_and_gradients(source):
-    model = tiny(sense_source=source).eval()
+    model = tiny(sense_source=source.split()[-1]).eval()
+    if source == "sparse table":  # the padding must add no row to the sparse gradient
+        optim.set_sparse_table(model)
     idx, targets = batch()
     plain = loss_and_grads(model, idx, targets)
+    if source == "sparse table":
+        model.zero_grad(set_to_none=True)
+        model(idx, targets, distinct=distinct_tokens(idx))[1].backward()
+        rows = model.sense_table.weight.grad.coalesce().indices()
+        assert torch.equal(rows[0], torch.unique(idx))
     ahead = loss_and_grads(model, idx, targets, distinct=distinct_tokens(idx))  # padded
     assert_same(ahead, plain)
 

@@ -75,15 +75,16 @@ def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: to
     """One chunk of the loss, out of place, for the compiler to fuse: logits (n, V) in the
     compute dtype, targets (n,) valid ids, weights (n,) 1 on counted rows, 0 on ignored ones.
     Returns the row losses (n,) in ``acc`` and the weighted logit gradient (n, V) in ``out``:
-    ``weight * (softmax - onehot(target))``. The one-hot is a comparison with a column
-    index, so compiled it is a few reductions and one elementwise pass over the chunk."""
+    ``weight * (softmax - onehot(target))``. Written so that compiled it is one pass per
+    reduction (max, sum of exponentials) and one elementwise pass writing the gradient:
+    the softmax is recomputed as exp(z - logsumexp) rather than kept, so no float32 (n, V)
+    buffer is written, and the one-hot is a comparison with the column index."""
     z = logits.to(acc)  # (n, V)
     row_max = z.amax(dim=-1, keepdim=True)  # (n, 1)
-    e = torch.exp(z - row_max)
-    total = e.sum(dim=-1)  # (n,)
-    row_loss = total.log() + row_max.squeeze(1) - z.gather(1, targets[:, None]).squeeze(1)
+    lse = row_max.squeeze(1) + torch.exp(z - row_max).sum(dim=-1).log()  # (n,)
+    row_loss = lse - z.gather(1, targets[:, None]).squeeze(1)
     onehot = torch.arange(z.shape[1], device=z.device) == targets[:, None]  # (n, V)
-    grad = e * (weights / total)[:, None] - onehot * weights[:, None]
+    grad = (torch.exp(z - lse[:, None]) - onehot) * weights[:, None]
     return row_loss, grad.to(out)
 
 
