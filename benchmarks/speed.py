@@ -127,6 +127,7 @@ class SpeedSetup:
     compile_all: bool = False  # every variant compiled, as train.py runs on CUDA
     compile_cap_s: float = 0.0  # a compiled variant's warm-up past this is dropped (0: none)
     profile: bool = False  # profile the main rows' steps (top kernels) after timing
+    budget_s: float = 0.0  # warm-ups stop starting past this (0: none), leaving time to time
 
     def model_config(self, model: str) -> ModelConfig:
         return ModelConfig(vocab_size=self.vocab_size, block_size=self.block_size,
@@ -217,14 +218,14 @@ class _Runner:
 
     def peak_bytes(self) -> int | None:
         """Peak memory of one step: CUDA's allocator peak, or on the CPU the peak of live
-        tensor storage traced by :class:`LiveMemory` (None for a compiled model, whose
-        kernels the trace does not see)."""
+        tensor storage traced by :class:`LiveMemory` (None for a compiled model or loss,
+        whose kernels the trace does not see)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             self.step()
             return torch.cuda.max_memory_allocated()
-        if self.compiled:
+        if self.compiled or self.variant.fused_loss:  # the trace would run it eagerly
             return None
         tracker = LiveMemory()
         for p in self.params:
@@ -283,13 +284,22 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
     compile_s: dict[str, float] = {}
     warmups: dict[str, dict[str, Any]] = {}
     dropped: dict[str, dict[str, Any]] = {}
+    t_start = time.perf_counter()
     for v in variants:
+        cap = setup.compile_cap_s
+        if setup.budget_s:  # keep a sixth of the budget for timing, profiling and memory
+            left = setup.budget_s * 5 / 6 - (time.perf_counter() - t_start)
+            if left < 5:
+                dropped[v.name] = {"status": "no time left", "message": "the --budget ran out "
+                                   "before its warm-up"}
+                log(f"{v.name}: dropped, no time left in the --budget")
+                continue
+            cap = min(cap, left) if cap else left
         runner = _Runner(v, setup, batches)
         # warm-up; a compiled model sees every batch (a new U recompiles once, as dynamic),
         # under a cap, with dynamo's recompile limit made an error (else a silent eager run)
         steps = max(setup.warmup, len(batches) if runner.compiled else 0)
-        report = guarded_warmup(runner.step, steps, compiled=runner.compiled,
-                                cap_s=setup.compile_cap_s)
+        report = guarded_warmup(runner.step, steps, compiled=runner.compiled, cap_s=cap)
         if report["status"] != "ok":
             log(f"{v.name}: dropped, {report['status']} ({report['message']})")
             dropped[v.name] = report
@@ -470,6 +480,9 @@ def parser() -> argparse.ArgumentParser:
                    help="drop a compiled variant whose warm-up (its compilation) runs longer; "
                    "dynamo's recompile limit is always an error here (reported, not a silent "
                    "eager run)")
+    p.add_argument("--budget", type=float, default=0.0, metavar="SECONDS",
+                   help="variants whose warm-up would start after 5/6 of this are dropped "
+                   "(named), so a run on a leased GPU ends in time with what it measured")
     p.add_argument("--profile", action="store_true",
                    help="after timing, profile a few steps of each main row: the top kernels "
                    "and their share (on CUDA: kernel time; elsewhere CPU op time)")
@@ -499,10 +512,11 @@ def setup_and_variants(args: argparse.Namespace) -> tuple[SpeedSetup, list[Varia
             raise UserError("--vocab sets the vocabulary of --data zipf or europarl-en (at "
                             "least 2); europarl batches bring their own")
         setup = dataclasses.replace(setup, vocab_size=args.vocab)
-    if args.compile_cap < 0:
-        raise UserError(f"--compile-cap {args.compile_cap:g}: use seconds >= 0 (0: no cap)")
+    if args.compile_cap < 0 or args.budget < 0:
+        raise UserError("--compile-cap and --budget are seconds >= 0 (0: none)")
     setup = dataclasses.replace(setup, compile_all=args.compile_all,
-                                compile_cap_s=args.compile_cap, profile=args.profile)
+                                compile_cap_s=args.compile_cap, profile=args.profile,
+                                budget_s=args.budget)
     variants = MAIN if args.quick else MAIN + LEVERS
     if args.only:
         known = {v.name: v for v in MAIN + LEVERS}

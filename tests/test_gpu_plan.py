@@ -98,6 +98,17 @@ def test_summary_lays_out_the_issue_table_goals_levers_and_train_py(plan_dir):
     assert "transformer: levers" in text and "Where the time goes" in text
 
 
+def test_a_spent_budget_drops_variants_by_name_and_still_writes_the_result(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    speed.main(["--tiny", "--budget", "0.001", "--only", "backpack", "transformer",
+                "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert result["rows"] == []
+    assert {k: v["status"] for k, v in result["dropped"].items()} == {
+        "backpack": "no time left", "transformer": "no time left"}
+    assert "backpack: not timed, no time left" in capsys.readouterr().out
+
+
 def test_device_script_names_only_known_variants_and_flags():
     text = SCRIPT.read_text()
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
@@ -106,7 +117,7 @@ def test_device_script_names_only_known_variants_and_flags():
     assert {n for n in named if "/" in n} <= known
     flags = set(re.findall(r"(--[a-z][\w-]*)", text))
     speed_flags = {a for action in speed.parser()._actions for a in action.option_strings}
-    curve_flags = {"--tiny", "--device", "--compile-cap", "--json"}
+    curve_flags = {"--tiny", "--device", "--compile-cap", "--budget", "--json"}
     train_flags = {"--model_type", "--config", "--out_dir", "--data_dir", "--init_from",
                    "--dtype", "--compile", "--max_iters", "--log_interval", "--eval_iters",
                    "--eval_interval", "--batch_size", "--block_size", "--n_layer", "--n_head",

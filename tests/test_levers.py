@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from backpack_nb import optim
 from backpack_nb.models import ModelConfig, build_model, linear_cross_entropy
+from backpack_nb.models.loss import chunk_loss_and_grad
 from backpack_nb.models.mixing import (Senses, causal_mixing, choose_kernel, distinct_tokens,
                                        weighted_sum_of_senses)
 
@@ -245,6 +246,14 @@ def test_fused_loss_chunks_equal_the_eager_chunks_in_float64():
         torch.testing.assert_close(fused, eager, rtol=0, atol=1e-13)
     ref = F.cross_entropy(h.detach() @ W.detach().T, y)
     torch.testing.assert_close(runs[1][0], ref, rtol=0, atol=1e-13)
+    # the function the compiler fuses runs eagerly too (dynamo may fall back to it)
+    logits = (h @ W.T).detach()[:32]
+    ok = y[:32] != -100
+    row_loss, grad = chunk_loss_and_grad(logits, torch.where(ok, y[:32], 0), ok.double(),
+                                         torch.float64, torch.float64)
+    ref_rows = F.cross_entropy(logits, y[:32], reduction="none")
+    torch.testing.assert_close(row_loss[ok], ref_rows[ok], rtol=0, atol=1e-13)
+    assert grad.dtype == torch.float64 and (grad[~ok] == 0).all()
 
 
 @pytest.mark.parametrize("kind", ["transformer", "backpack"])

@@ -83,7 +83,7 @@ def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: to
     row_max = z.amax(dim=-1, keepdim=True)  # (n, 1)
     lse = row_max.squeeze(1) + torch.exp(z - row_max).sum(dim=-1).log()  # (n,)
     row_loss = lse - z.gather(1, targets[:, None]).squeeze(1)
-    onehot = torch.arange(z.shape[1], device=z.device) == targets[:, None]  # (n, V)
+    onehot = (torch.arange(z.shape[1], device=z.device) == targets[:, None]).to(acc)  # (n, V)
     grad = (torch.exp(z - lse[:, None]) - onehot) * weights[:, None]
     return row_loss, grad.to(out)
 
