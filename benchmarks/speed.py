@@ -325,7 +325,8 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
     names = [v.name for v in variants]
     for r in range(setup.rounds):
         # a rotating order: no variant always runs first (cold caches) or last
-        order = names[r % len(names):] + names[:r % len(names)]
+        k = r % max(1, len(names))
+        order = names[k:] + names[:k]
         for name in order:
             before = graphs_compiled()
             times[name].append(runners[name].timed_step())
