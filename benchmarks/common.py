@@ -1,11 +1,13 @@
 """What the benchmark commands share: byte units, device synchronisation, the float32 matmul
-peak that MFU is measured against, where the Europarl sample is, and writing results."""
+peak that MFU is measured against, a training step as train.py runs it, where the Europarl
+sample is, and writing results."""
 
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,25 @@ def matmul_gflops(n: int = 2048, reps: int = 3, device: str = "cpu",
         sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
+
+
+def amp_step(forward: Callable[..., Any], params: list[torch.Tensor],
+             opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
+             y: torch.Tensor, dtype: torch.dtype | None, *,
+             clip: Callable[..., Any] = torch.nn.utils.clip_grad_norm_,
+             **kwargs: Any) -> torch.Tensor:
+    """One training step as train.py runs it: forward under autocast to ``dtype`` (None:
+    none), the scaled backward, unscale, clip the gradient norm to 1, step, update the
+    scaler, clear the gradients. Returns the loss (not synced)."""
+    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+        _, loss = forward(x, y, **kwargs)
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
+    clip(params, 1.0)
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad(set_to_none=True)
+    return loss
 
 
 def default_europarl_source() -> Path:

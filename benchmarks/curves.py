@@ -36,7 +36,7 @@ from backpack_nb.models import BackpackLM, ModelConfig, build_model
 from backpack_nb.models.mixing import distinct_tokens
 
 from benchmarks.batches import europarl_batches
-from benchmarks.common import write_json
+from benchmarks.common import amp_step, write_json
 from benchmarks.compile_guard import guarded_warmup
 
 TAIL = 50  # the steps whose mean loss the verdict compares
@@ -82,7 +82,8 @@ def train_curve(model_type: str, setup: CurveSetup, batches: list[torch.Tensor],
     opt = torch.optim.AdamW(model.param_groups(0.1), lr=setup.lr, betas=(0.9, 0.95),
                             fused=levers and device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=setup.dtype == "float16")
-    dtype = getattr(torch, setup.dtype)
+    dtype = None if setup.dtype == "float32" else getattr(torch, setup.dtype)
+    params = list(model.parameters())
     forward = torch.compile(model) if levers else model
     distinct = levers and isinstance(model, BackpackLM)
     torch.manual_seed(dropout_seed)  # the dropout masks from here on
@@ -98,15 +99,7 @@ def train_curve(model_type: str, setup: CurveSetup, batches: list[torch.Tensor],
             kwargs["distinct"] = (types.to(device), where.to(device))
         for group in opt.param_groups:
             group["lr"] = setup.lr * min(1.0, (i + 1) / setup.warmup)
-        with torch.autocast(device.type, dtype=dtype, enabled=setup.dtype != "float32"):
-            _, loss = forward(x, y, **kwargs)
-        scaler.scale(loss).backward()
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
+        losses.append(amp_step(forward, params, opt, scaler, x, y, dtype, **kwargs).item())
 
     t0 = time.perf_counter()
     first = guarded_warmup(step, 1, compiled=levers, cap_s=setup.compile_cap_s)

@@ -41,7 +41,7 @@ from backpack_nb.models.mixing import distinct_tokens
 from backpack_nb.training.meters import gpu_peak_name, peak_flops
 
 from benchmarks.batches import europarl_batches, zipf_batches
-from benchmarks.common import MiB, matmul_gflops, sync, write_json
+from benchmarks.common import MiB, amp_step, matmul_gflops, sync, write_json
 from benchmarks.compile_guard import drop_compiled_state, graphs_compiled, guarded_warmup
 from benchmarks.gpu_probe import count_syncs, format_top, top_kernels
 from benchmarks.live_memory import LiveMemory
@@ -197,17 +197,10 @@ class _Runner:
                 lambda t: t.to(self.device))
             kwargs = {**kwargs, "distinct": (send(types), send(where))}
         self.i += 1
-        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            _, loss = self.forward(x, y, **kwargs)
-        self.scaler.scale(loss).backward()
-        self.scaler.unscale_(self.opt)
-        if self.variant.optimizer == "sparse":
-            optim.clip_grad_norm_(self.params, 1.0)
-        else:
-            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
-        self.scaler.step(self.opt)
-        self.scaler.update()
-        self.opt.zero_grad(set_to_none=True)
+        clip = (optim.clip_grad_norm_ if self.variant.optimizer == "sparse"
+                else torch.nn.utils.clip_grad_norm_)
+        amp_step(self.forward, self.params, self.opt, self.scaler, x, y, self.dtype,
+                 clip=clip, **kwargs)
 
     def timed_step(self) -> float:
         sync(self.device)
