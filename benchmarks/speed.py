@@ -406,7 +406,8 @@ def format_speed(result: dict[str, Any]) -> str:
         mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
         vs = f"{r['time_vs_base']:.2f}x" if r.get("time_vs_base") else ""
         lever = r["lever"] + (f" (cold compile {r['compile_s']:.0f} s)" if "compile_s" in r else "")
-        lines.append(f"{r['variant']:<30}{r['ms_per_step']:>9.0f}{r['tokens_per_s']:>10,}"
+        ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] < 100 else f"{r['ms_per_step']:.0f}"
+        lines.append(f"{r['variant']:<30}{ms:>9}{r['tokens_per_s']:>10,}"
                      f"{r['useful_gflop']:>8.1f}{r['mfu']:>7.0%}{mem:>10}{vs:>9}  {lever}")
     for r in result["rows"]:
         if r.get("syncs_per_step") is not None:

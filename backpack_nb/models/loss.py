@@ -13,6 +13,9 @@ target is not ``ignore_index``) in value and gradient.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -88,10 +91,12 @@ def chunk_loss_and_grad(logits: torch.Tensor, targets: torch.Tensor, weights: to
     return row_loss, grad.to(out)
 
 
-# Compiled on first use, once per chunk shape and dtypes (a static shape: a chunk is
-# chunk_rows x V but for the last). Called from the eager chunk loop, so only one chunk's
-# buffers are alive at a time, as in the eager path.
-_fused_chunk = torch.compile(chunk_loss_and_grad, dynamic=False)
+@functools.cache
+def _fused_chunk() -> Callable[..., tuple[torch.Tensor, torch.Tensor]]:
+    # Wrapped on first use (torch.compile costs a second at import), compiled once per chunk
+    # shape and dtypes (static: a chunk is chunk_rows x V but for the last). Called from the
+    # eager chunk loop, so only one chunk's buffers are alive at a time, as in the eager path.
+    return torch.compile(chunk_loss_and_grad, dynamic=False)
 
 
 def full_logits_cross_entropy(
@@ -127,7 +132,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, n_rows, chunk_rows):
                 rows = slice(start, start + chunk_rows)
                 if fused:
-                    row_loss[rows], grad_logits = _fused_chunk(
+                    row_loss[rows], grad_logits = _fused_chunk()(
                         hc[rows] @ wc.T, safe_targets[rows], weights[rows], acc, compute_dtype)
                 else:
                     grad_logits = _ChunkedLinearCrossEntropy._eager_chunk(
