@@ -71,11 +71,14 @@ def guarded_warmup(step: Callable[[], Any], n_steps: int, *, compiled: bool,
     t0 = time.perf_counter()
     status, message = "ok", ""
     config = torch._dynamo.config
-    fail_before = config.fail_on_recompile_limit_hit
+    # "fail_on_cache_limit_hit" before torch 2.7
+    flag = next((n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
+                 if hasattr(config, n)), None)
+    fail_before = getattr(config, flag) if flag else None
     fired: list[bool] = []
     try:
-        if compiled:
-            config.fail_on_recompile_limit_hit = True
+        if compiled and flag:
+            setattr(config, flag, True)
         with _alarm(cap_s if compiled else 0.0, fired):
             for _ in range(n_steps):
                 step()
@@ -83,12 +86,14 @@ def guarded_warmup(step: Callable[[], Any], n_steps: int, *, compiled: bool,
         text = str(exc).splitlines()[0][:200] if str(exc) else ""
         if fired:
             status, message = "over cap", f"compiling ran over the {cap_s:g} s cap"
-        elif "RecompileLimit" in type(exc).__name__ or "recompile_limit" in str(exc):
+        elif ("LimitHit" in type(exc).__name__ or "recompile_limit" in str(exc)
+              or "cache_limit" in str(exc)):
             status, message = "recompile limit", f"{type(exc).__name__}: {text}"
         else:
             status, message = "error", f"{type(exc).__name__}: {text}"
     finally:
-        config.fail_on_recompile_limit_hit = fail_before
+        if flag:
+            setattr(config, flag, fail_before)
     report: dict[str, Any] = {"status": status, "seconds": round(time.perf_counter() - t0, 1),
                               "message": message}
     if compiled:
@@ -100,6 +105,20 @@ def guarded_warmup(step: Callable[[], Any], n_steps: int, *, compiled: bool,
 def graphs_compiled() -> int:
     """Graphs dynamo has compiled since the last warm-up started (a running count)."""
     return _dynamo_counts()["graphs"]
+
+
+@contextlib.contextmanager
+def recompile_limit_at_least(n: int) -> Iterator[None]:
+    """Raise dynamo's per-code-object recompile limit to ``n`` for a while (its name since
+    torch 2.7; ``cache_size_limit`` before)."""
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    before = getattr(config, name)
+    setattr(config, name, max(before, n))
+    try:
+        yield
+    finally:
+        setattr(config, name, before)
 
 
 def drop_compiled_state() -> None:

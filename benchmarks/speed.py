@@ -42,7 +42,8 @@ from backpack_nb.training.meters import gpu_peak_name, peak_flops
 
 from benchmarks.batches import europarl_batches, zipf_batches
 from benchmarks.common import MiB, amp_step, matmul_gflops, sync, write_json
-from benchmarks.compile_guard import drop_compiled_state, graphs_compiled, guarded_warmup
+from benchmarks.compile_guard import (drop_compiled_state, graphs_compiled, guarded_warmup,
+                                      recompile_limit_at_least)
 from benchmarks.gpu_probe import count_syncs, format_top, top_kernels
 from benchmarks.live_memory import LiveMemory
 from benchmarks.nanogpt import NanoGPT
@@ -242,13 +243,11 @@ def run_speed(setup: SpeedSetup, variants: Sequence[Variant], *,
         torch.set_num_threads(setup.threads)
     # Variants share the models' code (forward), and dynamo's recompile limit counts the
     # compilations of one code object: 8 serve one model, not a dozen variants of it.
-    limit_before = torch._dynamo.config.recompile_limit
-    torch._dynamo.config.recompile_limit = max(limit_before, 8 * len(variants))
     try:
-        return _run_speed(setup, variants, log)
+        with recompile_limit_at_least(8 * len(variants)):
+            return _run_speed(setup, variants, log)
     finally:
         torch.set_num_threads(threads_before)
-        torch._dynamo.config.recompile_limit = limit_before
 
 
 def _batches(setup: SpeedSetup) -> tuple[list[torch.Tensor], SpeedSetup]:
