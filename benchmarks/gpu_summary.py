@@ -108,8 +108,9 @@ def memory_lines(speed: dict[str, Any] | None, memory: dict[str, Any] | None) ->
     for case in (memory or {}).get("cases", []):
         if case["case"]["vocab_size"] == V and case["label"] in ("transformer", "backpack"):
             accounted[case["label"]] = case["peak_bytes"] / GIB
-    lines = [f"Peak memory at V {V:,}, batch 32 (`torch.cuda.max_memory_allocated` over one "
-             "step) beside the CPU accounting (`python -m benchmarks.memory`):"]
+    lines = [f"Peak memory at V {V:,}, batch {speed['setup']['batch_size']} "
+             "(`torch.cuda.max_memory_allocated` over one step) beside the CPU accounting "
+             "(`python -m benchmarks.memory`, batch 32):"]
     if not any(rows.get(n, {}).get("peak_mib") for n in ("backpack", "transformer")):
         return lines + ["- not measured (a compiled step's peak is measured on CUDA only)"]
     for name in ("backpack", "transformer"):
