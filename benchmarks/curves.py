@@ -192,6 +192,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      ("dtype", args.dtype)) if v is not None}
         setup = dataclasses.replace(setup, compile_cap_s=args.compile_cap,
                                     budget_s=args.budget, **changes)
+        if args.compile_cap < 0 or args.budget < 0:
+            raise UserError("--compile-cap and --budget are seconds >= 0 (0: none)")
         if setup.steps < TAIL:
             raise UserError(f"--steps {setup.steps}: the verdict needs at least {TAIL}")
         if setup.device.startswith("cuda") and not torch.cuda.is_available():

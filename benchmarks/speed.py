@@ -38,6 +38,7 @@ from backpack_nb.errors import UserError, exit_on_user_error
 from backpack_nb.models import BackpackLM, ModelConfig, build_model
 from backpack_nb.models.flops import train_flops
 from backpack_nb.models.mixing import distinct_tokens
+from backpack_nb.training.batches import to_device
 from backpack_nb.training.meters import gpu_peak_name, peak_flops
 
 from benchmarks.batches import europarl_batches, zipf_batches
@@ -193,10 +194,8 @@ class _Runner:
         kwargs = self.kwargs
         if self.variant.distinct_on_host:
             types, where = distinct_tokens(self.host_x[self.i % len(self.batches)])
-            cuda = self.device.type == "cuda"
-            send = (lambda t: t.pin_memory().to(self.device, non_blocking=True)) if cuda else (
-                lambda t: t.to(self.device))
-            kwargs = {**kwargs, "distinct": (send(types), send(where))}
+            kwargs = {**kwargs, "distinct": (to_device(types, self.device),
+                                             to_device(where, self.device))}
         self.i += 1
         clip = (optim.clip_grad_norm_ if self.variant.optimizer == "sparse"
                 else torch.nn.utils.clip_grad_norm_)

@@ -109,6 +109,22 @@ def test_a_spent_budget_drops_variants_by_name_and_still_writes_the_result(tmp_p
     assert "backpack: not timed, no time left" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("main, argv, expected", [
+    (speed.main, ["--tiny", "--budget", "-1"], "--compile-cap and --budget are seconds >= 0"),
+    (speed.main, ["--tiny", "--compile-cap", "-1"], "--compile-cap and --budget are seconds"),
+    (speed.main, ["--tiny", "--data", "europarl", "--vocab", "100"], "europarl batches bring"),
+    (curves.main, ["--tiny", "--budget", "-1"], "--compile-cap and --budget are seconds >= 0"),
+    (curves.main, ["--tiny", "--steps", "10"], "--steps 10: the verdict needs at least 50"),
+    (curves.main, ["--tiny", "--dtype", "float16"], "--dtype float16 needs CUDA"),
+])
+def test_bad_plan_flags_are_one_error_and_exit_2(main, argv, expected, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err and "Traceback" not in err
+
+
 def test_device_script_names_only_known_variants_and_flags():
     text = SCRIPT.read_text()
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0

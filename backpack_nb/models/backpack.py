@@ -22,7 +22,7 @@ from backpack_nb.models.config import ModelConfig
 from backpack_nb.models.init import init_backpack_
 from backpack_nb.models.layers import MLP, CausalTransformer
 from backpack_nb.models.mixing import (Distinct, Senses, causal_alpha, choose_kernel,
-                                       weighted_sum_of_senses)
+                                       distinct_tokens, weighted_sum_of_senses)
 
 
 class BackpackLM(LanguageModel):
@@ -62,7 +62,7 @@ class BackpackLM(LanguageModel):
         ``o_i = sum_j sum_l alpha_l[i, j] C(x_j)_l``. Nothing follows the sum: the logits are
         E o (:meth:`LanguageModel.forward`). ``distinct``: the batch's distinct tokens and
         where each position's is, computed ahead
-        (:func:`~backpack_nb.models.mixing.distinct_tokens`), else here."""
+        (:func:`distinct_tokens`), else here."""
         senses = self._senses(idx, distinct)  # C(x): (B, T, k, d), once per token type
         q, k = self._queries_keys(idx)  # 2 x (B, k, T, d/k): alpha = causal softmax(q.k)
         o = weighted_sum_of_senses(q, k, senses, self.mixing, self.mixing_block)  # (B, T, d)
@@ -123,7 +123,7 @@ class BackpackLM(LanguageModel):
     def _distinct_tokens(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's distinct token ids (U,) and where each position's id is in them
         (B, T). A method so that a shape-only memory trace (benchmarks.memory) can supply U."""
-        return torch.unique(idx, return_inverse=True)
+        return distinct_tokens(idx, bucket=False)
 
     def _queries_keys(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T = idx.shape

@@ -12,6 +12,14 @@ from backpack_nb.errors import UserError
 from backpack_nb.models.mixing import Distinct, distinct_tokens
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device``; to CUDA through pinned memory, so the copy overlaps the
+    step already running there."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class BatchSampler:
     """Random windows of ``block_size + 1`` tokens from a 1-D token memmap, drawn by a seeded
     ``torch.Generator``. Every process draws the same global batch (batch_size x world_size
@@ -41,7 +49,7 @@ class BatchSampler:
         windows = self._draw()  # (B, T+1) on the host
         types, where = distinct_tokens(windows[:, :-1])
         x, y = self._to_device(windows)
-        return x, y, (self._send(types), self._send(where))
+        return x, y, (to_device(types, self.device), to_device(where, self.device))
 
     def _draw(self) -> torch.Tensor:
         T, B = self.block_size, self.batch_size
@@ -52,13 +60,8 @@ class BatchSampler:
         return torch.from_numpy(windows)  # (B, T+1)
 
     def _to_device(self, windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self._send(windows)
+        batch = to_device(windows, self.device)
         return batch[:, :-1], batch[:, 1:]
-
-    def _send(self, t: torch.Tensor) -> torch.Tensor:
-        if self.device.type == "cuda":  # pinned: the copy overlaps the running step
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t.to(self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.generator.get_state(), "batches_drawn": self.batches_drawn,
