@@ -21,7 +21,7 @@ import papermill
 import pytest
 from papermill.exceptions import PapermillExecutionError
 
-from backpack_nb import kernel, paths, reports
+from backpack_nb import kernel, notebook_run, paths, reports
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +34,7 @@ class FakePapermill:
     def __init__(self, monkeypatch, text: str = "finished"):
         self.text, self.fail, self.ran = text, None, []
         monkeypatch.setattr(papermill, "execute_notebook", self)
-        monkeypatch.setattr(reports, "ensure_kernel", lambda name=reports.KERNEL_NAME, quiet=True: name)
+        monkeypatch.setattr(notebook_run, "ensure_kernel", lambda name=reports.KERNEL_NAME, quiet=True: name)
 
     def __call__(self, input_path, output_path, parameters=None, **kwargs):
         self.ran.append(Path(input_path).stem)
@@ -98,7 +98,7 @@ def test_a_failed_run_keeps_the_finished_report(monkeypatch, tmp_path):
 
 def test_a_run_that_never_started_changes_nothing(monkeypatch, tmp_path):
     (tmp_path / "04_senses.ipynb").write_text("old report")
-    monkeypatch.setattr(reports, "ensure_kernel", lambda name=reports.KERNEL_NAME, quiet=True: name)
+    monkeypatch.setattr(notebook_run, "ensure_kernel", lambda name=reports.KERNEL_NAME, quiet=True: name)
 
     def no_kernel(*args, **kwargs):
         raise RuntimeError("Kernel died before replying to kernel_info")
@@ -117,9 +117,11 @@ def test_ctrl_c_keeps_the_partial_notebook_and_exits_130(monkeypatch, capsys):
     (folder / "04_senses.ipynb").write_text("old report")
     (folder / "04_senses.failed.html").write_text("page of an older failure")
     fake.text, fake.fail = "half way", KeyboardInterrupt()
-    assert reports.main(["run", "04_senses", "--run_name", "runner_interrupted"]) == 130
+    with pytest.raises(SystemExit) as exc:
+        reports.main(["run", "04_senses", "--run_name", "runner_interrupted", "-q"])
     err = capsys.readouterr().err
-    assert err.startswith("interrupted: the partly executed notebook is kept as ")
+    assert exc.value.code == 130
+    assert err.startswith("error: interrupted (Ctrl-C); the partly executed notebook is kept as ")
     assert "04_senses.failed.ipynb" in err and err.count("\n") == 1  # one line
     assert (folder / "04_senses.ipynb").read_text() == "old report"
     kept = nbformat.read(folder / "04_senses.failed.ipynb", as_version=4)
@@ -225,11 +227,23 @@ def test_the_kernel_is_registered_without_the_tcp_warning(monkeypatch, tmp_path)
     assert spec["argv"] == [*argv, kernel.KERNEL_QUIET] and spec["display_name"] == "t"
 
 
-def test_a_refused_run_end_to_end(prepared_europarl, tmp_path, capfd, caplog):
-    """Issue 17's case, with a real kernel: `run 01_train` on a folder that holds a run exits 2
-    with a hint that works in this command, leaves the finished report as it was, keeps the
-    failed notebook beside it, and prints neither papermill's unknown-parameter warnings
-    (data_dir is not in 01_train's parameters cell) nor the kernel's TCP warning."""
+class NoKernel:
+    """Stands in for papermill.execute_notebook where the runner must refuse before a kernel
+    starts: calling it fails the test."""
+
+    def __init__(self, monkeypatch):
+        monkeypatch.setattr(papermill, "execute_notebook", self)
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("a kernel was started for a run the runner should have refused")
+
+
+def test_a_refused_run_never_starts_a_kernel(prepared_europarl, tmp_path, capsys, monkeypatch):
+    """Issues 17 and 26: `run 01_train` on a folder that holds a run exits 2 with a hint that
+    works in this command. Issue 26: it did so only after the kernel's start-up (about 9 s) and
+    left 01_train.failed.* behind; now it is refused before any kernel starts, and the reports
+    folder is as it was."""
+    NoKernel(monkeypatch)
     out_dir = tmp_path / "run"
     out_dir.mkdir()
     (out_dir / "ckpt.pt").write_bytes(b"")  # the trainer refuses on the name, before reading it
@@ -237,21 +251,69 @@ def test_a_refused_run_end_to_end(prepared_europarl, tmp_path, capfd, caplog):
     folder.mkdir(parents=True)
     for name in ("01_train.ipynb", "01_train.html"):
         (folder / name).write_text(f"the finished {name}")
-    caplog.set_level(logging.DEBUG)
-    code = reports.main(["run", "01_train", "-f", "params/tiny_backpack.yaml", "-p", "out_dir",
-                         str(out_dir), "-p", "data_dir", "europarl_sample", "-p", "max_iters", "100",
-                         "--run_name", "runner_refused"])
-    err = capfd.readouterr().err
-    assert code == 2
-    assert "already holds a run" in err and "-p init_from resume" in err and "--init_from" not in err
-    assert "IPKernelApp" not in err and "without encryption" not in err
-    assert not [r for r in caplog.records if "unknown parameter" in r.getMessage()]
+    with pytest.raises(SystemExit) as exc:
+        reports.main(["run", "01_train", "-f", "params/tiny_backpack.yaml", "-p", "out_dir",
+                      str(out_dir), "-p", "data_dir", "europarl_sample", "-p", "max_iters", "100",
+                      "--run_name", "runner_refused"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err
+    assert f"{out_dir} already holds a run (ckpt.pt)" in err
+    assert "-p init_from resume" in err and "--init_from" not in err
+    assert sorted(p.name for p in folder.iterdir()) == ["01_train.html", "01_train.ipynb"]
     for name in ("01_train.ipynb", "01_train.html"):
         assert (folder / name).read_text() == f"the finished {name}"
-    failed = nbformat.read(folder / "01_train.failed.ipynb", as_version=4)
-    assert failed.metadata.papermill.exception
-    assert (folder / "01_train.failed.html").stat().st_size > 1000
-    assert leftovers(folder) == []
+
+
+def test_what_a_training_cell_would_refuse_is_refused_first(tmp_path, capsys, monkeypatch):
+    """The other refusals of the training cell that need only the folders, each exit 2 before
+    a kernel starts and before a reports folder is made: a resume without a checkpoint (the
+    02_resume notebook always resumes), a new run inside another run's folder (issue 26,
+    failure 16), by `run` and by `pipeline`."""
+    NoKernel(monkeypatch)
+    monkeypatch.setenv("BACKPACK_NB_OUTPUTS", str(tmp_path / "outputs"))
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")  # a run that has not saved a checkpoint yet
+    cases = [
+        (["run", "02_resume", "-f", "tiny_backpack", "-p", "out_dir", str(tmp_path / "none")],
+         f"-p init_from resume: no checkpoint in {tmp_path / 'none'}"),
+        (["run", "01_train", "-f", "tiny_backpack", "-p", "out_dir", str(run / "inner")],
+         f"-p out_dir {run / 'inner'} is inside the run folder {run} (it holds run.json)"),
+        (["pipeline", "-f", "tiny_backpack", "-p", "out_dir", str(run / "a" / "b")],
+         f"is inside the run folder {run} (it holds run.json)"),
+    ]
+    for argv, words in cases:
+        with pytest.raises(SystemExit) as exc:
+            reports.main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and words in err and err.count("\n") == 1, (argv, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in run.iterdir()) == ["run.json"]
+
+
+def test_compare_never_trains_inside_a_run_folder(tmp_path, capsys, monkeypatch):
+    """Issue 26, failure 16: `compare -f params/tiny_backpack.yaml --seeds ''` took '' as one
+    seed and trained two runs inside the finished run out/tiny_backpack (as backpack/ and
+    transformer/). An empty --seeds is refused, and so is a pair inside a run folder."""
+    NoKernel(monkeypatch)
+    monkeypatch.setenv("BACKPACK_NB_OUTPUTS", str(tmp_path / "outputs"))
+    run = tmp_path / "tiny_backpack"
+    run.mkdir()
+    for name in ("ckpt.pt", "run.json", "training_log.json"):
+        (run / name).write_bytes(b"{}")
+    for seeds in ("", " , "):
+        with pytest.raises(SystemExit) as exc:
+            reports.main(["compare", "-f", "tiny_backpack", "-p", "out_dir", str(run), "--seeds", seeds])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"--seeds {seeds!r}: no seed given" in err, err
+    with pytest.raises(SystemExit) as exc:
+        reports.main(["compare", "-f", "tiny_backpack", "-p", "out_dir", str(run)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert f"compare trains into {run}/backpack and {run}/transformer, but {run} is a run folder" in err
+    assert "-p out_dir out/tiny_backpack_compare" in err
+    assert sorted(p.name for p in run.iterdir()) == ["ckpt.pt", "run.json", "training_log.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_backpack"]
 
 
 def docs_papermill_command() -> list[str]:
@@ -324,3 +386,179 @@ def test_runner_flags_out_of_range_or_pointing_at_the_wrong_thing(tmp_path, caps
         err = capsys.readouterr().err
         assert exc.value.code == 2 and words in err and "Traceback" not in err, (argv, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nb.ipynb"]
+
+
+# --- issue 26: progress, Ctrl-C, a disk that takes no reports, leftovers ----------------------
+
+
+def test_a_line_per_notebook_unless_quiet(monkeypatch, tmp_path, capsys):
+    """Issue 26: `run` printed nothing while a notebook ran (26 s of silence). The kernel's
+    start is announced (each cell too, by the engine: see the Ctrl-C test below); -q is quiet."""
+    FakePapermill(monkeypatch)
+    monkeypatch.setenv("BACKPACK_NB_OUTPUTS", str(tmp_path))
+    assert reports.main(["run", "04_senses", "--run_name", "r"]) == 0
+    assert capsys.readouterr().err == "04_senses: starting the kernel backpack-nb\n"
+    assert reports.main(["run", "04_senses", "--run_name", "r", "-q"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_in_a_pipeline_is_one_line_and_130(monkeypatch, tmp_path, capsys):
+    fake = FakePapermill(monkeypatch)
+    fake.fail = KeyboardInterrupt()
+    monkeypatch.setenv("BACKPACK_NB_OUTPUTS", str(tmp_path / "outputs"))
+    with pytest.raises(SystemExit) as exc:
+        reports.main(["pipeline", "-f", "params/tiny_transformer.yaml", "-p", "out_dir",
+                      str(tmp_path / "run"), "-p", "run_name", "r", "-q"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("error: interrupted (Ctrl-C); the partly executed notebook is kept as "
+                          f"{tmp_path / 'outputs' / 'r' / '01_train.failed.ipynb'}")
+
+
+def sleepy_notebook(path: Path) -> Path:
+    """A notebook whose second cell loops until Ctrl-C and stops cleanly on it (as training
+    does: it saves, then returns), after writing its kernel's pid to ``marker``."""
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": reports.KERNEL_NAME, "display_name": "Python (backpack-nb)",
+                                 "language": "python"}
+    params = nbformat.v4.new_code_cell("marker = ''")
+    params.metadata["tags"] = ["parameters"]
+    loop = nbformat.v4.new_code_cell(
+        "# stops on Ctrl-C the way the trainer does\n"
+        "import os, pathlib, signal, time\n"
+        "stop = []\n"
+        "signal.signal(signal.SIGINT, lambda *a: stop.append(1))\n"
+        "pathlib.Path(marker).write_text(str(os.getpid()))\n"
+        "t0 = time.time()\n"
+        "while not stop and time.time() - t0 < 120:\n"
+        "    time.sleep(0.05)\n"
+        "print('stopped cleanly' if stop else 'never stopped')")
+    nb.cells = [params, loop, nbformat.v4.new_code_cell("print('the next cell ran')")]
+    nbformat.write(nb, path)
+    return path
+
+
+@pytest.mark.slow
+def test_ctrl_c_reaches_the_running_cell(tmp_path):
+    """Issue 26, failure 12: Ctrl-C on `reports run`/`pipeline` killed the kernel in the middle
+    of a cell; the kernel printed a zmq "Socket operation on non-socket" traceback and the cell
+    never saved its work. Now the cell gets the Ctrl-C (the kernel runs in a process group of
+    its own, out of the terminal's reach), stops as it would at a terminal, no later cell
+    starts, and the command ends with one line and status 130 after a line per cell."""
+    import os
+    import signal
+    import time
+
+    marker = tmp_path / "kernel.pid"
+    nb = sleepy_notebook(tmp_path / "sleepy.ipynb")
+    proc = subprocess.Popen([sys.executable, "-m", "backpack_nb.reports", "run", str(nb),
+                             "--run_name", "runner_ctrl_c", "-p", "marker", str(marker)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # a terminal's foreground group, alone
+    try:
+        deadline = time.monotonic() + 180
+        while not marker.exists() or not marker.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    lines = err.splitlines()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "ZMQError" not in err and "non-socket" not in err, err
+    assert all(line.startswith("sleepy: ") for line in lines[:-1]), err
+    assert "sleepy: starting the kernel backpack-nb" in lines
+    assert "sleepy: cell 3/4: import os, pathlib, signal, time" in lines
+    folder = paths.outputs_root() / "runner_ctrl_c"
+    assert lines[-1] == ("error: interrupted (Ctrl-C); the partly executed notebook is kept as "
+                         f"{folder / 'sleepy.failed.ipynb'}")
+    kept = nbformat.read(folder / "sleepy.failed.ipynb", as_version=4)
+    texts = ["".join(o.get("text", "") for o in c.outputs) for c in kept.cells]
+    assert "stopped cleanly\n" in texts and "the next cell ran\n" not in texts
+    assert sorted(p.name for p in folder.iterdir()) == ["sleepy.failed.ipynb"]
+    kernel_pid = int(marker.read_text())
+    for _ in range(50):  # the kernel was shut down, not left running
+        try:
+            os.kill(kernel_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the kernel {kernel_pid} is still running")
+
+
+def test_a_disk_that_fills_during_a_run_is_one_line(monkeypatch, tmp_path, capsys):
+    """Issue 26, failure 14: an OSError while papermill saves the notebook was a traceback."""
+    import errno
+
+    fake = FakePapermill(monkeypatch)
+    monkeypatch.setenv("BACKPACK_NB_OUTPUTS", str(tmp_path))
+    assert reports.main(["run", "04_senses", "--run_name", "r", "-q"]) == 0
+    folder = tmp_path / "r"
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
+    def filling(input_path, output_path, **kwargs):
+        Path(output_path).write_text('{"cells": [')  # half a notebook, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(papermill, "execute_notebook", filling)
+    with pytest.raises(SystemExit) as exc:
+        reports.main(["run", "04_senses", "--run_name", "r", "-q"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: could not write {folder / '04_senses.ipynb'} (No space left "
+                          "on device); the existing 04_senses.ipynb is untouched. Free disk space")
+    assert "BACKPACK_NB_OUTPUTS" in err
+    assert fake.ran == ["04_senses"]
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing hidden left
+
+
+def test_reports_on_a_read_only_file_system_are_one_line(tmp_path):
+    """Issue 26, failure 14: `reports run` with its outputs on a read-only file system ended
+    in an OSError traceback from papermill, after the kernel's start-up. Now it is one line
+    and status 2 before a kernel starts. A real read-only mount, in a user namespace."""
+    outputs = tmp_path / "outputs"
+    (outputs / "r").mkdir(parents=True)
+    (outputs / "r" / "04_senses.ipynb").write_text("the old report")
+    probe = subprocess.run(["unshare", "-Urm", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespaces here to mount a read-only folder: {probe.stderr!r}")
+    script = (f"mount --bind -o ro {shlex.quote(str(outputs))} {shlex.quote(str(outputs))} && "
+              f"exec {shlex.quote(sys.executable)} -m backpack_nb.reports run 04_senses --run_name r")
+    env = {**__import__("os").environ, "BACKPACK_NB_OUTPUTS": str(outputs)}
+    done = subprocess.run(["unshare", "-Urm", "sh", "-c", script], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.startswith(f"error: could not write {outputs / 'r' / '04_senses.ipynb'} "
+                                  "(Read-only file system)")
+    assert "BACKPACK_NB_OUTPUTS" in done.stderr
+    assert sorted(p.name for p in (outputs / "r").iterdir()) == ["04_senses.ipynb"]
+
+
+def test_leftovers_of_a_dead_run_go_with_the_next_run(monkeypatch, tmp_path):
+    """Issue 26: a killed pipeline left `.01_train.PID.running.ipynb` behind and later runs
+    never removed it. The next run of that notebook into that folder removes what a dead
+    process left (the running notebook, its page, their temporary files); a live process's
+    files and other notebooks' files stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        names = {f".04_senses.{dead.pid}.running.ipynb": False,
+                 f".04_senses.{dead.pid}.running.html": False,
+                 f"..04_senses.{dead.pid}.running.html.k2j4x9.tmp": False,
+                 f".04_senses.{live.pid}.running.ipynb": True,  # another run, right now
+                 f".01_train.{dead.pid}.running.ipynb": True,  # removed by the next 01_train
+                 "notes.txt": True}
+        for name in names:
+            (tmp_path / name).write_text("left")
+        FakePapermill(monkeypatch)
+        reports.run_notebook("04_senses", {}, "r", out_root=tmp_path, html=False, progress=False)
+        kept = {p.name for p in tmp_path.iterdir()}
+        assert kept == {n for n, stays in names.items() if stays} | {"04_senses.ipynb"}
+    finally:
+        live.kill()
+        live.wait()
