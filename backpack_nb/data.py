@@ -33,6 +33,7 @@ import dataclasses
 import json
 import os
 import random
+import re
 import secrets
 import shutil
 import sys
@@ -46,9 +47,10 @@ import numpy as np
 from . import paths
 from .console import progress_bar
 from .dataset import load_meta, resolve_data_dir
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, command, exit_interrupted
 from .europarl import (EUROPARL_LANGS, FORMS, OFFICIAL_BASE_URL, SourceFile, decode,
                        parse_aligned, parse_langs, parse_raw_day, read_source, resolve_source)
+from .runfiles import pid_alive
 from .tokenizer import DEFAULT_ENCODING, Tokenizer, build_compact_vocab, get_encoding
 
 META_VERSION = 1
@@ -242,6 +244,7 @@ def prepare(
     cfg = cfg or PrepareConfig()
     cfg.validate()
     out = paths.resolve_in_root(out)
+    recover_leftovers(out, progress)
     if (out / "meta.json").exists() and not overwrite:
         raise UserError(f"{out} already holds a prepared dataset; pass --overwrite to replace it")
     if out.exists() and not out.is_dir():
@@ -382,6 +385,35 @@ def prepare(
     return out
 
 
+def recover_leftovers(out: Path, report: bool = True) -> list[str]:
+    """Tidy what a preparation of ``out`` killed mid-way (SIGKILL, a power cut) left beside
+    it, once its process is gone: its temporary folders (``.NAME.tmp-PID-*``) are removed,
+    and the old dataset an ``--overwrite`` had moved aside (``.NAME.old-PID``) is put back if
+    the new one never took its place (else removed). A folder holding anything but a
+    dataset's own files is left alone. Returns what was done (also printed when ``report``)."""
+    done: list[str] = []
+    if not out.parent.is_dir():
+        return done
+    leftover = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-(\d+)(?:-[0-9a-f]+)?")
+    for p in sorted(out.parent.iterdir()):
+        m = leftover.fullmatch(p.name)
+        if (not m or p.is_symlink() or not p.is_dir() or pid_alive(int(m[2]))
+                or _foreign_files(p)):
+            continue
+        if m[1] == "old" and not out.exists() and not out.is_symlink():
+            os.replace(p, out)
+            done.append(f"restored {out} from {p.name}, moved aside by an --overwrite that "
+                        "was killed before its new dataset took the name")
+        else:
+            shutil.rmtree(p)
+            done.append(f"removed {p}, left by a preparation that was killed (process "
+                        f"{m[2]} is gone)")
+    if report:
+        for line in done:
+            print(line, file=sys.stderr, flush=True)
+    return done
+
+
 def _foreign_files(out: Path) -> list[str]:
     """What ``out`` holds besides a prepared dataset's own files (meta.json, *.bin)."""
     if not out.is_dir():
@@ -411,6 +443,7 @@ def ensure_prepared(
     test."""
     data_dir = resolve_data_dir(data_dir)
     wanted = parse_langs(langs)
+    recover_leftovers(data_dir, progress)  # a killed --overwrite may have moved it aside
     if not (data_dir / "meta.json").exists():
         cfg = PrepareConfig(langs=wanted, form=form, encoding=encoding, seed=seed,
                             block_size=max(block_size, 1024), full_vocab=full_vocab)
@@ -499,38 +532,35 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    try:
-        if args.command == "prepare":
-            cfg = PrepareConfig(
-                langs=parse_langs(args.langs),
-                form=args.form,
-                encoding=args.encoding,
-                seed=args.seed,
-                val_fraction=args.val_fraction,
-                test_fraction=args.test_fraction,
-                block_size=args.block_size,
-                aligned_block_lines=args.aligned_block_lines,
-                full_vocab=args.full_vocab,
-            )
-            out = resolve_data_dir(args.out) if args.out else paths.data_root() / "europarl"
-            t0 = time.perf_counter()
-            try:
-                prepare(args.source, out, cfg, overwrite=args.overwrite)
-            except KeyboardInterrupt:
-                # prepare() removed its temporary folder on the way out; say so in one line
-                print(f"error: interrupted; nothing was written ({out} is as it was): run the "
-                      "same command again to prepare it", file=sys.stderr)
-                return 130
-            meta = load_meta(out)
-            dt = time.perf_counter() - t0
-            print(f"prepared {out} in {dt:.2f} s ({meta['text_bytes'] / dt / 2**20:.2f} MiB/s of text)")
-            print(format_stats(meta))
-        else:
-            print(format_stats(load_meta(resolve_data_dir(args.data_dir))))
-    except UserError as exc:
-        exit_on_user_error(exc)
+    if args.command == "prepare":
+        cfg = PrepareConfig(
+            langs=parse_langs(args.langs),
+            form=args.form,
+            encoding=args.encoding,
+            seed=args.seed,
+            val_fraction=args.val_fraction,
+            test_fraction=args.test_fraction,
+            block_size=args.block_size,
+            aligned_block_lines=args.aligned_block_lines,
+            full_vocab=args.full_vocab,
+        )
+        out = resolve_data_dir(args.out) if args.out else paths.data_root() / "europarl"
+        t0 = time.perf_counter()
+        try:
+            prepare(args.source, out, cfg, overwrite=args.overwrite)
+        except KeyboardInterrupt:
+            # prepare() removed its temporary folder on the way out
+            exit_interrupted(f"nothing was written ({out} is as it was): run the same command "
+                             "again to prepare it")
+        meta = load_meta(out)
+        dt = time.perf_counter() - t0
+        print(f"prepared {out} in {dt:.2f} s ({meta['text_bytes'] / dt / 2**20:.2f} MiB/s of text)")
+        print(format_stats(meta))
+    else:
+        print(format_stats(load_meta(resolve_data_dir(args.data_dir), flag="stats")))
     return 0
 
 

@@ -21,6 +21,9 @@ from .errors import UserError
 from .tokenizer import Tokenizer
 
 META_KEYS = ("encoding", "vocab_size", "dtype", "langs", "splits", "base_ids")
+# Files only a training run's folder holds (checkpoint.RUN_FILES; named here, as this module
+# sits below the checkpoint code).
+RUN_FOLDER_FILES = ("run.json", "ckpt.pt", "best.pt", "training_log.json")
 
 def resolve_data_dir(data_dir: str | os.PathLike) -> Path:
     """``europarl`` (a bare name, as in the seed's ``--data_dir europarl``) is a folder of
@@ -40,6 +43,26 @@ def available_datasets() -> list[str]:
     return sorted(d.name for d in root.iterdir() if (d / "meta.json").is_file())
 
 
+def run_folder_problem(folder: Path, flag: str = "--data_dir") -> str | None:
+    """When ``folder`` is a training run's folder (a checkpoint, run.json) given where a
+    dataset belongs: the message that says so and names the dataset that run was trained on
+    (from its run.json); else None."""
+    if not folder.is_dir() or (folder / "meta.json").is_file():
+        return None
+    held = [name for name in RUN_FOLDER_FILES if (folder / name).is_file()]
+    if not held:
+        return None
+    try:
+        trained_on = json.loads((folder / "run.json").read_text(encoding="utf-8"))["config"]["data_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        trained_on = None
+    use = (f"its run was trained on {trained_on!r} ({resolve_data_dir(trained_on)}): pass "
+           f"{flag} {shlex.quote(str(trained_on))}" if isinstance(trained_on, str) and trained_on
+           else f"pass the dataset folder it was trained on (data_dir in its run.json) as {flag}")
+    return (f"{flag} {folder} is a training run's folder (it holds {', '.join(held)}), not a "
+            f"prepared dataset; {use}")
+
+
 def require_existing(data_dir: str, *, flag: str = "--data_dir",
                      prepare_args: str = "") -> None:
     """A UserError unless ``data_dir`` is a prepared dataset: it names what exists (with a
@@ -49,6 +72,8 @@ def require_existing(data_dir: str, *, flag: str = "--data_dir",
     folder = resolve_data_dir(data_dir)
     if (folder / "meta.json").is_file():
         return
+    if problem := run_folder_problem(folder, flag):
+        raise UserError(problem)
     names = available_datasets()
     close = difflib.get_close_matches(str(data_dir), names, n=1)
     have = (f"prepared datasets in {paths.data_root()}: {', '.join(names)}" if names
@@ -60,12 +85,15 @@ def require_existing(data_dir: str, *, flag: str = "--data_dir",
         + (f" (did you mean {close[0]!r}?)" if close else "")
         + f"; {have}; to create it: {command}")
 
-def load_meta(data_dir: str | os.PathLike) -> dict:
-    """``meta.json`` of a prepared dataset (a bare name is looked up in the data root)."""
+def load_meta(data_dir: str | os.PathLike, *, flag: str = "--data_dir") -> dict:
+    """``meta.json`` of a prepared dataset (a bare name is looked up in the data root);
+    ``flag``: how the command that asked names the dataset, for its messages."""
     path = resolve_data_dir(data_dir) / "meta.json"
     if path.parent.is_file():
         raise UserError(f"{path.parent} is a file, not a prepared dataset's folder; give the "
                         "folder that `python -m backpack_nb.data prepare` wrote")
+    if problem := run_folder_problem(path.parent, flag):
+        raise UserError(problem)
     if not path.is_file():
         raise UserError(
             f"{data_dir} is not a prepared dataset (no meta.json); prepare it with "

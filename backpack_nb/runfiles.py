@@ -1,4 +1,5 @@
-"""Crash-safe files: atomic writes, JSON sidecars, the run lock, downloads.
+"""Crash-safe files: atomic writes, JSON sidecars, the run lock, downloads, and telling a
+dead process's leftovers (:func:`pid_alive`).
 
 A file is written to a temporary file beside it, fsynced and renamed over the old one, so a
 reader (or a resume after a crash at any moment) sees either the old file or the new one,
@@ -10,6 +11,7 @@ the file. :func:`run_lock` keeps a second trainer out of a folder one is writing
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -46,13 +48,15 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], None],
-                 *, before_replace: Callable[[], None] | None = None) -> Path:
+                 *, before_replace: Callable[[], None] | None = None,
+                 flag: str | None = "--out_dir") -> Path:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync it and rename it over
     ``path``; then fsync the folder so the rename itself survives a power cut. A crash leaves
     either the old file or the new one, never half of one. ``before_replace`` runs once the new
     file is complete, just before the rename (used to keep the old file under another name).
-    An OSError (disk full, file too large, no permission) becomes a UserError naming the file;
-    the file it would have replaced is untouched and the temporary file removed."""
+    An OSError (disk full, file too large, no permission) becomes a UserError naming the file
+    and the fix (see :func:`write_error`; ``flag`` is the option that chose the place); the
+    file it would have replaced is untouched and the temporary file removed."""
     path = Path(path)
     pause = _slow_save_seconds(path)
     tmp: str | None = None
@@ -80,7 +84,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
         if writer is not None and writer.error is not None and writer.error is not exc:
             exc = writer.error
         if isinstance(exc, OSError):
-            raise UserError(_write_error(path, exc)) from exc
+            raise UserError(write_error(path, exc, flag=flag)) from exc
         raise exc
     finally:
         if tmp is not None:
@@ -91,12 +95,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[io.BufferedWriter], N
     return path
 
 
-def _write_error(path: Path, exc: OSError) -> str:
+def write_error(path: Path, exc: OSError, *, flag: str | None = "--out_dir") -> str:
+    """The message for a failed write of ``path``: what failed, that the old file is
+    untouched, and the fix for that failure (``flag``: the option that chose the place,
+    offered as the other way out)."""
     what = exc.strerror or type(exc).__name__
+    if path.is_dir():
+        return (f"could not write {path} ({what}): it is a folder, and it is untouched; "
+                f"{f'give {flag} a file path' if flag else 'write to a file path'} instead")
     kept = (f"the existing {path.name} is untouched" if path.exists()
             else f"no {path.name} was written")
-    return (f"could not write {path} ({what}); {kept}. Free disk space or fix the "
-            f"permissions of {path.parent} (or choose another --out_dir), then run again")
+    fix = _FIXES.get(exc.errno, "Free disk space or fix the permissions of {parent}")
+    elsewhere = f" (or choose another {flag})" if flag else " (or write somewhere else)"
+    return f"could not write {path} ({what}); {kept}. {fix.format(parent=path.parent)}{elsewhere}, then run again"
+
+
+# The fix for each way a write fails; any other error gets the two usual causes.
+_FIXES = {
+    errno.ENOSPC: "Free disk space",
+    errno.EDQUOT: "Free disk space (the disk quota is full)",
+    errno.EFBIG: "Raise the file size limit (ulimit -f) or free space where the file can grow",
+    errno.EACCES: "Fix the permissions of {parent}",
+    errno.EPERM: "Fix the permissions of {parent}",
+    errno.EROFS: "{parent} is on a read-only file system: remount it writable",
+}
 
 
 def _slow_save_seconds(path: Path) -> float:
@@ -154,10 +176,11 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (training_log.json, run.json)."""
+def write_json(path: str | os.PathLike, obj: Any, *, flag: str | None = "--out_dir") -> Path:
+    """Write ``obj`` as indented JSON atomically (training_log.json, run.json); ``flag``: the
+    option that chose the place, named in a failure's message (see :func:`atomic_write`)."""
     data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
-    return atomic_write(path, lambda f: f.write(data))
+    return atomic_write(path, lambda f: f.write(data), flag=flag)
 
 
 def read_json(path: str | os.PathLike) -> dict:
@@ -214,6 +237,10 @@ def _make_run_folder(out_dir: Path) -> list[Path]:
     created = []
     d = out_dir
     while not d.exists():
+        if d.is_symlink():  # a link to nowhere: mkdir would only say "File exists"
+            where = "is" if d == out_dir else f"goes through {d}, which is"
+            raise UserError(f"--out_dir {out_dir} {where} {broken_link(d)}; fix or remove the "
+                            "link, or choose another --out_dir")
         created.append(d)
         d = d.parent
     if not d.is_dir():
@@ -231,8 +258,28 @@ def _make_run_folder(out_dir: Path) -> list[Path]:
 def _folder_error(out_dir: Path, exc: OSError) -> str:
     what = exc.strerror or type(exc).__name__
     at = f" at {exc.filename}" if exc.filename and Path(exc.filename) != out_dir else ""
-    return (f"--out_dir {out_dir}: cannot create or open the run folder ({what}{at}); fix the "
-            "permissions of its parent folder, or choose another --out_dir")
+    if exc.errno == errno.ELOOP:
+        fix = "a symbolic link on the way loops: fix or remove it"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free disk space"
+    elif exc.errno == errno.EROFS:
+        fix = "it is on a read-only file system"
+    else:
+        fix = "fix the permissions of its parent folder"
+    return (f"--out_dir {out_dir}: cannot create or open the run folder ({what}{at}); {fix}, "
+            "or choose another --out_dir")
+
+
+def broken_link(path: Path) -> str:
+    """What a symbolic link that leads to nothing is: one in a loop, or one whose target is
+    missing ("a symbolic link ...", to follow "X is")."""
+    target = os.readlink(path)
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"a symbolic link in a loop (it points to {target}, which leads back to it)"
+    return f"a symbolic link to {target}, a path that does not exist"
 
 
 def _remove_empty(created: list[Path]) -> None:
@@ -251,6 +298,23 @@ def _running_run(out_dir: Path) -> str:
         return f" (run {info.get('run_name')!r}, started {info.get('started_at')})"
     except (OSError, ValueError, AttributeError):
         return ""
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` is running on this machine: a file named for a process whose
+    pid is gone is a leftover of a killed run, safe to tidy. A pid reused by another process
+    reads as alive, which errs on the side of keeping the file."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    except OverflowError:  # no pid is that large
+        return False
+    return True
 
 
 def download(url: str, dest: Path, failed: Callable[[BaseException], str], *,

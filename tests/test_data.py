@@ -638,11 +638,14 @@ def test_ctrl_c_while_preparing_is_one_line_and_leaves_nothing(tmp_path, europar
         raise KeyboardInterrupt
 
     monkeypatch.setattr(data, "_write_tokens", interrupted)  # mid-write: the temporary folder exists
-    rc = data.main(["prepare", "--source", str(europarl_source), "--out", str(out),
-                    "--block_size", "64"])
+    with pytest.raises(SystemExit) as exc:
+        data.main(["prepare", "--source", str(europarl_source), "--out", str(out),
+                   "--block_size", "64"])
+    rc = exc.value.code
     err = capsys.readouterr().err
     lines = err.splitlines()  # what it was reading, the tokenizer's first line, then the error
     assert rc == 130 and lines[-1].startswith("error: interrupted") and err.count("error") == 1
+    assert f"nothing was written ({out} is as it was)" in lines[-1]
     assert lines[0].startswith(f"preparing {out}: ")
     assert "Traceback" not in err and list(tmp_path.iterdir()) == []
 
@@ -764,3 +767,102 @@ def test_a_full_disk_while_preparing_keeps_the_dataset_that_was_there(tmp_path, 
     assert code == 2 and "No space left on device" in err and "nothing was changed" in err
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["ep"]  # no temporary folder left
+
+
+# --- Ctrl-C anywhere, leftovers of a killed preparation (issue 26) --------------------------
+
+
+def test_ctrl_c_outside_the_preparation_is_one_line_and_exit_130(prepared_europarl, monkeypatch,
+                                                                 capsys):
+    """At f768900 only Ctrl-C inside prepare() was caught: `stats` (or the stats printed after
+    a preparation) ended in a KeyboardInterrupt traceback."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, "load_meta", interrupted)
+    try:
+        with pytest.raises(SystemExit) as exc:
+            data.main(["stats", str(prepared_europarl)])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt (a traceback on the command line)")
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and err == ("error: interrupted (Ctrl-C); nothing is "
+                                             "half-written\n")
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+_KILLED_MID_WRITE = """
+import sys, time
+from backpack_nb import data
+write = data._write_tokens
+def slow(*args, **kwargs):
+    write(*args, **kwargs)
+    print("written", flush=True)
+    time.sleep(60)  # killed here, a token file in the temporary folder
+data._write_tokens = slow
+data.main(sys.argv[1:])
+"""
+
+
+def test_a_killed_preparation_leaves_a_folder_the_next_one_removes(tmp_path, europarl_source,
+                                                                   capsys):
+    """At f768900 a `data prepare` killed mid-write (SIGKILL: no cleanup runs) left
+    data/.NAME.tmp-PID-* behind, and later successful runs never removed it."""
+    out = tmp_path / "ep"
+    argv = ["prepare", "--source", str(europarl_source), "--out", str(out), "--langs", "en",
+            "--block_size", "64"]
+    child = subprocess.Popen([sys.executable, "-c", _KILLED_MID_WRITE, *argv], cwd=ROOT,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert child.stdout.readline() == "written\n"
+    finally:
+        child.kill()
+        child.wait()
+    left = hidden_leftovers(out)
+    assert len(left) == 1 and left[0].startswith(f".ep.tmp-{child.pid}-"), left
+    assert not out.exists()
+    # a preparation of another dataset beside it leaves it alone
+    assert data.main(["prepare", "--source", str(europarl_source), "--out",
+                      str(tmp_path / "other"), "--langs", "en", "--block_size", "64"]) == 0
+    assert hidden_leftovers(out) == left
+    capsys.readouterr()
+    assert data.main(argv) == 0
+    assert hidden_leftovers(out) == [] and (out / "meta.json").is_file()
+    assert f"removed {tmp_path / left[0]}, left by a preparation that was killed (process " \
+           f"{child.pid} is gone)" in capsys.readouterr().err
+
+
+def test_leftovers_of_live_processes_and_user_folders_are_kept(tmp_path):
+    out = tmp_path / "ep"
+    mine = tmp_path / f".ep.tmp-{os.getpid()}-0123abcd"  # a preparation still running
+    users = tmp_path / f".ep.tmp-{_dead_pid()}-deadbeef"  # named alike, holding a user's file
+    for folder in (mine, users):
+        folder.mkdir()
+        (folder / "train.bin").write_bytes(b"12")
+    (users / "notes.txt").write_text("keep me")
+    assert data.recover_leftovers(out, report=False) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([mine.name, users.name])
+    assert (users / "notes.txt").read_text() == "keep me"
+
+
+def test_an_overwrite_killed_between_its_renames_gets_the_old_dataset_back(
+        tmp_path, prepared_europarl, europarl_source):
+    """An --overwrite moves the old dataset aside (.NAME.old-PID) and renames the new one into
+    place; killed between the two, the name was empty and the old dataset hidden for good.
+    The next run that would write the dataset puts the old one back."""
+    out = tmp_path / "ep"
+    old = tmp_path / f".ep.old-{_dead_pid()}"
+    _copy_dataset(prepared_europarl, old)
+    new_tmp = tmp_path / f".ep.tmp-{_dead_pid()}-0123abcd"  # the complete new one, stranded
+    _copy_dataset(prepared_europarl, new_tmp)
+    path = data.ensure_prepared(out, source=str(europarl_source), langs="en,fr",
+                                block_size=PREPARED_BLOCK_SIZE, progress=False)
+    assert path == out and sorted(p.name for p in tmp_path.iterdir()) == ["ep"]
+    assert (out / "meta.json").read_bytes() == (prepared_europarl / "meta.json").read_bytes()
+    assert _bins(out) == _bins(prepared_europarl)

@@ -7,6 +7,7 @@ at f3defa5 (a traceback, a silent acceptance, NaN, or a message without the fix)
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -456,3 +457,94 @@ def test_preparing_in_a_log_says_what_it_reads_in_plain_lines(tmp_path, europarl
     lines = err.splitlines()
     assert lines[0].startswith(f"preparing {tmp_path / 'ep'}: 4 Europarl raw files (")
     assert lines[1].startswith("tokenize: 0.0/") and lines[1].endswith(" MiB")
+
+
+# --- issue 26, failure 17: hints that pointed the wrong way ----------------------------------
+
+
+@pytest.mark.parametrize("kind", ["loop", "loop_inside", "dangling"])
+def test_out_dir_through_a_broken_symlink_names_the_link(kind, prepared_europarl, tmp_path, capsys):
+    """At f768900 a symlink loop as --out_dir said "File exists; fix the permissions of its
+    parent folder"."""
+    if kind == "dangling":
+        link = tmp_path / "run"
+        link.symlink_to(tmp_path / "gone")
+        out, words = link, f"--out_dir {link} is a symbolic link to {tmp_path / 'gone'}, a path " \
+                           "that does not exist"
+    else:
+        link = tmp_path / "loop"
+        link.symlink_to("loop")
+        out = link if kind == "loop" else link / "sub"
+        where = "is" if kind == "loop" else f"goes through {link}, which is"
+        words = f"--out_dir {out} {where} a symbolic link in a loop (it points to loop, which " \
+                "leads back to it)"
+    err = _exit2(train_main, _train_argv(out), capsys)
+    assert words in err and "fix or remove the link, or choose another --out_dir" in err
+    assert "permissions" not in err and "File exists" not in err
+    assert [p.name for p in tmp_path.iterdir()] == [link.name] and link.is_symlink()
+
+
+def test_write_errors_name_the_flag_given_and_the_fix_for_the_failure(tmp_path, monkeypatch):
+    """atomic_write's message named --out_dir for every command and advised freeing disk space
+    whatever failed; now the option is a parameter and the fix follows the error."""
+    def failing(code: int, text: str):
+        def refuse(*args, **kwargs):
+            raise OSError(code, text)
+        return refuse
+
+    target = tmp_path / "eval.json"
+    target.write_text("{}")
+    cases = [
+        (errno.ENOSPC, "No space left on device", "Free disk space (or choose another --out)"),
+        (errno.EACCES, "Permission denied", f"Fix the permissions of {tmp_path} (or choose "
+                                            "another --out)"),
+        (errno.EROFS, "Read-only file system", f"{tmp_path} is on a read-only file system"),
+        (errno.EFBIG, "File too large", "Raise the file size limit (ulimit -f)"),
+    ]
+    for code, text, fix in cases:
+        monkeypatch.setattr(runfiles.tempfile, "mkstemp", failing(code, text))
+        with pytest.raises(UserError) as exc:
+            runfiles.write_json(target, {"x": 1}, flag="--out")
+        msg = str(exc.value)
+        assert msg.startswith(f"could not write {target} ({text}); the existing eval.json is "
+                              "untouched. ") and fix in msg and "--out_dir" not in msg, msg
+        if code != errno.ENOSPC:
+            assert "disk space" not in msg, msg
+    assert target.read_text() == "{}"
+    monkeypatch.undo()
+    # a folder where the file should be: said so, no advice about disk space
+    folder = tmp_path / "a_folder"
+    folder.mkdir()
+    with pytest.raises(UserError) as exc:
+        runfiles.write_json(folder, {"x": 1}, flag="--out")
+    msg = str(exc.value)
+    assert f"could not write {folder} (" in msg and "it is a folder, and it is untouched; give " \
+           "--out a file path instead" in msg and "disk space" not in msg, msg
+    assert folder.is_dir() and list(folder.iterdir()) == []
+    # train.py's files keep naming --out_dir (the default)
+    monkeypatch.setattr(runfiles.tempfile, "mkstemp", failing(errno.EACCES, "Permission denied"))
+    with pytest.raises(UserError, match=r"\(or choose another --out_dir\), then run again$"):
+        runfiles.write_json(tmp_path / "run.json", {})
+
+
+@pytest.mark.parametrize("door", ["train", "evaluate", "lexsim"])
+def test_a_run_folder_as_data_dir_says_so_and_names_its_dataset(door, run_copy, capsys):
+    """At f768900 a --data_dir that is a run folder suggested `data prepare --out
+    out/tiny_backpack` (preparing a dataset into the run folder)."""
+    before = _tree_hash(run_copy)
+    if door == "train":
+        err = _exit2(train_main, ["--config", "tiny_backpack", "--data_dir", str(run_copy),
+                                  "--out_dir", str(run_copy.parent / "new_run")], capsys)
+    elif door == "evaluate":
+        err = _exit2(evaluation.main, ["--model_path", str(run_copy / "best.pt"), "--device",
+                                       "cpu", "--data_dir", str(run_copy)], capsys)
+    else:
+        from backpack_nb.lexsim.__main__ import main as lexsim_main
+        err = _exit2(lexsim_main, ["--model_path", str(run_copy / "best.pt"), "--data_dir",
+                                   str(run_copy)], capsys)
+    assert f"--data_dir {run_copy} is a training run's folder (it holds run.json, ckpt.pt, " \
+           "best.pt, training_log.json), not a prepared dataset; its run was trained on " \
+           "'europarl_sample'" in err
+    assert err.rstrip().endswith("pass --data_dir europarl_sample"), err
+    assert "data prepare" not in err
+    assert _tree_hash(run_copy) == before and not (run_copy.parent / "new_run").exists()

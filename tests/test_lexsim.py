@@ -335,3 +335,105 @@ def test_evaluate_lexsim_end_to_end(tiny_backpack_run, tiny_transformer_run, pre
     model, tok, _ = checkpoint.load_model(folders["transformer"] / "ckpt.pt")
     with pytest.raises(UserError):
         lexsim.pair_senses(model, tok, [("law", "rule")])
+
+
+# ----------------------------------------------------------------------------------------
+# what --out may write, bad values, Ctrl-C (issue 26)
+
+ROOT = Path(__file__).resolve().parents[1]
+LEGACY = ROOT / "tests" / "fixtures" / "legacy_f3defa5"  # a micro Backpack run folder
+
+
+def _lexsim_exit(argv: list[str], capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        lexsim_main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    return exc.value.code, err
+
+
+@pytest.mark.parametrize("victim", ["params", "training_log", "checkpoint", "notes"])
+def test_lexsim_out_never_replaces_a_file_that_is_not_an_evaluation(victim, prepared_europarl,
+                                                                    tmp_path, capsys):
+    """At f768900 `lexsim --out params/tiny_backpack.yaml` (or a run's training_log.json)
+    exited 0 after overwriting that file with JSON; evaluate.py refused the same paths."""
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY, run)
+    target = {"params": tmp_path / "tiny_backpack.yaml", "training_log": run / "training_log.json",
+              "checkpoint": run / "ckpt.pt", "notes": tmp_path / "notes.json"}[victim]
+    if victim == "params":
+        shutil.copy(ROOT / "params" / "tiny_backpack.yaml", target)
+    elif victim == "notes":
+        target.write_text('{"mine": true}\n')
+    before = target.read_bytes()
+    code, err = _lexsim_exit(["--model_path", str(run / "best.pt"), "--data_dir",
+                              str(prepared_europarl), "--n_boot", "100", "--out", str(target)],
+                             capsys)
+    assert code == 2
+    assert f"--out {target} exists and is not an evaluation (eval.json) file" in err
+    assert "choose another --out" in err
+    assert target.read_bytes() == before
+    assert not list(target.parent.glob(".*.tmp"))
+
+
+def test_lexsim_out_that_is_a_folder_names_out_not_out_dir(prepared_europarl, tmp_path, capsys):
+    """At f768900 the write error named --out_dir (lexsim's flag is --out) and advised freeing
+    disk space for a folder."""
+    folder = tmp_path / "results"
+    folder.mkdir()
+    code, err = _lexsim_exit(["--model_path", str(LEGACY / "best.pt"), "--data_dir",
+                              str(prepared_europarl), "--n_boot", "100", "--out", str(folder)],
+                             capsys)
+    assert code == 2 and f"--out {folder} is a folder; give a file path such as " \
+                         f"{folder / 'eval.json'}" in err
+    assert "--out_dir" not in err and "disk space" not in err
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag,value,words", [
+    ("--n_boot", "0", "--n_boot must be >= 100 (the resamples behind each 95% interval; "
+                      "default 1000), got 0"),
+    ("--n_boot", "-5", "got -5"),
+    ("--min_count", "0", "--min_count must be >= 1, got 0"),  # f768900: no flag named
+])
+def test_lexsim_bad_values_exit_2(flag, value, words, prepared_europarl, tmp_path, capsys):
+    """At f768900 `--n_boot 0` was accepted and wrote NaN intervals."""
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY, run)
+    code, err = _lexsim_exit(["--model_path", str(run / "best.pt"), "--data_dir",
+                              str(prepared_europarl), flag, value], capsys)
+    assert code == 2 and words in err
+    assert not (run / "eval.json").exists()
+
+
+def test_lexsim_ctrl_c_is_one_line_and_exit_130(monkeypatch, capsys):
+    """At f768900 Ctrl-C ended in a KeyboardInterrupt traceback (exit status -2)."""
+    from backpack_nb.lexsim import __main__ as front
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(front, "write_lexsim", interrupted)
+    try:
+        code, err = _lexsim_exit(["--model_path", str(LEGACY / "best.pt")], capsys)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped as a KeyboardInterrupt (a traceback on the command line)")
+    assert code == 130 and err.startswith("error: interrupted (Ctrl-C)")
+
+
+def test_lexsim_out_may_write_a_new_path_or_an_evaluation(ckpt_copy, prepared_europarl, tmp_path,
+                                                         capsys):
+    """A new path is written (relative paths from the project root, as evaluate.py's); an
+    existing eval.json of another checkpoint is replaced by this one's section."""
+    new = tmp_path / "new" / "lexsim.json"
+    argv = ["--model_path", str(ckpt_copy), "--data_dir", str(prepared_europarl), "--n_boot", "100"]
+    assert lexsim_main([*argv, "--out", str(new)]) == 0
+    written = json.loads(new.read_text(encoding="utf-8"))
+    assert written["checkpoint"] == str(ckpt_copy) and "monolingual" in written["lexsim"]
+    other = tmp_path / "other_eval.json"
+    other.write_text(json.dumps({"checkpoint": "/elsewhere/ckpt.pt", "splits": {}}))
+    assert lexsim_main([*argv, "--out", str(other)]) == 0
+    replaced = json.loads(other.read_text(encoding="utf-8"))
+    assert replaced["checkpoint"] == str(ckpt_copy) and "splits" not in replaced
+    assert f"wrote the lexsim section of {other}" in capsys.readouterr().out

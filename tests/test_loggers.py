@@ -107,8 +107,10 @@ def _wandb_records(path: Path):
             yield record
 
 
-def _wandb_sessions(out: Path) -> list[tuple[str, list[dict]]]:
-    """(run id, logged rows) for each offline session under out/wandb, oldest first."""
+def _wandb_sessions(out: Path, *, private: bool = False) -> list[tuple[str, list[dict]]]:
+    """(run id, logged rows) for each offline session under out/wandb, oldest first; with
+    ``private``, each row keeps W&B's own keys (``_step``...) and the run record's ``resumed``
+    comes as a first row ``{"resumed": ...}``."""
     sessions = []
     # by when each session last wrote: the folder names carry a time to the second only, and
     # two short sessions in one second would sort by their random ids
@@ -119,10 +121,12 @@ def _wandb_sessions(out: Path) -> list[tuple[str, list[dict]]]:
             kind = record.WhichOneof("record_type")
             if kind == "run":
                 run_id = record.run.run_id
+                if private:
+                    rows.append({"resumed": record.run.resumed})
             elif kind == "history":
                 row = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
                        for i in record.history.item}
-                rows.append({k: v for k, v in row.items() if not k.startswith("_")})
+                rows.append({k: v for k, v in row.items() if private or not k.startswith("_")})
         sessions.append((run_id, rows))
     return sessions
 
@@ -136,22 +140,37 @@ def wandb_offline(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_RUN_ID", raising=False)
 
 
-def test_wandb_offline_run_resumes_the_same_run(prepared_europarl, tmp_path, wandb_offline):
+def test_wandb_offline_run_resumes_the_same_run(prepared_europarl, tmp_path, wandb_offline,
+                                                capsys):
+    """Offline, wandb cannot resume (it records the second session as a new run with the same
+    id, resumed false): W&B's step is the iteration, so the resumed session's steps continue
+    the first session's instead of restarting at 0 (on main at f768900 they did), and the
+    resume says what offline W&B cannot do."""
     out = tmp_path / "wb"
     cfg = tiny_config("transformer", out, logger="wandb", stop_after=4, **SMALL)
     train(cfg)
+    assert "cannot resume" not in capsys.readouterr().err  # a first session resumes nothing
     run_id = json.loads((out / loggers.WANDB_RUN_FILE).read_text())["id"]
     train(cfg.replace(init_from="resume", stop_after=None))
+    err = capsys.readouterr().err
+    assert f"warning: W&B offline mode cannot resume run {run_id}" in err, err
+    assert "resume online (WANDB_MODE=online)" in err
     assert json.loads((out / loggers.WANDB_RUN_FILE).read_text()) == {
         "id": run_id, "project": loggers.WANDB_PROJECT}
-    (first_id, first), (second_id, second) = _wandb_sessions(out)
-    assert first_id == second_id == run_id  # one W&B run, continued
+    (first_id, first), (second_id, second) = _wandb_sessions(out, private=True)
+    assert first_id == second_id == run_id  # one W&B run id, continued
+    # what wandb records offline (docs/training.md says so): the second session is not resumed
+    assert first[0] == second[0] == {"resumed": False}
+    first, second = first[1:], second[1:]
+    # W&B's step is the iteration: the second session continues where the first stopped
+    assert [r["_step"] for r in first] == [r["iteration"] for r in first] == [0, 2, 4]
+    assert [r["_step"] for r in second] == [r["iteration"] for r in second] == [4, 6, 8]
     log = _log(out)
-    rows = first + second
+    rows = [{k: v for k, v in r.items() if not k.startswith("_")} for r in first + second]
     steps = [r for r in rows if "train/loss" in r]
     evals = [r for r in rows if "eval/val_loss" in r]
     assert [r["iteration"] for r in steps] == [2, 4, 6, 8]
-    assert all(set(r) == {"iteration", *STEP_TAGS} for r in steps)
+    assert all(set(r) - set(EVAL_TAGS) == {"iteration", *STEP_TAGS} for r in steps)
     assert [r["iteration"] for r in evals] == log["iterations"] == [0, 4, 8]
     assert [r["eval/val_loss"] for r in evals] == log["val_loss"]  # float64, exactly
 

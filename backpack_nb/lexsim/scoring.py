@@ -34,6 +34,7 @@ from ..checkpoint import load_model, merge_eval_json
 from ..dataset import check_same_vocabulary, load_meta, load_tokens, resolve_data_dir
 from ..devices import resolve_device
 from ..errors import UserError
+from ..eval_json import eval_json_path
 from ..stats import bootstrap_mean, bootstrap_spearman, spearman
 from ..tokenizer import Tokenizer
 from .benchmark import EUROPARL_CODES, MultiSimLex, load_multisimlex, normalize_word
@@ -267,10 +268,13 @@ def _retrieval_entry(wv: WordVectors, src: tuple[list[str], list[str]], tgt: tup
 def write_lexsim(model_path: str | os.PathLike, source: str | os.PathLike | MultiSimLex | None = None, *,
                  data_dir: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
                  device: str = "cpu", min_count: int = DEFAULT_MIN_COUNT, n_boot: int = 1000,
-                 strict_device: bool = False) -> dict:
+                 strict_device: bool = False, flag_prefix: str = "") -> dict:
     """Score a checkpoint and write the result as the ``lexsim`` section of its eval.json
     (``out``, default beside the checkpoint; the other sections are kept when that file
-    belongs to the same checkpoint). ``data_dir`` defaults to the data it was trained on."""
+    belongs to the same checkpoint). ``data_dir`` defaults to the data it was trained on.
+    An ``out`` that exists and is not an evaluation (a checkpoint, a params file, run.json)
+    is refused before the model loads; messages name it ``{flag_prefix}out``."""
+    target = eval_json_path(out, flag_prefix) if out else None
     device, _, notes = resolve_device(device, strict=strict_device, task="word similarity")
     for note in notes:
         log.warning(note)
@@ -280,7 +284,7 @@ def write_lexsim(model_path: str | os.PathLike, source: str | os.PathLike | Mult
     ddir = resolve_data_dir(data_dir or state.get("data", {}).get("data_dir", "europarl"))
     result = {"model_type": state["model_type"],
               **evaluate_lexsim(model, tok, ddir, bench, min_count=min_count, n_boot=n_boot)}
-    target = Path(out) if out else model_path.parent / "eval.json"
+    target = target or model_path.parent / "eval.json"
     base = {"model_type": state["model_type"], "checkpoint": str(model_path), "data_dir": str(ddir)}
     merge_eval_json(target, model_path, {**base, "lexsim": result})
     return {**result, "path": str(target)}

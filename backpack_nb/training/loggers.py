@@ -11,6 +11,9 @@ Rank 0 logs, at the iteration each value belongs to: ``train/loss``, ``train/lr`
 - ``wandb``: a W&B run whose id is kept in ``out_dir/wandb_run.json``, so a resumed run
   continues the same W&B run; its local files go to ``out_dir/wandb/``. ``WANDB_MODE=offline``
   logs without an account (``wandb sync`` uploads later); ``WANDB_PROJECT`` names the project.
+  Offline, wandb cannot resume a run (it records each session as a new run with the same id,
+  ``resumed`` false, its step counter from 0): there W&B's step is the iteration, so a resumed
+  session's steps continue the run's, and a resume says what offline W&B cannot do.
 
 A run started from scratch (``--overwrite`` included) starts fresh curves. The packages are
 optional extras (``pip install -e '.[tensorboard]'``, ``'.[wandb]'``); asking for a logger
@@ -24,6 +27,7 @@ import os
 import secrets
 import shutil
 import string
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +96,7 @@ class TensorBoardLogger(NoLogger):
 
 
 class WandbLogger(NoLogger):
-    def __init__(self, cfg: TrainConfig, out_dir: Path):
+    def __init__(self, cfg: TrainConfig, out_dir: Path, resumed: bool = False):
         # optional heavy dependency (the wandb extra): imported only when asked for
         import wandb
 
@@ -119,10 +123,24 @@ class WandbLogger(NoLogger):
         # which W&B's own step counter would drop as going backwards.
         self.run.define_metric("iteration")
         self.run.define_metric("*", step_metric="iteration")
+        # Offline, wandb ignores resume: each session is a new run with the same id whose own
+        # step would restart at 0. The iteration, given as the step, continues instead (no
+        # server is there to drop a re-logged iteration; online, W&B resumes the run and
+        # keeps its own counter).
+        self.step_is_iteration = bool(self.run.offline)
+        if resumed and self.run.offline:
+            print(f"warning: W&B offline mode cannot resume run {run_id}: wandb records this "
+                  "session as a new offline run with the same id (resumed: false); its steps "
+                  "continue from the iteration. Syncing it may replace the earlier sessions' "
+                  "history on the server: resume online (WANDB_MODE=online) to keep one W&B "
+                  "run, see docs/training.md", file=sys.stderr, flush=True)
 
     def log(self, step: int, metrics: dict[str, float | None]) -> None:
         values = {k: v for k, v in metrics.items() if v is not None}
-        self.run.log({"iteration": step, **values})
+        if self.step_is_iteration:
+            self.run.log({"iteration": step, **values}, step=step)
+        else:
+            self.run.log({"iteration": step, **values})
 
     def close(self, failed: bool = False) -> None:
         self.run.finish(exit_code=1 if failed else 0)
@@ -143,7 +161,7 @@ def open_logger(cfg: TrainConfig, out_dir: Path, *, master: bool, iteration: int
     require(cfg.logger)
     if cfg.logger == "tensorboard":
         return TensorBoardLogger(out_dir / TENSORBOARD_DIR, iteration + 1 if resumed else None)
-    return WandbLogger(cfg, out_dir)
+    return WandbLogger(cfg, out_dir, resumed)
 
 
 def step_metrics(loss: float, lr: float, tokens_per_s: float,

@@ -1,0 +1,49 @@
+"""eval.json: which file an evaluation may write to.
+
+evaluate.py and ``python -m backpack_nb.lexsim`` both write their results as sections of an
+``eval.json`` (``--out`` elsewhere). A path the user gives is written only when it is new or
+already an evaluation: a checkpoint, a params file, a run's ``run.json`` or
+``training_log.json`` is never replaced by one. Both commands call :func:`eval_json_path`
+before any model is loaded, so a refused ``--out`` costs nothing and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from . import paths
+from .errors import UserError
+
+
+def eval_json_path(out: str | os.PathLike, flag_prefix: str = "") -> Path:
+    """The file ``out`` names (a relative path is taken from the project root); refused when
+    writing there is impossible (a folder, a path through a file) or would replace a file
+    that is not an evaluation (a checkpoint, run.json, a params file). Messages name the
+    setting as ``{flag_prefix}out`` (``--out`` on a command line)."""
+    flag = f"{flag_prefix}out"
+    target = paths.resolve_in_root(out)
+    if target.is_dir():
+        raise UserError(f"{flag} {target} is a folder; give a file path such as "
+                        f"{target / 'eval.json'}")
+    parent = target.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{flag} {target} is inside {parent}, which is a file; choose another "
+                        f"{flag}")
+    if (target.exists() or target.is_symlink()) and not is_eval_json(target):
+        raise UserError(f"{flag} {target} exists and is not an evaluation (eval.json) file, so "
+                        f"it is left alone; choose another {flag}")
+    return target
+
+
+def is_eval_json(path: Path) -> bool:
+    """An existing file an evaluation may rewrite: a JSON object that is an evaluation (a
+    ``splits`` or ``lexsim`` section). A run's run.json or training_log.json is not one."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(content, dict) and ("splits" in content or "lexsim" in content)
