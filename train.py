@@ -20,7 +20,7 @@ import signal
 import sys
 from typing import Sequence
 
-from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.errors import command
 
 
 class _StderrLines(logging.Handler):
@@ -39,8 +39,10 @@ def _setup_logging() -> None:
     logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
+    cfg = None
     try:
         from backpack_nb.finetune import inherit_shape
         from backpack_nb.params import config_from_argv, typed_keys
@@ -49,18 +51,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         # a pretrained model (or the checkpoint of a fine-tune) fixes the shape
         cfg, _ = inherit_shape(config_from_argv(argv), typed=typed_keys(argv))
         result = train(cfg)
-    except UserError as exc:
-        exit_on_user_error(exc)
     except KeyboardInterrupt as exc:  # a second signal, or Ctrl-C before training started
         signum = int(getattr(exc, "signum", signal.SIGINT))
-        print(f"error: aborted by {signal.Signals(signum).name} without saving the current "
-              "step; the checkpoints already written are complete: continue with "
-              "--init_from resume", file=sys.stderr, flush=True)
+        print(f"error: aborted by {signal.Signals(signum).name}{_after_abort(cfg)}",
+              file=sys.stderr, flush=True)
         return 128 + signum
     stopped = result["stopped"]
     if stopped in ("SIGINT", "SIGTERM", "peer"):  # "peer": another rank got the signal
         return 128 + int(getattr(signal, stopped if stopped != "peer" else "SIGTERM"))
     return 0
+
+
+def _after_abort(cfg) -> str:
+    """What an abort left: a resume hint only where there is a checkpoint to resume."""
+    if cfg is None:
+        return " before training started; nothing was written"
+    from backpack_nb.checkpoint import existing_checkpoints  # loaded already, by training
+    from backpack_nb.paths import resolve_in_root
+
+    if existing_checkpoints(resolve_in_root(cfg.out_dir)):
+        return (" without saving the current step; the checkpoints already written are "
+                "complete: continue with --init_from resume")
+    return (" before the first checkpoint was written, so there is nothing to resume: run "
+            "the same command again to start over")
 
 
 if __name__ == "__main__":

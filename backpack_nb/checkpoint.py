@@ -162,6 +162,39 @@ def check_weights_fit(weights: Mapping[str, Any], model: torch.nn.Module, path: 
                         f"{'; '.join(problems[:4])}{more}")
 
 
+def check_finite(tensors: Mapping[str, Any], path: Path, what: str = "weights",
+                 fix: str = "") -> None:
+    """Every floating-point tensor of ``tensors`` is finite; otherwise a UserError saying that
+    ``path`` is damaged, naming the first bad tensor (``fix`` is appended). One pass of
+    ``isfinite`` per load: milliseconds for the seed model.
+
+    train.py never saves non-finite weights (``Trainer.save`` refuses), so such a file was
+    damaged after it was written (a bit flip, an edit, a copy from elsewhere). A resume reads
+    it like any damaged checkpoint and falls back to ckpt.prev.pt; loading it never ends in
+    a NaN loss, and so never in the advice for a diverged run (a lower learning rate)."""
+    bad = [name for name, t in tensors.items()
+           if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex())
+           and not bool(torch.isfinite(t).all())]
+    if not bad:
+        return
+    first = tensors[bad[0]]
+    count = int((~torch.isfinite(first)).sum())
+    kind = "NaN" if bool(first.isnan().any()) else "infinite"
+    more = f", and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+    raise UserError(f"checkpoint {path} is damaged: its {what} hold non-finite values "
+                    f"({count} {kind} value(s) in {bad[0]}{more}); train.py does not save "
+                    "them, so the file was damaged after it was written"
+                    + (f"; {fix}" if fix else ""))
+
+
+def optimizer_tensors(optimizer_state: Mapping[str, Any]) -> dict[str, Any]:
+    """The tensors of an optimizer's ``state_dict()`` (AdamW's moments) by a readable name
+    (``<parameter index>.<entry>``), for :func:`check_finite`."""
+    state = optimizer_state.get("state", {}) if isinstance(optimizer_state, Mapping) else {}
+    return {f"{index}.{key}": value for index, entry in state.items()
+            if isinstance(entry, Mapping) for key, value in entry.items()}
+
+
 # --- save / load -------------------------------------------------------------------------------
 
 
@@ -328,6 +361,17 @@ def require_checkpoint(out_dir: str | os.PathLike) -> None:
         )
 
 
+def resume_hint(out_dir: str | os.PathLike) -> str:
+    """How to go on after a stopped run in ``out_dir``: resume from its checkpoint, or, when
+    none was written yet (stopped in the first evaluation), start it again; never a resume
+    that would only fail for want of a checkpoint."""
+    found = existing_checkpoints(out_dir)
+    if found:
+        return f"checkpoint in {found[0]}; continue with {setting('init_from', 'resume')}"
+    return ("no checkpoint was written yet, so there is nothing to resume: run the same "
+            "command again to start over")
+
+
 def load_checkpoint(out_dir: str | os.PathLike,
                     accept: Callable[[dict[str, Any], Path], None] | None = None
                     ) -> tuple[dict[str, Any], Path]:
@@ -397,9 +441,16 @@ def load_model(model_path: str | os.PathLike, device: str | torch.device = "cpu"
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by backpack_nb's train.py")
     _check_model_type(model_type, state["model_type"], path)
+    if not isinstance(state["model"], Mapping):
+        raise UserError(f"checkpoint {path} holds no model weights (its model entry is a "
+                        f"{type(state['model']).__name__}); it is not a backpack_nb checkpoint")
+    weights = clean_state_dict(state["model"])
+    others = [p.name for p in _checkpoints_in(path.parent) if p.name != path.name]
+    check_finite(weights, path, fix="use another checkpoint" + (
+        f" of the run ({', '.join(others)} beside it)" if others else ""))
     model = build_model(state["model_type"], ModelConfig.from_dict(state["model_config"]))
     try:
-        model.load_state_dict(clean_state_dict(state["model"]))
+        model.load_state_dict(weights)
     except RuntimeError as exc:
         raise UserError(f"checkpoint {path} does not fit its own model config ({str(exc).splitlines()[0]})") from exc
     model.to(device).eval()

@@ -30,7 +30,7 @@ from . import data, dataset, lexsim, paths, stats
 from .checkpoint import load_model, merge_eval_json
 from .console import progress_bar
 from .devices import DTYPES, autocast_dtype, device_problem, resolve_device
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, command
 from .params import load_params, prepare_args
 from .tokenizer import Tokenizer
 
@@ -95,7 +95,28 @@ def windows(n_tokens: int, block_size: int, stride: int | None = None) -> list[t
     return out
 
 
-SPLITS = ("val", "test", "train")
+# The held-out splits, the ones with a token file per language. The training split is not
+# offered: its loss is in training_log.json (train_loss, at every evaluation), it has no
+# per-language files, and on the full corpus it is hundreds of times larger than val.
+SPLITS = ("val", "test")
+
+
+def split_problems(splits: Sequence[str], flag_prefix: str = "") -> list[str]:
+    """What is wrong with a list of split names (empty, unknown, ``train``), checked before
+    any split is scored, so that ``val,train`` never scores val and then fails."""
+    flag, names = f"{flag_prefix}splits", ", ".join(SPLITS)
+    if not splits:
+        return [f"{flag} is empty; give comma-separated names from {names}"]
+    problems = []
+    if "train" in splits:
+        problems.append(f"{flag}: train is not evaluated (no per-language token files; its "
+                        "loss is train_loss in the run's training_log.json, at every "
+                        f"evaluation); use {names}")
+    bad = [s for s in splits if s not in SPLITS and s != "train"]
+    if bad:
+        problems.append(f"{flag}: unknown split(s) {', '.join(bad)}; use comma-separated "
+                        f"names from {names}")
+    return problems
 
 
 def min_tokens(block_size: int) -> int:
@@ -205,7 +226,8 @@ def evaluate_model(
 ) -> dict:
     """``{"val": {"all": {...}, "en": {...}, ...}, "test": {...}}``; each language's file is
     scored separately and "all" pools their windows (``max_tokens`` caps each language)."""
-    problems = window_problems(model.config.block_size, stride, max_tokens)
+    problems = split_problems(splits) + window_problems(model.config.block_size, stride,
+                                                         max_tokens)
     if problems:
         raise UserError("; ".join(problems))
     meta = dataset.load_meta(data_dir)
@@ -267,6 +289,9 @@ def evaluate_checkpoint(
     ``config`` (a params name) supplies the data settings only; without it, the data the
     checkpoint was trained on. Bad settings are refused before anything is prepared or
     written; their messages name them with ``flag_prefix`` (``--`` for evaluate.py)."""
+    problems = split_problems(splits, flag_prefix)
+    if problems:  # before the checkpoint is read, and before any split is scored
+        raise UserError("; ".join(problems))
     device, dtype, notes = resolve_device(str(device), dtype, strict=strict_device,
                                           task="evaluation")
     for note in notes:
@@ -307,9 +332,22 @@ def evaluate_checkpoint(
         ),
     }
     target = target or model_path.parent / "eval.json"
+    check_finite_scores(result["splits"], dtype, flag_prefix)  # never over a good eval.json
     merge_eval_json(target, model_path, result)
     result["path"] = str(target)
     return result
+
+
+def check_finite_scores(splits: dict, dtype: str, flag_prefix: str = "") -> None:
+    """A UserError when a score is NaN or infinite (finite weights, checked on load, can still
+    overflow in float16), so that no eval.json is written with it."""
+    bad = [f"{split} {lang}" for split, langs in splits.items() for lang, r in langs.items()
+           if not math.isfinite(r["loss"])]
+    if bad:
+        hint = (f"evaluate with {flag_prefix}dtype bfloat16 or float32 (float16 overflows)"
+                if dtype == "float16" else "check the checkpoint with sample.py")
+        raise UserError(f"the loss is NaN or infinite on {', '.join(bad)}, so nothing was "
+                        f"written (an existing eval.json is left as it was); {hint}")
 
 
 def eval_json_path(out: str | os.PathLike, flag_prefix: str = "") -> Path:
@@ -352,17 +390,13 @@ def _check_args(args: argparse.Namespace) -> list[str]:
     if device_problem(args.device):
         problems.append(f"--{device_problem(args.device)}")
     splits = list(dict.fromkeys(s.strip() for s in args.splits.split(",") if s.strip()))
-    bad = [s for s in splits if s not in SPLITS]
-    if bad:
-        problems.append(f"--splits: unknown split(s) {', '.join(bad)}; use comma-separated "
-                        f"names from {', '.join(SPLITS)}")
-    elif not splits:
-        problems.append(f"--splits is empty; give comma-separated names from {', '.join(SPLITS)}")
+    problems += split_problems(splits, "--")
     if problems:
         raise UserError("; ".join(problems))
     return splits
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a checkpoint: loss, perplexity, bits per byte per language.")
     ap.add_argument("--model_path", required=True,
@@ -370,7 +404,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="params name for the data settings (the model's shape comes from the checkpoint)")
     ap.add_argument("--model_type", default=None, choices=["backpack", "transformer"], help="must match the checkpoint")
     ap.add_argument("--data_dir", default=None, help="override the dataset")
-    ap.add_argument("--splits", default="val,test", help="comma-separated: val, test, train")
+    ap.add_argument("--splits", default="val,test",
+                    help="comma-separated held-out splits: val, test (the training loss is in "
+                         "the run's training_log.json)")
     ap.add_argument("--max_tokens", type=int, default=None,
                     help="evaluate at most this many tokens per language and split "
                          "(at least the model's block_size + 2: two windows)")
@@ -389,25 +425,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--multisimlex", default=None, metavar="PATH",
                     help="folder with Multi-SimLex's scores.csv and translation.csv (default: MULTISIMLEX_SOURCE, else data/multisimlex)")
     args = ap.parse_args(argv)
-    try:
-        splits = _check_args(args)
-        if args.lexsim:  # read Multi-SimLex first: a bad file fails before anything is written
-            bench = lexsim.load_multisimlex(args.multisimlex)
-        # the device rule once, for both scores (one warning, not one per score)
-        device, dtype, notes = resolve_device(args.device, args.dtype, strict=args.strict_device,
-                                              task="evaluation")
-        for note in notes:
-            print(f"warning: {note}", file=sys.stderr)
-        result = evaluate_checkpoint(
-            args.model_path, config=args.config, model_type=args.model_type, data_dir=args.data_dir,
-            splits=splits, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
-            device=str(device), dtype=dtype, out=args.out, flag_prefix="--",
-        )
-        if args.lexsim:
-            result["lexsim"] = lexsim.write_lexsim(result["checkpoint"], bench, data_dir=result["data_dir"],
-                                                   out=result["path"], device=str(device))
-    except UserError as exc:
-        exit_on_user_error(exc)
+    splits = _check_args(args)
+    if args.lexsim:  # read Multi-SimLex first: a bad file fails before anything is written
+        bench = lexsim.load_multisimlex(args.multisimlex)
+    # the device rule once, for both scores (one warning, not one per score)
+    device, dtype, notes = resolve_device(args.device, args.dtype, strict=args.strict_device,
+                                          task="evaluation")
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
+    result = evaluate_checkpoint(
+        args.model_path, config=args.config, model_type=args.model_type, data_dir=args.data_dir,
+        splits=splits, stride=args.stride, batch_size=args.batch_size, max_tokens=args.max_tokens,
+        device=str(device), dtype=dtype, out=args.out, flag_prefix="--",
+    )
+    if args.lexsim:
+        result["lexsim"] = lexsim.write_lexsim(result["checkpoint"], bench, data_dir=result["data_dir"],
+                                               out=result["path"], device=str(device))
     print(f"{result['model_type']} at iteration {result['iteration']} ({result['checkpoint']})")
     print(format_table(result))
     if "lexsim" in result:

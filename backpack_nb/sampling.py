@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import torch
 
 from . import paths
 from .checkpoint import load_model
 from .devices import device_problem, resolve_device
-from .errors import UserError, exit_on_user_error
+from .errors import UserError, command
 from .tokenizer import Tokenizer
 
 # Below this a temperature divides the logits past float32's range (inf, then NaN
@@ -54,13 +55,19 @@ def sample_text(
     top_k: int | None = 200,
     seed: int = 1337,
     device: str | torch.device = "cpu",
+    warn: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """``num_samples`` continuations of ``start`` (prompt included), deterministic per seed."""
+    """``num_samples`` continuations of ``start`` (prompt included), deterministic per seed.
+    A prompt longer than the model's block_size conditions the samples through its last
+    block_size tokens only; ``warn`` (default: a Python warning) is told so."""
     problems = sampling_problems(num_samples=num_samples, max_new_tokens=max_new_tokens,
                                  temperature=temperature, top_k=top_k, seed=seed)
     if problems:
         raise UserError("; ".join(problems))
     prompt = tok.encode(start) or ([tok.eot_id] if tok.eot_id is not None else [0])
+    note = cropped_prompt_note(len(prompt), model.config.block_size)
+    if note:
+        (warn or _python_warning)(note)
     x = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
     gen_state = torch.random.get_rng_state()
     torch.manual_seed(seed)
@@ -72,6 +79,20 @@ def sample_text(
         model.train(was_training)
         torch.random.set_rng_state(gen_state)
     return [tok.decode(row.tolist()) for row in out]
+
+
+def cropped_prompt_note(prompt_tokens: int, block_size: int) -> str | None:
+    """What to tell a user whose prompt is longer than the model's context (None if it fits):
+    generation sees only the last ``block_size`` tokens, the rest is printed but unused."""
+    if prompt_tokens <= block_size:
+        return None
+    return (f"the prompt is {prompt_tokens:,} tokens long, more than the model's block_size: "
+            f"the samples continue from its last {block_size:,} tokens only (kept {block_size:,} "
+            f"of {prompt_tokens:,}; the whole prompt is still printed)")
+
+
+def _python_warning(message: str) -> None:
+    warnings.warn(message, stacklevel=3)  # points at the caller of sample_text
 
 
 def read_prompt(start: str) -> str:
@@ -96,6 +117,7 @@ def read_prompt(start: str) -> str:
                         f"({exc.strerror or type(exc).__name__})") from None
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sample.py", description="Print text samples from a checkpoint.")
     ap.add_argument("--model_path", required=True,
@@ -116,27 +138,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--strict_device", action="store_true",
                     help="refuse to fall back to the CPU")
     args = ap.parse_args(argv)
-    try:
-        # every bad value at once, before the checkpoint is read
-        problems = sampling_problems(
-            num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, seed=args.seed, flag_prefix="--")
-        if device_problem(args.device):
-            problems.append(f"--{device_problem(args.device)}")
-        if problems:
-            raise UserError("; ".join(problems))
-        device, _, notes = resolve_device(args.device, strict=args.strict_device, task="sampling")
-        for note in notes:
-            print(f"warning: {note}", file=sys.stderr)
-        start = read_prompt(args.start)
-        model, tok, _ = load_model(args.model_path, device)
-        texts = sample_text(model, tok, start, num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                            temperature=args.temperature, top_k=args.top_k, seed=args.seed, device=device)
-    except UserError as exc:
-        exit_on_user_error(exc)
+    # every bad value at once, before the checkpoint is read
+    problems = sampling_problems(
+        num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed, flag_prefix="--")
+    if device_problem(args.device):
+        problems.append(f"--{device_problem(args.device)}")
+    if problems:
+        raise UserError("; ".join(problems))
+    device, _, notes = resolve_device(args.device, strict=args.strict_device, task="sampling")
+    for note in notes:
+        _warning_line(note)
+    start = read_prompt(args.start)
+    model, tok, _ = load_model(args.model_path, device)
+    texts = sample_text(model, tok, start, num_samples=args.num_samples,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_k=args.top_k, seed=args.seed, device=device, warn=_warning_line)
     for i, text in enumerate(texts):
         print(f"---------- sample {i + 1}\n{text}")
     return 0
+
+
+def _warning_line(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

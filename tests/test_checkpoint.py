@@ -146,3 +146,34 @@ def test_download_renames_only_a_complete_file(tmp_path):
     finally:
         server.shutdown()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.bin"]
+
+
+def test_check_finite_names_the_first_bad_tensor(tmp_path):
+    """A NaN or infinite weight (or AdamW moment) is a damaged checkpoint: one UserError
+    naming the file, the tensor and how many values, once per load."""
+    state = _training_like_state()
+    ck.check_finite(state["model"], tmp_path / "ckpt.pt")  # a trained model's: finite
+    ck.check_finite(ck.optimizer_tensors(state["optimizer"]), tmp_path / "ckpt.pt")
+    name = sorted(state["model"])[2]
+    state["model"][name].view(-1)[:3] = float("inf")
+    with pytest.raises(UserError, match=rf"ckpt.pt is damaged: its weights hold non-finite "
+                                        rf"values \(3 infinite value\(s\) in {name}\)"):
+        ck.check_finite(state["model"], tmp_path / "ckpt.pt")
+    other = sorted(state["model"])[4]
+    state["model"][other].view(-1)[0] = float("nan")
+    with pytest.raises(UserError, match=rf"in {name}, and 1 more tensor\(s\)"):
+        ck.check_finite(state["model"], tmp_path / "ckpt.pt", fix="use best.pt")
+    moments = ck.optimizer_tensors(state["optimizer"])
+    key = next(k for k in moments if k.endswith("exp_avg"))
+    moments[key].view(-1)[0] = float("nan")
+    with pytest.raises(UserError, match=rf"its optimizer moments hold non-finite values "
+                                        rf"\(1 NaN value\(s\) in {key}\)"):
+        ck.check_finite(moments, tmp_path / "ckpt.pt", "optimizer moments")
+
+
+def test_resume_hint_only_where_a_checkpoint_exists(tmp_path):
+    assert "nothing to resume" in ck.resume_hint(tmp_path)
+    assert "--init_from resume" not in ck.resume_hint(tmp_path)
+    ck.save_checkpoint({"model": {}, "iter_num": 1}, tmp_path)
+    assert ck.resume_hint(tmp_path) == (f"checkpoint in {tmp_path / ck.CKPT_NAME}; continue "
+                                        "with --init_from resume")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from backpack_nb import dataset
 from backpack_nb import data, evaluation
 from backpack_nb.checkpoint import load_model
+from backpack_nb.errors import UserError
 from backpack_nb.evaluation import windows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -190,3 +192,119 @@ def test_sample_py(tiny_ckpts):
     assert a.stdout == b.stdout  # deterministic per seed
     assert a.stdout.count("---------- sample") == 2
     assert a.stdout.count("The Commission") == 2
+
+
+# --- a checkpoint with a NaN weight; the splits offered; a long prompt ----------------------------
+
+
+# A micro Backpack run (block 16, d 8) committed as a fixture: no training needed.
+LEGACY_RUN = ROOT / "tests" / "fixtures" / "legacy_f3defa5"
+
+
+def _nan_run(tmp_path) -> tuple[Path, bytes]:
+    """A copy of a Backpack run with a good eval.json beside it, whose ckpt.pt has one NaN
+    weight (best.pt stays good). Returns the run folder and the eval.json's bytes."""
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(LEGACY_RUN / "best.pt", run / "best.pt")
+    state = torch.load(LEGACY_RUN / "ckpt.pt", weights_only=True)
+    name = sorted(state["model"])[3]
+    state["model"][name].view(-1)[5] = float("nan")
+    torch.save(state, run / "ckpt.pt")
+    good = json.dumps({"checkpoint": str(run / "ckpt.pt"), "splits": {"val": {}}}).encode()
+    (run / "eval.json").write_bytes(good)
+    return run, good
+
+
+def _exit2(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\nerror") == 0 and "Traceback" not in err
+    return err
+
+
+def test_a_nan_weight_is_one_clear_error_everywhere(tmp_path, capsys):
+    """evaluate.py (exit 0 with NaN bits per byte, replacing the good eval.json), sample.py
+    (text without a word) and hub export (exported it) all refuse the checkpoint, naming the
+    tensor and the run's other checkpoints; the folder is left as it was."""
+    from backpack_nb.hub.__main__ import main as hub_main
+    from backpack_nb.sampling import main as sample_main
+
+    run, good = _nan_run(tmp_path)
+    before = sorted(p.name for p in run.iterdir())
+    state = torch.load(run / "ckpt.pt", weights_only=True)
+    bad = next(k for k, t in state["model"].items() if not torch.isfinite(t).all())
+    want = (f"checkpoint {run / 'ckpt.pt'} is damaged: its weights hold non-finite values "
+            f"(1 NaN value(s) in {bad}); train.py does not save them")
+    with pytest.raises(UserError, match=re.escape(want)):
+        load_model(run / "ckpt.pt")
+    for main, argv in ((evaluation.main, ["--model_path", str(run / "ckpt.pt"), "--max_tokens",
+                                          "200", "--device", "cpu"]),
+                       (sample_main, ["--model_path", str(run / "ckpt.pt"), "--device", "cpu"]),
+                       (hub_main, ["export", str(run / "ckpt.pt"), str(tmp_path / "export")])):
+        err = _exit2(main, argv, capsys)
+        assert want in err and "use another checkpoint of the run (best.pt beside it)" in err
+        assert "learning_rate" not in err
+    assert (run / "eval.json").read_bytes() == good
+    assert sorted(p.name for p in run.iterdir()) == before
+    assert not (tmp_path / "export").exists()
+
+
+def test_non_finite_scores_never_replace_eval_json(prepared_europarl, tmp_path, monkeypatch):
+    """Finite weights can still overflow (float16 on a GPU): a NaN score is an error, and
+    the eval.json already there stays."""
+    run, good = _nan_run(tmp_path)
+    monkeypatch.setattr(evaluation, "_token_nll",
+                        lambda model, x, y: torch.full(y.shape, float("nan")))
+    with pytest.raises(UserError, match=r"the loss is NaN or infinite on val all, val en"):
+        evaluation.evaluate_checkpoint(run / "best.pt", data_dir=str(prepared_europarl),
+                                       splits=["val"], max_tokens=200, progress=False,
+                                       out=run / "eval.json")
+    assert (run / "eval.json").read_bytes() == good
+
+
+@pytest.mark.parametrize("splits", ["train", "val,train", "train,test"])
+def test_the_train_split_is_refused_before_any_work(splits, tmp_path, monkeypatch, capsys):
+    """--splits train was listed in --help and always refused after loading (val,train scored
+    val, then failed): it is not offered, and refused before the checkpoint is read."""
+    def never(*args, **kwargs):
+        raise AssertionError("nothing may be loaded or scored")
+
+    monkeypatch.setattr(evaluation, "load_model", never)
+    monkeypatch.setattr(evaluation, "score_tokens", never)
+    out = tmp_path / "eval.json"
+    err = _exit2(evaluation.main, ["--model_path", str(LEGACY_RUN / "best.pt"), "--splits",
+                                   splits, "--out", str(out)], capsys)
+    assert "--splits: train is not evaluated" in err and "training_log.json" in err
+    assert not out.exists()
+    with pytest.raises(UserError, match="splits: train is not evaluated"):
+        evaluation.evaluate_checkpoint(LEGACY_RUN / "best.pt", splits=splits.split(","),
+                                       out=out, progress=False)
+    with pytest.raises(SystemExit):
+        evaluation.main(["--help"])
+    splits_help = capsys.readouterr().out.split("--splits SPLITS")[-1].split("  --")[0]
+    assert "val, test" in splits_help and not re.search(r"\btrain\b", splits_help)
+
+
+def test_a_prompt_longer_than_the_block_is_said_to_be_cut(capsys):
+    """A --start of 100,000 characters conditioned the samples through its last block_size
+    tokens without a word: a warning line says how many tokens were kept of how many."""
+    from backpack_nb.sampling import main as sample_main
+
+    model, tok, _ = load_model(LEGACY_RUN / "best.pt")
+    start = ("The Commission has adopted the report. " * 2600)[:100_000]
+    n = len(tok.encode(start))
+    block = model.config.block_size
+    assert n > block
+    assert sample_main(["--model_path", str(LEGACY_RUN / "best.pt"), "--start", start,
+                        "--num_samples", "1", "--max_new_tokens", "2", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("warning: the prompt")]
+    assert len(lines) == 1, err
+    assert f"kept {block:,} of {n:,}" in lines[0]
+    # a prompt that fits says nothing
+    assert sample_main(["--model_path", str(LEGACY_RUN / "best.pt"), "--start", "The vote",
+                        "--num_samples", "1", "--max_new_tokens", "2", "--device", "cpu"]) == 0
+    assert "warning" not in capsys.readouterr().err

@@ -528,6 +528,11 @@ def _corrupt(kind: str, path: Path, refs: dict[str, Path], marker: Path) -> str:
         state["model"].pop(sorted(state["model"])[0])
         torch.save(state, path)
         return "does not fit this run's model: missing"
+    if kind == "NaN weight":  # a bit flip: the resume used it and advised a lower lr
+        name = sorted(state["model"])[1]
+        state["model"][name].view(-1)[0] = float("nan")
+        torch.save(state, path)
+        return f"is damaged: its weights hold non-finite values (1 NaN value(s) in {name})"
     if kind == "best.pt copied":
         shutil.copy(refs["backpack"] / ck.BEST_NAME, path)
         return "looks like a best.pt"
@@ -541,8 +546,8 @@ def _corrupt(kind: str, path: Path, refs: dict[str, Path], marker: Path) -> str:
 
 
 CORRUPTIONS = ["truncated", "empty", "random bytes", "other model type", "other vocabulary",
-               "missing optimizer", "missing a weight", "best.pt copied", "malicious (zip)",
-               "malicious (legacy pickle)"]
+               "missing optimizer", "missing a weight", "NaN weight", "best.pt copied",
+               "malicious (zip)", "malicious (legacy pickle)"]
 
 
 @pytest.mark.parametrize("kind", CORRUPTIONS)
@@ -562,6 +567,7 @@ def test_bad_checkpoint_falls_back_to_the_previous_one_or_exits_2(kind, referenc
     assert "Traceback" not in cap.err
     warning = [line for line in cap.err.splitlines() if line.startswith("warning: ")]
     assert warning and str(out / ck.CKPT_NAME) in warning[0] and words in cap.err, cap.err
+    assert "learning_rate" not in cap.err  # damaged, not a diverged run
     assert f"resumed at iteration {prev_iter} from ckpt.prev.pt" in cap.out
     assert ck.read_checkpoint(out / ck.CKPT_NAME)["iter_num"] == prev_iter + 1
 
@@ -576,6 +582,7 @@ def test_bad_checkpoint_falls_back_to_the_previous_one_or_exits_2(kind, referenc
     assert exc.value.code == 2
     err = _one_error(capsys.readouterr().err)
     assert str(out / ck.CKPT_NAME) in err and words in err, err
+    assert "learning_rate" not in err
     assert _tree_hash(out) == before
     assert not marker.exists()  # the malicious pickles never ran
 

@@ -9,7 +9,6 @@ the progress bar, training_log.json and run.json (:mod:`.records`).
 from __future__ import annotations
 
 import contextlib
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,6 +30,7 @@ from backpack_nb.spelling import setting
 
 from . import loggers
 from .batches import BatchSampler
+from .estimate import EvaluationAbandoned, estimate_loss
 from .meters import Progress, Throughput, flops_per_token, run_peak_flops
 from .records import (LOG_NAME, RUN_NAME, append_evaluation, device_name, earlier_throughput,
                       git_commit, new_training_log, now, versions)
@@ -38,8 +38,6 @@ from .runtime import Runtime, StopRequest, setup_runtime
 from .schedule import WarmupCosineSchedule
 
 EvalCallback = Callable[[dict], Any]
-# Offsets that give evaluation its own fixed generators, far from the training seed's.
-_EVAL_SEED_OFFSET = {"train": 1_000_003, "val": 2_000_003}
 
 
 class TrainingDiverged(UserError):
@@ -183,6 +181,8 @@ class Trainer:
         self.display = Progress(False, cfg.max_iters, 0, cfg.run_name)  # shown once run() starts
         self.logger: loggers.NoLogger = loggers.NoLogger()  # opened once run() starts
         self._compiled_for: set[str] = set()  # what torch.compile has compiled this session
+        self.stop = StopRequest()  # run() gets the installed one
+        self._evaluating = False
 
         # Non-finite losses since the last check, counted on the device (no sync per step).
         self._nonfinite = torch.zeros((), dtype=torch.int32, device=rt.device)
@@ -208,6 +208,7 @@ class Trainer:
     def run(self, stop: StopRequest) -> dict[str, Any]:
         """Train to ``max_iters`` (or until stopped) and return a summary."""
         cfg, prog = self.cfg, self.progress
+        self.stop, stop.plan = stop, self._stop_plan
         run_info = self._start()
         stopped: str | None = None
         try:
@@ -215,13 +216,17 @@ class Trainer:
                 it = prog["iter_num"]
                 lr = self.schedule.step_to(it, self.optimizer)
                 done = it >= cfg.max_iters
-                stopped = None if done else self._stop_reason(stop)  # `done` agrees on all ranks
+                stopped = None if done else self._stop_reason()  # `done` agrees on all ranks
                 evaluate = self._evaluation_due(it, done, stopped)
                 save = self._save_due(it, done, stopped)
                 if evaluate or save:
                     self._check_finite()
-                if evaluate and self.evaluate(lr) and it > 0:
-                    self.save(best=True)
+                try:
+                    if evaluate and self.evaluate(lr) and it > 0:
+                        self.save(best=True)
+                except EvaluationAbandoned as exc:  # a stop: the resume evaluates it again
+                    stopped = exc.reason
+                    save = self._save_due(it, done, stopped)
                 if save and it != self.last_saved:
                     self.save()
                 if done or stopped:
@@ -337,10 +342,8 @@ class Trainer:
                 "stopped_by": stopped, "ended_at": now(), "iterations": prog["iter_num"],
                 "tokens_seen": prog["tokens_seen"], "tokens_per_s": tok_s, "mfu": mfu})
             if stopped:
-                print(f"stopped at iteration {prog['iter_num']} ({stopped}); checkpoint in "
-                      f"{self.out_dir / ckpt_io.CKPT_NAME}; continue with "
-                      f"{setting('init_from', 'resume')}",
-                      flush=True)
+                print(f"stopped at iteration {prog['iter_num']} ({stopped}); "
+                      + ckpt_io.resume_hint(self.out_dir), flush=True)
         return result
 
     def train_step(self) -> torch.Tensor:
@@ -373,37 +376,18 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------------
 
-    @torch.no_grad()
-    def estimate_loss(self) -> dict[str, float]:
-        """Mean loss over ``eval_iters`` batches of each split. The same fixed batches at every
-        evaluation (a smoother curve), drawn from their own generators (evaluating never
-        changes the training run); under DDP the ranks share the batches out."""
-        cfg, rt = self.cfg, self.rt
-        self.eval_model.eval()
-        losses = {}
-        for split, tokens in self.splits.items():
-            fixed = BatchSampler(tokens, block_size=cfg.block_size, batch_size=cfg.batch_size,
-                                 seed=cfg.seed + _EVAL_SEED_OFFSET[split], device=rt.device,
-                                 name=split)
-            total = torch.zeros((), dtype=torch.float64, device=rt.device)
-            for k in range(cfg.eval_iters):
-                x, y = fixed.next_batch()
-                if k % rt.world_size == rt.rank:
-                    with rt.autocast():
-                        _, loss = self.eval_model(x, y)
-                    total += loss.double()
-            if rt.ddp:
-                dist.all_reduce(total)
-            losses[split] = total.item() / cfg.eval_iters
-        self.eval_model.train()
-        return losses
-
     def evaluate(self, lr: float) -> bool:
         """Evaluate at the current iteration: append to the log, write training_log.json and
         call the callback. Returns whether the val loss improved (the caller saves best.pt)."""
         it = self.progress["iter_num"]
-        with self._compiling("evaluation"):
-            losses = self.estimate_loss()
+        self._evaluating = True
+        try:
+            with self._compiling("evaluation"):
+                # a signal abandons it; stop_after does not (it stops between steps)
+                losses = estimate_loss(self.eval_model, self.splits, self.cfg, self.rt,
+                                       lambda: self.stop.reason(self.rt))
+        finally:
+            self._evaluating = False
         self.progress["last_eval_iter"] = it
         self.progress["elapsed_s"] = self._elapsed()
         improved = losses["val"] < self.progress["best_val_loss"]
@@ -468,6 +452,10 @@ class Trainer:
         ckpt_io.check_resumable(state, path, self.cfg.to_dict(), self.data_hash,
                                 self.model_config.vocab_size)
         ckpt_io.check_weights_fit(state["model"], self.raw_model, path)
+        # damaged, not diverged: falls back to ckpt.prev.pt (train would stop on a NaN loss)
+        ckpt_io.check_finite(ckpt_io.clean_state_dict(state["model"]), path)
+        ckpt_io.check_finite(ckpt_io.optimizer_tensors(state["optimizer"]), path,
+                             "optimizer moments")
         try:
             self.load_state_dict(state)
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
@@ -549,19 +537,25 @@ class Trainer:
                 f"{self.cfg.grad_clip:g}), or train in float32, then continue with "
                 f"{setting('init_from', 'resume')}")
 
-    def _stop_reason(self, stop: StopRequest) -> str | None:
+    def _stop_reason(self) -> str | None:
+        stop_after = self.cfg.stop_after
+        return self.stop.reason(self.rt, stop_after=stop_after is not None
+                                and self.progress["iter_num"] >= stop_after)
+
+    def _stop_plan(self) -> str:
+        """What a first SIGINT/SIGTERM does now, for the line the signal handler prints."""
+        again = "send it again to stop at once"
+        if not self._evaluating:
+            return f"finishing this step, saving, then stopping ({again}, without saving)"
         it = self.progress["iter_num"]
-        reason = None
-        if stop.signum is not None:
-            reason = signal.Signals(stop.signum).name
-        elif self.cfg.stop_after is not None and it >= self.cfg.stop_after:
-            reason = "stop_after"
-        if self.rt.ddp:  # all ranks must stop at the same step, or the others hang
-            flag = torch.tensor([1 if reason else 0], device=self.rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and not reason:
-                reason = "peer"  # another rank got the signal
-        return reason
+        if it == self.last_saved:
+            then = f"stopping ({ckpt_io.CKPT_NAME} already holds iteration {it})"
+        elif it == 0:
+            then = "stopping (no step trained yet: there is nothing to save)"
+        else:
+            then = "saving, then stopping"
+        return (f"abandoning the evaluation of iteration {it} (a resume runs it again), {then}"
+                f"; {again}")
 
     def _elapsed(self) -> float:
         return self._elapsed_base + time.perf_counter() - self._t_run

@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -91,11 +91,16 @@ class Aborted(KeyboardInterrupt):
 
 
 class StopRequest:
-    """SIGTERM/SIGINT ask the loop to stop after the current step; a second one aborts."""
+    """SIGTERM/SIGINT ask the loop to stop: after the current step, or at once during an
+    evaluation (:mod:`.estimate` abandons it); the loop then saves. A second signal aborts.
+    ``plan()`` says what the first signal will do now (the trainer sets it; the line the
+    handler prints must not promise a save that will not happen)."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self.plan: Callable[[], str] = lambda: ("finishing this step, saving, then stopping "
+                                                "(send it again to abort without saving)")
 
     def install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -108,10 +113,26 @@ class StopRequest:
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def reason(self, rt: Runtime, *, stop_after: bool = False) -> str | None:
+        """Why to stop now (the signal's name, ``stop_after``, or ``peer`` when another rank
+        got the signal), or None. Collective under DDP: all ranks must ask together, and all
+        stop at the same step, or the others would hang."""
+        reason = None
+        if self.signum is not None:
+            reason = signal.Signals(self.signum).name
+        elif stop_after:
+            reason = "stop_after"
+        if rt.ddp:
+            flag = torch.tensor([1 if reason else 0], device=rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() and not reason:
+                reason = "peer"
+        return reason
+
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
             self.restore()
             raise Aborted(signum)
         self.signum = signum
-        print(f"\nreceived {signal.Signals(signum).name}: finishing this step, saving, then "
-              "stopping (send it again to abort without saving)", file=sys.stderr, flush=True)
+        print(f"\nreceived {signal.Signals(signum).name}: {self.plan()}", file=sys.stderr,
+              flush=True)
