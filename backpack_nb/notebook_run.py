@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping
 from . import paths
 from .errors import UserError
 from .kernel import KERNEL_NAME, ensure_kernel
-from .runfiles import atomic_write, write_error
+from .runfiles import atomic_write, pid_alive, write_error
 from .spelling import RUNNER_ENV, runner_spelling
 
 # Short names accepted wherever a notebook is named.
@@ -309,23 +309,11 @@ def remove_dead_leftovers(folder: Path, stem: str) -> list[Path]:
     removed = []
     for path in folder.glob(".*"):
         m = pattern.match(path.name)
-        if m and path.is_file() and not _alive(int(m.group(1))):
+        if m and path.is_file() and not pid_alive(int(m.group(1))):
             with contextlib.suppress(FileNotFoundError):  # another run removed it first
                 path.unlink()
                 removed.append(path)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):  # gone, or never a process id
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def _publish(running: Path, target: Path, html: bool, exclude_input: bool) -> Path | None:
