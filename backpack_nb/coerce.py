@@ -6,15 +6,41 @@ what was expected and what came."""
 from __future__ import annotations
 
 import math
+import reprlib
 import typing
 from typing import Any
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
+# The most characters of a value an error message echoes: enough to recognise it, short
+# enough that a pasted essay or a million-item list still gives a one-line error.
+BRIEF_CHARS = 200
+# reprlib bounds the work as well as the text: it never builds the whole repr of a huge value.
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = BRIEF_CHARS
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 10
+_REPR.maxlevel = 3
+
+
+def brief(value: Any, limit: int = BRIEF_CHARS, *, quote: bool = True) -> str:
+    """``repr(value)`` (or, with ``quote=False``, the text itself) cut to about ``limit``
+    characters, saying how long a cut text was: what error messages echo of a value."""
+    if isinstance(value, str):
+        if len(value) <= limit:
+            return repr(value) if quote else value
+        head = value[:limit]
+        return f"{repr(head) if quote else head}... ({len(value):,} characters)"
+    try:
+        text = _REPR.repr(value)
+    except ValueError:  # an int past Python's str() digit limit
+        return f"<an integer of about {int(value.bit_length() * 0.30103)} digits>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
 
 def describe(value: Any) -> str:
-    return f"{value!r} ({type(value).__name__})"
+    """A value as a type error shows it: ``'lots' (str)``, cut short if long."""
+    return f"{brief(value)} ({type(value).__name__})"
 
 
 def coerce(value: Any, typ: Any) -> Any:
@@ -40,9 +66,13 @@ def coerce(value: Any, typ: Any) -> Any:
             raise ValueError(f"expected an integer, got {describe(value)}")
         if isinstance(value, int):
             return value
-        # 5e4 or "50_000" read as text/float still mean a whole number of iterations
         number = value
         if isinstance(value, str):
+            try:  # exactly, digit for digit: through a float, seed 2**53 + 1 would change
+                return int(value)
+            except ValueError:
+                pass
+            # 5e4 read as text (YAML 1.1 reads 5e4 so) still means a whole number
             try:
                 number = float(value.replace("_", ""))
             except ValueError:
@@ -53,14 +83,20 @@ def coerce(value: Any, typ: Any) -> Any:
     if typ is float:
         if isinstance(value, bool):
             raise ValueError(f"expected a number, got {describe(value)}")
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"expected a number, got {describe(value)}")
+        number: float | None = None
+        try:
+            if isinstance(value, (int, float, str)):
+                number = float(value)
+        except ValueError:  # not a number
+            pass
+        except OverflowError:  # an int beyond float's range
+            number = math.inf
+        if number is None:
+            raise ValueError(f"expected a number, got {describe(value)}")
+        if not math.isfinite(number):
+            # inf and nan pass checks such as "> 0" and surface later as a NaN loss
+            raise ValueError(f"expected a finite number, got {describe(value)}")
+        return number
     if typ is str:
         if isinstance(value, str):
             return value

@@ -17,24 +17,29 @@ import inspect
 import re
 import textwrap
 import typing
+import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
 
-import yaml
-
 from backpack_nb import dataset
 from backpack_nb.europarl import EUROPARL_LANGS, FORMS as DATA_FORMS, parse_langs
-from backpack_nb.coerce import coerce
+from backpack_nb.coerce import BRIEF_CHARS, brief, coerce
 from backpack_nb.devices import DTYPES, device_problem
-from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.errors import UserError, command
 from backpack_nb.hub.layout import PRETRAINED_ENCODING
 from backpack_nb.hub.load import is_pretrained
 from backpack_nb.models.config import MODEL_KEYS, MODEL_TYPES, ModelConfig, config_problems
-from backpack_nb.paths import params_dir, resolve_in_root
+# params_path, available_configs and read_params_file are imported from here by most callers
+from backpack_nb.paramfile import available_configs, params_path, read_params_file
 
 INIT_FROM = ("scratch", "resume")
+# torch.manual_seed takes at most an unsigned 64-bit integer; the training adds the rank and
+# fixed offsets for evaluation to the seed, so seeds stop at the signed limit (as sample.py's)
+MAX_SEED = 2**63 - 1
+MAX_INT = 2**63 - 1  # every count ends up in an int64 somewhere (torch, numpy, JSON readers)
+MAX_PROBLEMS_SHOWN = 20
 LOGGERS = ("none", "tensorboard", "wandb")  # backpack_nb.training.loggers
 
 
@@ -210,7 +215,7 @@ class TrainConfig:
         for key in unknown:
             hint = difflib.get_close_matches(str(key), known, n=1)
             problems.append(
-                f"unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                f"unknown key {brief(key)}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
             )
         kwargs: dict[str, Any] = {}
         mistyped: set[str] = set()
@@ -230,7 +235,12 @@ class TrainConfig:
                 problems.append(f"--{p}" if key in cli_keys else p)
         if problems:
             lines = [f"{source} has {len(problems)} problem{'s' if len(problems) > 1 else ''}:"]
-            lines += [f"  - {p}" for p in problems]
+            # each line cut short, and not thousands of them: values are echoed (some by
+            # other modules' checks), and a file or a pasted value can be of any size
+            lines += [f"  - {p if len(p) <= 2 * BRIEF_CHARS else p[:2 * BRIEF_CHARS] + '...'}"
+                      for p in problems[:MAX_PROBLEMS_SHOWN]]
+            if len(problems) > MAX_PROBLEMS_SHOWN:
+                lines.append(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
             if unknown:
                 lines.append("valid keys: " + ", ".join(known))
             raise UserError("\n".join(lines))
@@ -263,17 +273,33 @@ class TrainConfig:
         def choice(name: str, options: Sequence[str]) -> None:
             v = getattr(self, name)
             if v not in options:
-                p.append(f"{name}: {v!r} is not one of {', '.join(options)}")
+                p.append(f"{name}: {brief(v)} is not one of {', '.join(options)}")
 
         def at_least(name: str, lo: float) -> None:
             v = getattr(self, name)
             if v < lo:
                 p.append(f"{name}: must be >= {lo:g}, got {v}")
 
+        # A newline in out_dir makes a folder no one can type, and splits the one-value-a-line
+        # output of `python -m backpack_nb.params get` that shell scripts read: never meant.
+        texts = [n for n, t in _field_types().items() if t is str] + ["probe_words"]
+        garbled = {n for n in texts if _control_character(getattr(self, n))}
+        for name in sorted(garbled, key=texts.index):
+            p.append(f"{name}: {brief(getattr(self, name))} holds a control character "
+                     f"({_control_character(getattr(self, name))}), a quoting or copy-paste "
+                     "slip in a name or path: retype the value without it")
         choice("model_type", MODEL_TYPES)
-        if self.init_from not in INIT_FROM and not is_pretrained(self.init_from):
-            p.append(f"init_from: {self.init_from!r} is not one of {', '.join(INIT_FROM)}, "
-                     "hf:<repo id> or a folder holding a Hugging Face model's config.json")
+        if "init_from" not in garbled and self.init_from not in INIT_FROM:
+            try:
+                pretrained = is_pretrained(self.init_from)
+            except OSError as exc:  # a name too long for the file system
+                pretrained, why = False, f" ({exc.strerror})"
+            else:
+                why = ""
+            if not pretrained:
+                p.append(f"init_from: {brief(self.init_from)} is not one of "
+                         f"{', '.join(INIT_FROM)}, hf:<repo id> or a folder holding a Hugging "
+                         f"Face model's config.json{why}")
         choice("data_form", DATA_FORMS)
         choice("dtype", DTYPES)
         choice("logger", LOGGERS)
@@ -286,9 +312,24 @@ class TrainConfig:
         for name in ("batch_size", "gradient_accumulation_steps", "eval_interval", "eval_iters",
                      "checkpoint_interval", "log_interval", "sense_top_k"):
             at_least(name, 1)
-        for name in ("max_iters", "warmup_iters", "lr_decay_iters", "probe_words_per_language",
-                     "weight_decay", "grad_clip", "min_lr", "seed"):
+        for name in ("warmup_iters", "lr_decay_iters", "probe_words_per_language",
+                     "weight_decay", "grad_clip", "min_lr"):
             at_least(name, 0)
+        if self.max_iters < 1:
+            p.append(f"max_iters: must be >= 1, got {self.max_iters} (a run of no iteration "
+                     "trains nothing and leaves a run folder without a checkpoint; to score a "
+                     "model, use evaluate.py)")
+        if self.warmup_iters > self.lr_decay_iters >= 0:
+            p.append(f"warmup_iters: {self.warmup_iters} is past lr_decay_iters = "
+                     f"{self.lr_decay_iters}: the learning rate would climb to learning_rate "
+                     "and then drop at once to min_lr; set warmup_iters <= lr_decay_iters")
+        if not 0 <= self.seed <= MAX_SEED:
+            p.append(f"seed: must be in 0..{MAX_SEED}, got {brief(self.seed)}")
+        for name, typ in _field_types().items():
+            value = getattr(self, name)
+            if name != "seed" and int in (typ, *typing.get_args(typ)) \
+                    and isinstance(value, int) and value > MAX_INT:
+                p.append(f"{name}: must be <= {MAX_INT}, got {brief(value)}")
         if not self.learning_rate > 0:
             p.append(f"learning_rate: must be > 0, got {self.learning_rate}")
         elif self.min_lr > self.learning_rate:
@@ -304,56 +345,20 @@ class TrainConfig:
         if not langs:
             p.append("languages: empty; give comma-separated codes such as en,fr")
         elif bad:
-            p.append(f"languages: {', '.join(bad)} not in Europarl "
+            p.append(f"languages: {brief(', '.join(bad), quote=False)} not in Europarl "
                      f"({', '.join(EUROPARL_LANGS)})")
         for name in ("run_name", "out_dir", "data_dir", "encoding"):
             if not getattr(self, name).strip():
                 p.append(f"{name}: must not be empty")
         if any(c in self.run_name for c in "/\\") or self.run_name in (".", ".."):
-            p.append(f"run_name: {self.run_name!r} names the reports' folder (outputs/"
+            p.append(f"run_name: {brief(self.run_name)} names the reports' folder (outputs/"
                      "<run_name>): no '/' and not '..'")
         if self.stop_after is not None and self.stop_after < 0:
             p.append(f"stop_after: must be >= 0 or null, got {self.stop_after}")
         return p
 
 
-# --- YAML files ----------------------------------------------------------------------------
-
-
-def params_path(name_or_path: str) -> Path:
-    """``train_europarl_scratch`` -> params/train_europarl_scratch.yaml; anything that looks
-    like a path (has a slash or ends in .yaml/.yml) is taken as one, from the project root."""
-    s = str(name_or_path)
-    if "/" in s or s.endswith((".yaml", ".yml")):
-        return resolve_in_root(s)
-    return params_dir() / f"{s}.yaml"
-
-
-def available_configs() -> list[str]:
-    d = params_dir()
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
-
-
-def read_params_file(name_or_path: str) -> dict[str, Any]:
-    """The flat dict in a params YAML file (what papermill -f injects), unvalidated."""
-    path = params_path(name_or_path)
-    if not path.is_file():
-        names = available_configs()
-        hint = difflib.get_close_matches(str(name_or_path), names, n=1)
-        raise UserError(
-            f"config {name_or_path!r} not found (looked for {path}). "
-            + (f"Did you mean {hint[0]!r}? " if hint else "")
-            + f"Available: {', '.join(names) or 'none'}."
-        )
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path} is not valid YAML: {exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"{path} must be a mapping of key: value lines, got {type(data).__name__}")
-    return data
+# --- params files (read by backpack_nb.paramfile) ------------------------------------------
 
 
 def load_params(
@@ -467,6 +472,16 @@ def prepare_args(cfg: TrainConfig) -> str:
 # --- typing helpers ------------------------------------------------------------------------
 
 
+def _control_character(value: str | list[str]) -> str:
+    """Where ``value`` (a text, or a list of words) has a control character (a newline, a
+    tab, NUL, a Unicode line separator), said for a message; empty when it has none."""
+    for text in [value] if isinstance(value, str) else value:
+        for i, c in enumerate(text):
+            if unicodedata.category(c) in ("Cc", "Zl", "Zp"):
+                return f"{c!r} at character {i + 1}"
+    return ""
+
+
 @lru_cache(maxsize=None)
 def _field_types() -> dict[str, Any]:
     # `from __future__ import annotations` makes annotations strings; resolve them once.
@@ -514,6 +529,7 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+@command
 def main(argv: Sequence[str] | None = None) -> int:
     """``get CONFIG KEY [KEY ...] [--only-set]``: each key's validated value (defaults
     included, unless ``--only-set``), one per line, for shell scripts such as gcp_setup.sh."""
@@ -525,18 +541,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     get.add_argument("keys", nargs="+", metavar="KEY")
     get.add_argument("--only-set", action="store_true",
                      help="an empty line for a key the file does not set (instead of its default)")
-    try:
-        args = parser.parse_args(argv)
-        cfg = load_params(args.config)
-        unknown = [k for k in args.keys if k not in TrainConfig.keys()]
-        if unknown:
-            hints = [h for k in unknown for h in difflib.get_close_matches(k, TrainConfig.keys(), n=1)]
-            raise UserError(f"unknown key(s) {', '.join(unknown)}"
-                            + (f" (did you mean {', '.join(hints)}?)" if hints else "")
-                            + f"; keys: {', '.join(TrainConfig.keys())}")
-    except UserError as exc:
-        exit_on_user_error(exc)
+    args = parser.parse_args(argv)
     in_file = read_params_file(args.config)
+    cfg = load_params(args.config)
+    unknown = [k for k in args.keys if k not in TrainConfig.keys()]
+    if unknown:
+        hints = [h for k in unknown for h in difflib.get_close_matches(k, TrainConfig.keys(), n=1)]
+        raise UserError(f"unknown key(s) {', '.join(brief(k, quote=False) for k in unknown)}"
+                        + (f" (did you mean {', '.join(hints)}?)" if hints else "")
+                        + f"; keys: {', '.join(TrainConfig.keys())}")
     for key in args.keys:
         print("" if args.only_set and key not in in_file else format_value(getattr(cfg, key)))
     return 0

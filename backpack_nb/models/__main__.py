@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.errors import command
 from backpack_nb.models import ConfigError, ModelConfig, build_model
 from backpack_nb.params import read_params_file
 
@@ -56,6 +56,7 @@ def parameter_table(params: dict[str, Any], vocab_size: int) -> str:
     return "\n".join(lines)
 
 
+@command
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m backpack_nb.models", description=__doc__.split("\n")[0]
@@ -63,18 +64,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="name under params/ or a path to a .yaml")
     parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size V")
     args = parser.parse_args(argv)
-    try:
-        params = load_params(args.config)
-        config = ModelConfig.from_params(params, args.vocab_size)
-        print(
-            f"{args.config}: V={config.vocab_size:,} d={config.n_embd} layers={config.n_layer} "
-            f"heads={config.n_head} senses={config.n_senses} block={config.block_size} "
-            f"bias={config.bias} (model_type {params.get('model_type', '?')}; tied head, "
-            "counted once)"
-        )
-        print(parameter_table(params, args.vocab_size))
-    except UserError as exc:
-        exit_on_user_error(exc)
+    params = load_params(args.config)
+    config = ModelConfig.from_params(params, args.vocab_size)
+    print(
+        f"{args.config}: V={config.vocab_size:,} d={config.n_embd} layers={config.n_layer} "
+        f"heads={config.n_head} senses={config.n_senses} block={config.block_size} "
+        f"bias={config.bias} (model_type {params.get('model_type', '?')}; tied head, "
+        "counted once)"
+    )
+    print(parameter_table(params, args.vocab_size))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from backpack_nb.coerce import brief
 from backpack_nb.errors import UserError
 
 MODEL_TYPES = ("backpack", "transformer")
@@ -104,7 +105,7 @@ class ModelConfig:
         """Inverse of :meth:`to_dict`; unknown keys are a problem (a checkpoint from another
         version of the code should fail loudly, not load half its shape)."""
         fields = {f.name for f in dataclasses.fields(cls)}
-        problems = [f"unknown key {k!r}" for k in values if k not in fields]
+        problems = [f"unknown key {brief(k)}" for k in values if k not in fields]
         problems += config_problems({**_defaults(), **values})
         if problems:
             raise ConfigError(problems)
@@ -156,7 +157,7 @@ def config_problems(values: Mapping[str, Any], model_type: str | None = None) ->
     ]:
         value = values.get(name)
         if not is_int(value):
-            problems.append(f"{name} must be an integer (got {value!r})")
+            problems.append(f"{name} must be an integer (got {brief(value)})")
         elif value < minimum:
             problems.append(f"{name} must be >= {minimum} (got {value})")
         else:
@@ -164,24 +165,24 @@ def config_problems(values: Mapping[str, Any], model_type: str | None = None) ->
 
     dropout = values.get("dropout")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
-        problems.append(f"dropout must be a number (got {dropout!r})")
+        problems.append(f"dropout must be a number (got {brief(dropout)})")
     elif not 0.0 <= dropout < 1.0:
         problems.append(f"dropout must be in [0, 1) (got {dropout})")
 
     for name in ("bias", "scale_attn_by_inverse_layer_idx"):
         if not isinstance(values.get(name), bool):
-            problems.append(f"{name} must be true or false (got {values.get(name)!r})")
+            problems.append(f"{name} must be true or false (got {brief(values.get(name))})")
 
     source = values.get("sense_source")
     if source not in SENSE_SOURCES:
-        problems.append(f"sense_source must be one of {', '.join(SENSE_SOURCES)} (got {source!r})")
+        problems.append(f"sense_source must be one of {', '.join(SENSE_SOURCES)} (got {brief(source)})")
 
     n_embd = ints_ok.get("n_embd")
     if n_embd is not None and "n_head" in ints_ok and n_embd % ints_ok["n_head"]:
         problems.append(f"n_embd ({n_embd}) must be divisible by n_head ({ints_ok['n_head']})")
 
     if model_type is not None and model_type not in MODEL_TYPES:
-        problems.append(f"model_type must be one of {', '.join(MODEL_TYPES)} (got {model_type!r})")
+        problems.append(f"model_type must be one of {', '.join(MODEL_TYPES)} (got {brief(model_type)})")
     if model_type == "backpack" and n_embd is not None and "n_senses" in ints_ok:
         if n_embd % ints_ok["n_senses"]:
             problems.append(
