@@ -1,5 +1,5 @@
-"""Backpack vs Transformer: which runs to pair, the paired bits-per-byte difference, and what
-the numbers show, in words.
+"""Backpack vs Transformer: which runs to pair, the paired bits-per-byte difference (and its
+figure), and what the numbers show, in words.
 
 The 05_compare notebook calls these on the rows of :func:`backpack_nb.results.summary_rows`.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -17,6 +17,11 @@ from .checkpoint import load_model
 from .errors import UserError
 from .evaluation import WindowScores, score_tokens, token_byte_lengths
 from .results import run_folder
+
+if TYPE_CHECKING:  # annotations only: matplotlib loads when a figure is drawn
+    from matplotlib.figure import Figure
+
+_PAIR_MARKERS = ("o", "s", "D", "^", "v", "P")  # one per pair (seed) in the paired-difference figure
 
 
 def seed_pairs(rows: Sequence[Mapping]) -> list[tuple[str, str]]:
@@ -61,6 +66,71 @@ def paired_bpb_difference(runs: Mapping[str, str | Path], a: str, b: str, *, spl
                      "bpb_a": stats.ratio(wa.nats, wa.bytes, unit=math.log(2)),
                      "bpb_b": stats.ratio(wb.nats, wb.bytes, unit=math.log(2))}
     return out
+
+
+def paired_difference_figure(paired: Mapping[str, Mapping], title: str | None = None) -> Figure:
+    """Backpack minus Transformer bits per byte per language, each with its paired 95%
+    bootstrap interval: the differences of a few hundredths of a bit that bars from 0 hide.
+    ``paired``: ``{split: {pair: {lang: entry}}}`` (entries of
+    :func:`backpack_nb.comparison.paired_bpb_difference`; one panel per split, a marker per
+    pair) or ``{pair: {lang: entry}}`` for one split. Left of 0, tinted Backpack blue, the
+    Backpack is lower (better); right of it, tinted Transformer orange, the Transformer."""
+    # matplotlib only when a figure is drawn (as in backpack_nb.senses): the numbers need none
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D  # matplotlib, as above
+    from matplotlib.patches import Patch  # matplotlib, as above
+
+    from .plots import MIN_FONT_PT, MODEL_COLORS, PAGE_WIDTH_IN, TITLE_PT, figure_legend, text_size, wrap  # matplotlib too
+
+    if paired and all("difference" in e for by_lang in paired.values() for e in by_lang.values()):
+        paired = {"": paired}  # one split, not named
+    splits = [s for s in paired if paired[s]]
+    pairs = list(dict.fromkeys(p for s in splits for p in paired[s]))
+    langs = sorted({l for s in splits for p in paired[s].values() for l in p}, key=lambda l: (l == "all", l))
+    if not pairs or not langs:
+        raise ValueError("no paired differences to draw")
+    row_in = 0.28 * len(pairs) + 0.12  # each language: one line per pair
+    width = min(PAGE_WIDTH_IN, 1.0 + 4.6 * len(splits))
+    fig, axes = plt.subplots(1, len(splits), figsize=(width, 1.6 + row_in * len(langs)), sharex=True,
+                             sharey=True, layout="constrained", squeeze=False)
+    ends = [x for s in splits for p in paired[s].values() for e in p.values() for x in e["ci95"]]
+    lo, hi = min(min(ends), 0.0), max(max(ends), 0.0)
+    pad = 0.08 * (hi - lo or 1.0)
+    # room right of the widest interval for its value ("+0.067")
+    room = (hi - lo + 2 * pad) * (text_size("+0.000")[0] + 0.1) / max(width / len(splits) - 1.0, 1.0)
+    xlim = (lo - pad, hi + pad + room)
+    step = 0.7 / max(len(pairs), 1)
+    for ax, split in zip(axes[0], splits):
+        ax.axvspan(xlim[0], 0, color=MODEL_COLORS["backpack"], alpha=0.10, lw=0)
+        ax.axvspan(0, xlim[1], color=MODEL_COLORS["transformer"], alpha=0.10, lw=0)
+        ax.axvline(0, color="k", lw=0.8)
+        for pi, pair in enumerate(pairs):
+            for li, lang in enumerate(langs):
+                e = paired[split].get(pair, {}).get(lang)
+                if e is None:
+                    continue
+                y = li + (pi - (len(pairs) - 1) / 2) * step
+                d, (a, b) = e["difference"], e["ci95"]
+                ax.errorbar(d, y, xerr=[[d - a], [b - d]], fmt=_PAIR_MARKERS[pi % len(_PAIR_MARKERS)],
+                            color="0.15", ms=5, capsize=3, lw=1.2)
+                ax.annotate(f"{d:+.3f}", (b, y), xytext=(5, 0), textcoords="offset points", va="center",
+                            fontsize=MIN_FONT_PT)
+        ax.set_xlim(*xlim)
+        ax.set_ylim(len(langs) - 0.5, -0.5)  # the first language on top
+        ax.set_yticks(range(len(langs)), langs)
+        ax.set_xlabel("Backpack minus Transformer (bits per byte)", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        if split:
+            ax.set_title(split, fontsize=10)
+    handles = [Line2D([], [], color="0.15", marker=_PAIR_MARKERS[i % len(_PAIR_MARKERS)], ls="", ms=5)
+               for i in range(len(pairs))]
+    handles += [Patch(color=MODEL_COLORS["backpack"], alpha=0.25), Patch(color=MODEL_COLORS["transformer"], alpha=0.25)]
+    labels = [p or "Backpack - Transformer" for p in pairs] + ["< 0: the Backpack is lower", "> 0: the Transformer is lower"]
+    figure_legend(fig, handles, labels)
+    fig.suptitle(wrap(title or "paired difference per language, Backpack minus Transformer, with the paired "
+                      "95% bootstrap interval (same held-out windows for both)", width - 0.3, TITLE_PT),
+                 fontsize=TITLE_PT)
+    return fig
 
 
 def findings(rows: Sequence[Mapping], paired: Mapping[str, Mapping] | None = None,

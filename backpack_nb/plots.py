@@ -23,9 +23,13 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.colorbar import Colorbar
+from matplotlib.colors import LogNorm
 from matplotlib.backends.backend_agg import RendererAgg
 from matplotlib.figure import Figure
 from matplotlib.font_manager import FontProperties
+from matplotlib.legend_handler import HandlerTuple
+from matplotlib.lines import Line2D
 
 DPI = 100  # pixels per inch of the inline backend (matplotlib's figure.dpi), so of a report
 PAGE_WIDTH_IN = 11.8  # the widest figure a report shows unscaled: 1,200 px with savefig's padding
@@ -147,18 +151,24 @@ def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "l
     for i, (name, log) in enumerate(logs.items()):
         ax = flat[i if side_by_side else 0]
         color = colors[i]
+        others: dict[str, Line2D] = {}  # colour -> the legend's sample of the other runs in that colour
         if side_by_side:
-            others = [(j, olog) for j, (other, olog) in enumerate(logs.items())
-                      if other != name and olog.get("val_loss")]
-            for n_other, (j, olog) in enumerate(others):
-                oxs = olog.get(x) or olog["iterations"]
-                ax.plot(oxs[: len(olog["val_loss"])], olog["val_loss"], "-", color=colors[j], alpha=0.25, lw=1,
-                        label="the other runs' val" if n_other == 0 else None)
+            for j, (other, olog) in enumerate(logs.items()):
+                if other != name and olog.get("val_loss"):
+                    oxs = olog.get(x) or olog["iterations"]
+                    ax.plot(oxs[: len(olog["val_loss"])], olog["val_loss"], "-", color=colors[j], alpha=0.3, lw=1)
+                    # the legend's sample a little stronger than the faint line, to tell its colours apart
+                    others.setdefault(colors[j], Line2D([], [], color=colors[j], alpha=0.55, lw=1.5))
         xs = log.get(x) or log["iterations"]
         if log.get("train_loss"):
             ax.plot(xs[: len(log["train_loss"])], log["train_loss"], "--", color=color, alpha=0.7, label=f"{name} train")
         if log.get("val_loss"):
             ax.plot(xs[: len(log["val_loss"])], log["val_loss"], "-", color=color, marker="o", ms=3, label=f"{name} val")
+        handles, labels = ax.get_legend_handles_labels()
+        if others:  # one entry that shows every colour the other runs are drawn in
+            handles, labels = [tuple(others.values()), *handles], ["the other runs' val", *labels]
+        ax.legend(handles, labels, fontsize=MIN_FONT_PT, handlelength=2.0 + 1.2 * max(len(others) - 1, 0),
+                  handler_map={tuple: HandlerTuple(ndivide=None, pad=0.2)})
         if side_by_side:
             ax.set_title(name, fontsize=10)
     for ax in flat[n:]:
@@ -166,7 +176,6 @@ def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "l
     for ax in flat[:n]:
         ax.set_xlabel("tokens seen" if x == "tokens_seen" else "iteration")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=MIN_FONT_PT)
     for row in axes:
         row[0].set_ylabel("cross-entropy (nats/token)")
     if side_by_side:
@@ -177,29 +186,47 @@ def loss_curves(runs: Mapping[str, Mapping | str | os.PathLike], title: str = "l
 
 
 _HATCHES = ("", "//", "..", "xx", "\\\\", "++")
+# Every figure of a report: the Backpack blue, the Transformer orange, whatever their order.
+MODEL_COLORS = {"backpack": "C0", "transformer": "C1"}
+
+
+def model_kind(label: str, kind: str | None = None) -> str:
+    """The model type a run stands for: ``kind`` when known, else the model named in its
+    label ("backpack s1337", "tiny_transformer"), else the label's first word."""
+    if kind:
+        return kind
+    low = str(label).lower()
+    return next((m for m in MODEL_COLORS if m in low), str(label).split()[0] if str(label).split() else "")
 
 
 def _run_styles(names: Sequence[str], kinds: Sequence[str | None]) -> list[tuple[str, str]]:
-    """(colour, hatch) per run: one colour per model type (the label's first word when the
-    type is unknown), so that several seeds of a model share a colour; a hatch per seed."""
-    groups: dict[str, int] = {}
+    """(colour, hatch) per run: the model type's colour (:data:`MODEL_COLORS`; other types
+    the next colours of the cycle, in order of appearance), so that several seeds of a model
+    share a colour; a hatch per seed (the n-th run of a type gets the n-th hatch)."""
+    extra: dict[str, str] = {}
     seen: dict[str, int] = {}
     styles = []
     for name, kind in zip(names, kinds):
-        key = kind or str(name).split()[0]
-        groups.setdefault(key, len(groups))
+        key = model_kind(name, kind)
+        if key not in MODEL_COLORS and key not in extra:
+            extra[key] = f"C{len(MODEL_COLORS) + len(extra)}"
         n = seen[key] = seen.get(key, -1) + 1
-        styles.append((f"C{groups[key]}", _HATCHES[n % len(_HATCHES)]))
+        styles.append((MODEL_COLORS.get(key) or extra[key], _HATCHES[n % len(_HATCHES)]))
     return styles
 
 
-def legend_below(fig: Figure, ax: Axes, n_entries: int) -> None:
-    """The axes' legend under the plot, outside it (never on the bars), as many entries to
-    a row as the figure's width holds."""
-    handles, labels = ax.get_legend_handles_labels()
+def figure_legend(fig: Figure, handles: Sequence, labels: Sequence[str]) -> None:
+    """A legend under the figure's panels, outside them (never on the bars), as many entries
+    to a row as the figure's width holds."""
     widest = _widest(labels) + 0.45  # the swatch and the gap after it
-    ncols = max(1, min(n_entries, int((fig.get_figwidth() - 0.4) // widest)))
+    ncols = max(1, min(len(labels), int((fig.get_figwidth() - 0.4) // widest)))
     fig.legend(handles, labels, loc="outside lower center", ncols=ncols, fontsize=MIN_FONT_PT, frameon=False)
+
+
+def legend_below(fig: Figure, ax: Axes, n_entries: int | None = None) -> None:
+    """The legend of ``ax`` under the plot (:func:`figure_legend`); ``n_entries`` is not
+    needed any more (the legend counts its entries) and kept for existing callers."""
+    figure_legend(fig, *ax.get_legend_handles_labels())
 
 
 def bpb_bars(evals: Mapping[str, Mapping], split: str = "val", title: str | None = None) -> Figure:
@@ -243,6 +270,64 @@ def bpb_bars(evals: Mapping[str, Mapping], split: str = "val", title: str | None
     return fig
 
 
+def multisimlex_bars(table, methods: Sequence[str] | None = None, title: str | None = None) -> Figure:
+    """Multi-SimLex scores of several runs, one panel per language / pair / retrieval
+    direction, each on the axis of its own metric (Spearman rho, or P@1 for a retrieval
+    column): a group of bars per method, a bar per run in the report's colours (the Backpack
+    blue, the Transformer orange, a hatch per seed) with its bootstrap 95% interval.
+    ``table``: :func:`backpack_nb.lexsim.side_by_side` of the runs' results."""
+    cols = list(table.columns)
+    runs = list(dict.fromkeys(r["model"] for r in table))
+    present = list(dict.fromkeys(r["method"] for r in table))
+    methods = [m for m in (methods or present) if m in present]
+    if not cols or not runs or not methods:
+        raise ValueError("no Multi-SimLex scores to draw")
+    styles = dict(zip(runs, _run_styles(runs, [None] * len(runs))))
+    cells = {(r["model"], r["method"]): r for r in table}
+    ncols = 1 if len(cols) == 1 else 2 if len(cols) <= 4 else 3
+    nrows = -(-len(cols) // ncols)
+    width = min(PAGE_WIDTH_IN, 1.2 + 5.2 * ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, 2.9 * nrows + 1.0), layout="constrained", squeeze=False)
+    flat = list(axes.flat)
+    bar = 0.8 / len(runs)
+    limits: dict[str, list[float]] = {}  # metric -> every drawn end, so one metric shares one scale
+    metric_of: list[str] = []
+    for ax, col in zip(flat, cols):
+        metric = "P@1" if col.endswith("P@1") else "Spearman rho"
+        for ri, run in enumerate(runs):
+            color, hatch = styles[run]
+            for mi, method in enumerate(methods):
+                c = cells.get((run, method), {}).get(col)
+                if not c or c.get("value") is None or not np.isfinite(c["value"]):
+                    continue
+                v, (a, b) = c["value"], c["ci95"]
+                err = [[max(v - a, 0)], [max(b - v, 0)]] if np.isfinite(a) and np.isfinite(b) else None
+                ax.bar(mi + (ri - (len(runs) - 1) / 2) * bar, v, bar, yerr=err, capsize=2, color=color, hatch=hatch,
+                       edgecolor="white" if hatch else None, linewidth=0, ecolor="0.15", label=run)
+                limits.setdefault(metric, []).extend(x for x in (v, a, b) if np.isfinite(x))
+        ax.axhline(0, color="k", lw=0.6)
+        ax.set_xticks(range(len(methods)), methods, fontsize=MIN_FONT_PT + 1)
+        ax.set_ylabel(metric, fontsize=9)
+        ax.set_title(col, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        metric_of.append(metric)
+    for ax in flat[len(cols):]:
+        ax.axis("off")
+    for ax, metric in zip(flat, metric_of):
+        ends = limits.get(metric, [0.0])
+        lo, hi = min(min(ends), 0.0), max(max(ends), 0.0)
+        pad = 0.06 * (hi - lo or 1.0)
+        ax.set_ylim(lo - pad, hi + pad)
+    handles = {}
+    for ax in flat:
+        for h, l in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(l, h)
+    figure_legend(fig, list(handles.values()), list(handles))
+    fig.suptitle(wrap(title or "Multi-SimLex: Spearman rho of the models' similarities with human ratings "
+                      "(P@1 for retrieval), 95% bootstrap interval", width - 0.3, TITLE_PT), fontsize=TITLE_PT)
+    return fig
+
+
 # ---- heatmaps ------------------------------------------------------------------------------
 
 
@@ -252,12 +337,13 @@ def _place(fig: Figure, left: float, bottom: float, width: float, height: float)
     return fig.add_axes((left / W, bottom / H, width / W, height / H))
 
 
-def _colorbar(fig: Figure, im, left: float, bottom: float, height: float, label: str = "") -> None:
+def _colorbar(fig: Figure, im, left: float, bottom: float, height: float, label: str = "") -> Colorbar:
     cax = _place(fig, left + 0.12, bottom, 0.15, height)
     cb = fig.colorbar(im, cax=cax)
     cb.ax.tick_params(labelsize=MIN_FONT_PT)
     if label:
         cb.set_label(label, fontsize=MIN_FONT_PT)
+    return cb
 
 
 def _cbar_width(vmin: float | None, vmax: float | None, label: str = "") -> float:
@@ -337,6 +423,21 @@ def heatmap(
     return fig
 
 
+ALPHA_CMAP = "viridis"  # dark to light: a weight near 0 is dark, never the white of a masked cell
+
+
+def alpha_norm(alpha: np.ndarray, T: int) -> LogNorm:
+    """The colour scale of contextualization weights: logarithmic, from well below a uniform
+    weight over the ``T`` tokens (1/T; 0.01 at most, on a 1-2-5 step) to the largest weight
+    drawn. Weights spread over a sentence are mostly 0.05-0.2: on a linear scale up to the
+    1.0 of the first token they would all sit in the darkest tenth."""
+    top = float(np.nanmax(alpha, initial=0.0)) or 1.0
+    floor = min(0.01, 0.25 / max(T, 1))
+    steps = [m * 10.0 ** e for e in range(-6, 0) for m in (1, 2, 5)]
+    vmin = max([s for s in steps if s <= floor], default=steps[0])
+    return LogNorm(vmin=min(vmin, top / 10), vmax=top, clip=True)
+
+
 def alpha_heatmaps(alpha: np.ndarray, tokens: Sequence[str], senses: Sequence[int] | None = None, title: str = "",
                    max_width: float = PAGE_WIDTH_IN) -> Figure:
     """Contextualization weights alpha (k, T, T) of one sentence, one panel per sense:
@@ -358,9 +459,10 @@ def alpha_heatmaps(alpha: np.ndarray, tokens: Sequence[str], senses: Sequence[in
     tokens, alpha = tokens[first:], alpha[:, first:, first:]
     label_w = _widest(tokens) + _TICK_PAD_IN
     room = max_width - 2 * _MARGIN_IN - label_w - cbar_w
-    # One colour scale for every panel, up to the largest weight drawn: over a long context
-    # the weights are small, and a scale up to 1 would show them all black.
-    vmax = float(np.nanmax(alpha[senses], initial=0)) or 1.0
+    norm = alpha_norm(alpha[senses], T)
+    # The causal mask: position i never weighs a later token. Those cells are left out of the
+    # image (transparent) over a hatched background, so that they cannot pass for a weight near 0.
+    masked = np.triu(np.ones((shown, shown), dtype=bool), k=1)
     n = max(len(senses), 1)
     cell = float(np.clip((room / min(n, 4) - gap) / shown, TOKEN_CELL_IN, 0.3))
     panel = shown * cell
@@ -369,7 +471,9 @@ def alpha_heatmaps(alpha: np.ndarray, tokens: Sequence[str], senses: Sequence[in
     head = text_size("lp", 9)[1] + 0.08  # "sense l" over each panel
     block = head + panel + _TICK_PAD_IN + label_w + 0.15  # one row of panels with its labels
     W = 2 * _MARGIN_IN + label_w + ncols * panel + (ncols - 1) * gap + cbar_w
-    wrapped = "\n".join(wrap(t, W - 2 * _MARGIN_IN) for t in (title, note) if t)
+    key = ("hatched: masked (a position weighs only the tokens up to itself); colour: the weight on a log "
+           f"scale, below {norm.vmin:g} drawn as {norm.vmin:g}")
+    wrapped = "\n".join(wrap(t, W - 2 * _MARGIN_IN) for t in (title, note, key) if t)
     top = _title_height(wrapped)
     H = _MARGIN_IN + top + nrows * block
     fig = plt.figure(figsize=(W, H), layout="none")
@@ -379,13 +483,18 @@ def alpha_heatmaps(alpha: np.ndarray, tokens: Sequence[str], senses: Sequence[in
         x0 = _MARGIN_IN + label_w + c * (panel + gap)
         y0 = H - _MARGIN_IN - top - r * block - head - panel
         ax = _place(fig, x0, y0, panel, panel)
-        im = ax.imshow(alpha[l], cmap="magma", vmin=0, vmax=vmax, aspect="auto")
+        ax.patch.set(facecolor="white", hatch="////", edgecolor="0.72", linewidth=0)
+        im = ax.imshow(np.ma.masked_array(alpha[l], masked), cmap=ALPHA_CMAP, norm=norm, aspect="auto",
+                       interpolation="nearest")
         ax.set_title(f"sense {l}", fontsize=9, pad=3)
         ax.set_xticks(range(shown), tokens, rotation=90, fontsize=MIN_FONT_PT)
         ax.set_yticks(range(shown), tokens if c == 0 else [""] * shown, fontsize=MIN_FONT_PT)
         axes.append(ax)
         if i == 0:
-            _colorbar(fig, im, _MARGIN_IN + label_w + ncols * panel + (ncols - 1) * gap, y0, panel, "alpha")
+            cb = _colorbar(fig, im, _MARGIN_IN + label_w + ncols * panel + (ncols - 1) * gap, y0, panel,
+                           "alpha (log scale)")
+            ticks = [t for t in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0) if norm.vmin <= t <= norm.vmax]
+            cb.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
     if wrapped:
         fig.text(0.5, 1 - _MARGIN_IN / H, wrapped, ha="center", va="top", fontsize=TITLE_PT)
     thin_ticks(fig, axes)

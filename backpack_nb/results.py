@@ -280,34 +280,67 @@ def _fmt_params(n: int | None) -> str:
     return "-" if n is None else f"{n / 1e6:.2f}M"
 
 
+# One line per row at a report's width (about 1,230 px in a 1,280-px window): Jupyter's tables
+# are laid out at a fixed width and wrap their cells, so every cell says how it is laid out.
+_LEFT = "text-align:left;white-space:nowrap;padding:3px 8px"
+_RIGHT = "text-align:right;white-space:nowrap;padding:3px 8px"
+_TABLE = "border-collapse:collapse;table-layout:auto;width:auto"
+
+
+def _html_table(css_class: str, head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Header rows (their HTML) and body rows of cells (HTML; the first cell left-aligned,
+    the others right-aligned), each kept on one line."""
+    body = "".join("<tr>" + "".join(f"<td style='{_LEFT if i == 0 else _RIGHT}'>{c}</td>" for i, c in enumerate(r))
+                   + "</tr>" for r in rows)
+    return f"<table class='{css_class}' style='{_TABLE}'><thead>{''.join(head)}</thead><tbody>{body}</tbody></table>"
+
+
+def _th(text: str, left: bool = False, span: str = "") -> str:
+    return f"<th{span} style='{_LEFT if left else _RIGHT}'>{text}</th>"
+
+
 def summary_html(rows: Sequence[Mapping]) -> str:
-    """The summary rows as an HTML table (numbers with their 95% bootstrap intervals)."""
+    """The summary rows as two HTML tables, one line per run in each: the runs (parameters
+    in total and by part, iterations, tokens, time, speed, best val loss), then bits per byte
+    per split and language with the 95% bootstrap intervals."""
+    parts = list(dict.fromkeys(k for r in rows for k in r["parameters"] if k != "total"))
+    runs_head = [
+        "<tr>" + _th("run", True, " rowspan='2'") + _th("parameters", span=f" colspan='{1 + len(parts)}'")
+        + "".join(_th(h, span=" rowspan='2'") for h in
+                  ("iterations", "tokens seen", "train time", "tokens/s", "best val loss")) + "</tr>",
+        "<tr>" + "".join(_th(html_mod.escape(h)) for h in ["total", *parts]) + "</tr>"]
+    runs_rows = []
+    for r in rows:
+        p = r["parameters"]
+        runs_rows.append(
+            [f"<b>{html_mod.escape(r['run'])}</b>", _fmt_params(p.get("total"))]
+            + [_fmt_params(p.get(k)) for k in parts]
+            + [f"{r['iterations'] or '-'}", f"{r['tokens_seen']:,}" if r["tokens_seen"] else "-",
+               f"{r['elapsed_s'] / 60:.1f} min" if r["elapsed_s"] else "-",
+               f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-", f"{r['best_val_loss']:.4f}"])
     langs: list[str] = []
     for r in rows:
         for s in r["bpb"].values():
             langs += [l for l in s if l not in langs]
     langs.sort(key=lambda l: (l == "all", l))
     splits = [s for s in ("val", "test") if any(s in r["bpb"] for r in rows)]
-    head = ("<tr><th>run</th><th>parameters</th><th>iterations</th><th>tokens seen</th><th>train time</th>"
-            "<th>tokens/s</th><th>best val loss</th>"
-            + "".join(f"<th>{s} bpb {l}</th>" for s in splits for l in langs) + "</tr>")
-    body = []
+    bpb_head = [
+        "<tr>" + _th("run", True, " rowspan='2'")
+        + "".join(_th(f"{s}: bits per byte [95% interval]", span=f" colspan='{len(langs)}'") for s in splits) + "</tr>",
+        "<tr>" + "".join(_th(l) for _ in splits for l in langs) + "</tr>"]
+    bpb_rows = []
     for r in rows:
-        p = r["parameters"]
-        parts = ", ".join(f"{k} {_fmt_params(v)}" for k, v in p.items() if k != "total")
-        cells = [f"<b>{html_mod.escape(r['run'])}</b>",
-                 f"{_fmt_params(p.get('total'))}<br><small>{html_mod.escape(parts)}</small>",
-                 f"{r['iterations'] or '-'}", f"{r['tokens_seen']:,}" if r["tokens_seen"] else "-",
-                 f"{r['elapsed_s'] / 60:.1f} min" if r["elapsed_s"] else "-",
-                 f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-",
-                 f"{r['best_val_loss']:.4f}"]
+        cells = [f"<b>{html_mod.escape(r['run'])}</b>"]
         for s in splits:
             for l in langs:
                 v = r["bpb"].get(s, {}).get(l)
-                cells.append(f"{v[0]:.4f}<br><small>[{v[1][0]:.3f}, {v[1][1]:.3f}]</small>" if v else "-")
-        body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    return ("<table class='bnb-summary' style='border-collapse:collapse'>" + head + "".join(body)
-            + "</table><p><small>bpb: bits per UTF-8 byte of held-out text (lower is better), with the 95% "
+                cells.append(f"{v[0]:.4f} <small>[{v[1][0]:.3f}, {v[1][1]:.3f}]</small>" if v else "-")
+        bpb_rows.append(cells)
+    tables = [_html_table("bnb-summary", runs_head, runs_rows)]
+    if splits and langs:
+        tables.append(_html_table("bnb-summary bnb-bpb", bpb_head, bpb_rows))
+    return ("".join(tables)
+            + "<p><small>bpb: bits per UTF-8 byte of held-out text (lower is better), with the 95% "
               "bootstrap interval over evaluation windows; tokens/s: training throughput, optimizer "
               "steps only.</small></p>")
 

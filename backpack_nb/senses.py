@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .spelling import where
 
 # Frequent function words that a "length >= 4 letters" filter lets through; probing them
 # shows grammar rather than meaning. Other languages rely on the length filter alone.
@@ -130,6 +131,61 @@ def frequent_content_words(
 
 
 # ----------------------------------------------------------------------------------------
+# a sense report's parameters (notebooks 04_senses and 05_compare)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _example(name: str, value: list | int) -> str:
+    """``name`` set to ``value`` as the place that runs the notebook takes it: its
+    parameters cell in JupyterLab, else ``-p`` (the report runner's and papermill's)."""
+    if where() == "notebook":
+        return f"{name} = {value!r}"
+    return f'-p {name} "[{", ".join(value)}]"' if isinstance(value, list) else f"-p {name} {value}"
+
+
+def _word_list_problem(name: str, value) -> str | None:
+    if isinstance(value, str) or not isinstance(value, (list, tuple)) or not value:
+        return f"{name} {value!r}: give a non-empty list of words ({_example(name, ['vote', 'loi'])})"
+    blank = [w for w in value if not isinstance(w, str) or not w.strip()]
+    if blank:
+        return f"{name}: {blank[0]!r} is not a word; give words such as {_example(name, ['vote', 'loi'])}"
+    return None
+
+
+def check_report_parameters(*, words, top, n_senses: int | None = None, heatmap_senses=None,
+                            browser_words=None, reweight_sense=None, reweight_factor=None) -> None:
+    """Refuse a sense report's parameters before anything is drawn, naming every problem in
+    one :class:`UserError` (a report runner's ``-p`` value arrives as YAML read it): ``words``
+    (and ``browser_words`` unless None) a non-empty list of words, ``top`` a whole number
+    >= 1, ``heatmap_senses`` None or senses of the model, ``reweight_sense`` a sense of the
+    model, ``reweight_factor`` a finite number >= 0. The sense checks need ``n_senses``."""
+    problems = [p for p in (_word_list_problem("words", words),
+                            None if browser_words is None else _word_list_problem("browser_words", browser_words))
+                if p]
+    if not _is_int(top) or top < 1:
+        problems.append(f"top {top!r}: the number of top and bottom words per sense is a whole "
+                        f"number >= 1 ({_example('top', 8)})")
+    if n_senses is not None:
+        valid = f"0..{n_senses - 1}"
+        if heatmap_senses is not None and (
+                not isinstance(heatmap_senses, (list, tuple)) or not heatmap_senses
+                or not all(_is_int(l) and 0 <= l < n_senses for l in heatmap_senses)):
+            problems.append(f"heatmap_senses {heatmap_senses!r}: a non-empty list of senses in {valid} "
+                            f"(this model has {n_senses}), or null for the first four")
+        if reweight_sense is not None and not (_is_int(reweight_sense) and 0 <= reweight_sense < n_senses):
+            problems.append(f"reweight_sense {reweight_sense!r}: a sense in {valid} (this model has {n_senses})")
+    if reweight_factor is not None and (isinstance(reweight_factor, bool) or not isinstance(reweight_factor, (int, float))
+                                        or not np.isfinite(reweight_factor) or reweight_factor < 0):
+        problems.append(f"reweight_factor {reweight_factor!r}: a finite number >= 0 (0 removes the sense, "
+                        "1 changes nothing)")
+    if problems:
+        raise UserError("; ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------
 # tables that read well in a notebook and in a terminal
 
 
@@ -142,13 +198,23 @@ def token_label(token: str) -> str:
     return "".join("\N{OPEN BOX}" if ch == " " else ch if ch.isprintable() else repr(ch)[1:-1] for ch in token)
 
 
-# One line per sense, read from the left: Jupyter's tables right-align cells and wrap them.
-_CELL = "text-align:left;white-space:nowrap"
+# One line per sense, read from the left: Jupyter's tables right-align cells and wrap them
+# (its <code> wraps too: pre-wrap), and size columns from their first row, so that each
+# table of a report had widths of its own. Every sense table has the same columns instead:
+# fixed widths for the token and the sense, the rest of the page shared by the two word lists;
+# a list longer than its column ends in "…" (its title holds it whole).
+_CELL = "text-align:left;white-space:nowrap;overflow:hidden;text-overflow:ellipsis;padding:3px 6px"
+_SENSE_TABLE = "table-layout:fixed;width:100%;border-collapse:collapse;font-size:12px"
+_SENSE_COLS = ("9em", "4.5em", "auto", "auto")  # token, sense, top words, bottom words
 
 
 def tokens_html(tokens: list[str]) -> str:
     """Tokens as HTML, each in its own ``<code>`` (see :func:`token_label`)."""
     return " ".join(f"<code>{html.escape(token_label(t))}</code>" for t in tokens)
+
+
+# Jupyter's <code> wraps (pre-wrap: a token breaks after its "-" or "/") and keeps its own colour.
+_SENSE_STYLE = "<style>table.sense-table code {white-space: nowrap; color: inherit}</style>"
 
 
 class SenseTable(list):
@@ -171,18 +237,23 @@ class SenseTable(list):
         return "\n".join(lines)
 
     def _repr_html_(self) -> str:
+        def words(tokens: list[str], extra: str = "") -> str:
+            whole = html.escape(" ".join(token_label(t) for t in tokens), quote=True)
+            return f"<td style='{_CELL}{extra}' title='{whole}'>{tokens_html(tokens)}</td>"
+
         rows = "".join(
-            f"<tr><td style='{_CELL}'>{tokens_html([r['token']])}</td><td style='{_CELL}'>{r['sense']}</td>"
-            f"<td style='{_CELL}'>{tokens_html(r['top'])}</td>"
-            f"<td style='{_CELL};color:#888'>{tokens_html(r['bottom'])}</td></tr>"
+            f"<tr><td style='{_CELL}' title='{html.escape(token_label(r['token']), quote=True)}'>"
+            f"{tokens_html([r['token']])}</td><td style='{_CELL}'>{r['sense']}</td>"
+            f"{words(r['top'])}{words(r['bottom'], ';color:#888')}</tr>"
             for r in self
         )
         title = (f"<caption style='text-align:left'>senses of <b>{html.escape(self.word)}</b></caption>"
                  if self.word else "")
+        cols = "".join(f"<col style='width:{w}'>" for w in _SENSE_COLS)
         head = "".join(f"<th style='{_CELL}'>{h}</th>" for h in
                        ("token", "sense", "top words (promoted)", "bottom words (suppressed)"))
-        return (f"<table class='sense-table'>{title}<thead><tr>{head}</tr></thead>"
-                f"<tbody>{rows}</tbody></table>")
+        return (f"{_SENSE_STYLE}<table class='sense-table' style='{_SENSE_TABLE}'>{title}<colgroup>{cols}</colgroup>"
+                f"<thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
 
 
 # ----------------------------------------------------------------------------------------

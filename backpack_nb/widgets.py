@@ -26,7 +26,7 @@ _STYLE = """<style>
 .bnb-table td, .bnb-table th {padding: 2px 6px; border-bottom: 1px solid #ddd; text-align: left;
   white-space: nowrap}
 .bnb-table tr.chosen {background: #fff3c4}
-.bnb-table code {background: none}
+.bnb-table code {background: none; white-space: nowrap; color: inherit}
 .bnb-static-note {display: none}
 </style>"""
 

@@ -151,3 +151,57 @@ def test_sense_browser_reacts(bp):
     assert w.prediction.value != pred and "scaled by 0.0" in w.prediction.value
     w.word.value = ""  # an empty word shows an error, not a traceback
     assert "give a word" in w.table.value
+
+
+# ---- a sense report's parameters (issue 26: `-p words '[]'` was an IndexError traceback) ----
+
+
+@pytest.mark.parametrize("kw, named", [
+    ({"words": []}, "words []: give a non-empty list of words"),
+    ({"words": "vote"}, "words 'vote': give a non-empty list"),
+    ({"words": ["vote", " "]}, "words: ' ' is not a word"),
+    ({"top": 0}, "top 0: the number of top and bottom words per sense is a whole number >= 1"),
+    ({"top": 2.5}, "top 2.5:"),
+    ({"top": True}, "top True:"),
+    ({"heatmap_senses": []}, "heatmap_senses []: a non-empty list of senses in 0..3"),
+    ({"heatmap_senses": [4]}, "heatmap_senses [4]:"),
+    ({"browser_words": []}, "browser_words []:"),
+    ({"reweight_sense": -1}, "reweight_sense -1: a sense in 0..3"),
+    ({"reweight_factor": float("inf")}, "reweight_factor inf: a finite number >= 0"),
+])
+def test_sense_report_parameters_refused(kw, named):
+    good = {"words": ["vote", "loi"], "top": 8, "n_senses": 4, "heatmap_senses": None, "browser_words": None,
+            "reweight_sense": 0, "reweight_factor": 0.0}
+    S.check_report_parameters(**good)
+    with pytest.raises(UserError) as exc:
+        S.check_report_parameters(**{**good, **kw})
+    assert named in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_sense_report_parameters_name_every_problem_at_once():
+    with pytest.raises(UserError) as exc:
+        S.check_report_parameters(words=[], top=0)
+    assert "words []" in str(exc.value) and "top 0" in str(exc.value)
+    assert '-p words "[vote, loi]"' in str(exc.value)  # a hint that works in a shell
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key, value, named", [("words", "[]", "words []"), ("top", "0", "top 0")])
+def test_senses_report_refuses_bad_parameters(tiny_backpack_run, tmp_path, capsys, key, value, named):
+    """`reports run 04_senses -p words '[]'`: an IndexError traceback and exit 1 on 535162e;
+    `-p top 0`: empty sense tables and exit 0. Now exit 2 naming the parameter, no traceback."""
+    import shutil
+
+    from backpack_nb import reports
+
+    run = tmp_path / "bp"
+    run.mkdir()
+    for name in ("best.pt", "run.json", "training_log.json"):
+        shutil.copy2(tiny_backpack_run["out_dir"] / name, run / name)
+    code = reports.main(["run", "04_senses", "-p", "out_dir", str(run), "-p", key, value,
+                         "--run_name", f"senses_bad_{key}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: 04_senses: ") and named in errors[0], err
+    assert "Traceback" not in err and "IndexError" not in err
