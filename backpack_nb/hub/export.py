@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -26,52 +25,33 @@ import torch
 
 from ..errors import UserError
 from ..models import ModelConfig, build_model
-from ..paths import resolve_in_root
 from ..tokenizer import Tokenizer
-from .layout import candidates, is_conv1d
+from .layout import TOKENIZER_FILE, candidates, is_conv1d
+from .replace import check_out_dir, write_folder
 
-TOKENIZER_FILE = "backpack_nb_tokenizer.json"
 OFFICIAL_CODE = "stanfordnlp/backpack-gpt2"
-
-
-def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """The folder to export into: new, empty, or replaced with ``overwrite``."""
-    out = resolve_in_root(out_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a folder; choose another OUT_DIR")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise UserError(f"{out} is not empty; choose an empty or new OUT_DIR, or pass --overwrite "
-                        "to replace it")
-    return out
 
 
 def export(model: torch.nn.Module, tok: Tokenizer, state: dict[str, Any],
            out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write a run's model (``checkpoint.load_model``'s model, tokenizer and checkpoint dict)
-    as a Hugging Face folder ``out_dir``, atomically (a temporary folder renamed at the end)."""
-    out = check_out_dir(out_dir, overwrite)
+    as a Hugging Face folder ``out_dir``, whole or not at all. ``out_dir`` must be new or
+    empty or, with ``overwrite``, hold nothing but an earlier export
+    (:func:`~.replace.check_out_dir`)."""
+    check_out_dir(out_dir, overwrite)  # before the work of converting the weights
     model_type = state["model_type"]
     config = hf_config(model_type, model.config, tok)
     weights = hf_weights(model)
     # optional (the `hf` extra): only exporting needs safetensors
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        save_file(weights, tmp / "model.safetensors", metadata={"format": "pt"})
-        (tmp / TOKENIZER_FILE).write_text(json.dumps(tok.state_dict()) + "\n", encoding="utf-8")
-        (tmp / "README.md").write_text(_readme(model_type, state, tok), encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    files = {
+        "config.json": (json.dumps(config, indent=2) + "\n").encode("utf-8"),
+        "model.safetensors": save(weights, metadata={"format": "pt"}),
+        TOKENIZER_FILE: (json.dumps(tok.state_dict()) + "\n").encode("utf-8"),
+        "README.md": _readme(model_type, state, tok).encode("utf-8"),
+    }
+    return write_folder(out_dir, files, overwrite=overwrite)
 
 
 def hf_config(model_type: str, config: ModelConfig, tok: Tokenizer) -> dict[str, Any]:
@@ -109,6 +89,12 @@ def hf_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         full = build_model(_model_type(model), dataclasses.replace(model.config, bias=True))
     have = model.state_dict()
+    broken = [k for k, t in have.items() if t.is_floating_point() and not bool(t.isfinite().all())]
+    if broken:
+        more = f" and {len(broken) - 3} more" if len(broken) > 3 else ""
+        raise UserError(f"the model has non-finite weights (NaN or inf) in {', '.join(broken[:3])}"
+                        f"{more}; nothing was exported: export a checkpoint from before they "
+                        "appeared (the run's best.pt or ckpt.prev.pt)")
     out = {}
     for target, like in full.state_dict().items():
         tensor = have.get(target)

@@ -14,6 +14,10 @@ HF_PREFIX = "hf:"
 ARCHITECTURES = {"BackpackGPT2LMHeadModel": "backpack", "GPT2LMHeadModel": "transformer"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
+# What an export of this project writes: the tokenizer file marks a folder as one (a
+# downloaded model has config.json and weights too, never this file).
+TOKENIZER_FILE = "backpack_nb_tokenizer.json"
+EXPORT_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE, "README.md")
 # Both architectures read GPT-2's byte-level BPE (tiktoken's name for it), in its own ids.
 PRETRAINED_ENCODING = "gpt2"
 # Causal-mask buffers older transformers versions wrote into GPT-2 state dicts.

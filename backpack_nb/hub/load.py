@@ -16,6 +16,10 @@ Backpack: ``backpack.word_embeddings.weight``, ``backpack.gpt2_model.wte.weight`
 ``lm_head.weight``): aliases are accepted when equal and are an error when not, and every
 distinct tensor of the file is used exactly once. GPT-2's ``Conv1D`` layers store weights as
 (in, out) and are transposed into ``nn.Linear``'s (out, in).
+
+A folder this project exported (:mod:`.export`) keeps the run's own tokenizer, a compact
+vocabulary of a tiktoken encoding, in ``backpack_nb_tokenizer.json``; it is read from there,
+never replaced by GPT-2's BPE.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from ..errors import UserError
 from ..models import ModelConfig, build_model
 from ..paths import resolve_in_root
 from ..tokenizer import Tokenizer, get_encoding
-from .layout import (ARCHITECTURES, HF_PREFIX, TOKENIZER_FILES, WEIGHT_FILES, candidates,
-                     is_conv1d, is_ignored)
+from .layout import (ARCHITECTURES, HF_PREFIX, TOKENIZER_FILE, TOKENIZER_FILES, WEIGHT_FILES,
+                     candidates, is_conv1d, is_ignored)
+
 
 def is_pretrained(spec: str | os.PathLike) -> bool:
     """Whether ``spec`` names a pretrained model (``hf:<repo id>`` or a folder holding
@@ -50,10 +55,11 @@ def load_pretrained(name_or_path: str | os.PathLike, device: str | torch.device 
                     ) -> tuple[torch.nn.Module, Tokenizer | None, dict[str, Any]]:
     """The project's model (eval mode, on ``device``), a tokenizer and a description of a
     Hugging Face model: ``hf:<repo id>`` (downloaded once into the Hub cache) or a folder with
-    config.json and model.safetensors or pytorch_model.bin. The tokenizer is GPT-2's BPE over
-    the model's full vocabulary: from the folder's vocab.json + merges.txt, else ``encoding``
-    (``gpt2:/path/gpt2.tiktoken``), else tiktoken's ``gpt2`` (downloaded where there is
-    network). ``tokenizer=False`` skips it (None)."""
+    config.json and model.safetensors or pytorch_model.bin. A folder this project exported
+    reads with the run's own tokenizer (its ``backpack_nb_tokenizer.json``); any other model
+    with GPT-2's BPE over its full vocabulary: ``encoding`` (``gpt2:/path/gpt2.tiktoken``)
+    when given, else the folder's vocab.json + merges.txt, else tiktoken's ``gpt2``
+    (downloaded where there is network). ``tokenizer=False`` skips it (None)."""
     folder = snapshot_folder(name_or_path)
     model_type, model = build_pretrained(folder)
     model.to(device).eval()
@@ -254,12 +260,58 @@ def convert_weights(weights: Mapping[str, torch.Tensor], model: torch.nn.Module,
 
 
 def pretrained_tokenizer(folder: Path, vocab_size: int, encoding: str | None = None) -> Tokenizer:
-    """GPT-2's BPE over its full vocabulary (ids are the encoding's own, no compaction)."""
+    """The tokenizer of a pretrained folder. A folder this project exported holds its own
+    (``backpack_nb_tokenizer.json``: the run's encoding and compact vocabulary); any other
+    reads GPT-2's BPE over its full vocabulary (ids are the encoding's own): ``encoding`` when
+    given, else the folder's vocab.json + merges.txt, else tiktoken's ``gpt2``."""
+    if encoding is None and (folder / TOKENIZER_FILE).is_file():
+        return exported_tokenizer(folder, vocab_size)
     if encoding is None:
         has_files = all((folder / f).is_file() for f in TOKENIZER_FILES)
         encoding = f"gpt2:{folder}" if has_files else "gpt2"
-    enc = get_encoding(encoding)
+    try:
+        enc = get_encoding(encoding)
+    except UserError as exc:
+        if encoding != "gpt2":
+            raise
+        # get_encoding's hint names a flag; say what works for every command instead
+        cause = exc.__cause__ or exc
+        raise UserError(
+            f"{folder} holds no tokenizer ({' and '.join(TOKENIZER_FILES)}, or {TOKENIZER_FILE}) "
+            f"and tiktoken's gpt2 could not be downloaded ({type(cause).__name__}); copy GPT-2's "
+            f"{' and '.join(TOKENIZER_FILES)} (a Hub snapshot of gpt2 has them) into {folder}, "
+            "or run once where there is network") from None
     if enc.n_vocab > vocab_size:
         raise UserError(f"the tokenizer {encoding} has {enc.n_vocab} tokens, more than the "
                         f"model's vocabulary of {vocab_size}")
     return Tokenizer(encoding, np.arange(enc.n_vocab))
+
+
+def exported_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
+    """The run's own tokenizer that an export of this project keeps in
+    ``backpack_nb_tokenizer.json`` (a tiktoken encoding and its compact vocabulary)."""
+    path = folder / TOKENIZER_FILE
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is not readable JSON ({exc})") from None
+    if (not isinstance(saved, dict) or not isinstance(saved.get("encoding"), str)
+            or not isinstance(saved.get("base_ids"), list)
+            or not all(isinstance(i, int) and i >= 0 for i in saved["base_ids"])):
+        raise UserError(f"{path} is not a tokenizer this project wrote (it needs an "
+                        "\"encoding\" name and \"base_ids\", a list of token ids)")
+    try:
+        tok = Tokenizer.from_state_dict(saved)
+    except UserError as exc:
+        cause = exc.__cause__
+        if ":" in saved["encoding"] or cause is None or isinstance(cause, ValueError):
+            # a local ranks file, an unknown name, a bad vocabulary: the message says which
+            raise UserError(f"{path}: {exc}") from None
+        raise UserError(f"{path} names the tiktoken encoding {saved['encoding']!r}, which "
+                        f"could not be loaded ({type(cause).__name__}); it is downloaded on first "
+                        "use: run once where there is network (tiktoken keeps it in its cache, "
+                        "TIKTOKEN_CACHE_DIR)") from None
+    if tok.vocab_size > vocab_size:
+        raise UserError(f"{path} has {tok.vocab_size} tokens, more than the model's vocabulary "
+                        f"of {vocab_size} in config.json")
+    return tok
