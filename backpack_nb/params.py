@@ -316,9 +316,10 @@ class TrainConfig:
                      "weight_decay", "grad_clip", "min_lr"):
             at_least(name, 0)
         if self.max_iters < 1:
-            p.append(f"max_iters: must be >= 1, got {self.max_iters} (a run of no iteration "
-                     "trains nothing and leaves a run folder without a checkpoint; to score a "
-                     "model, use evaluate.py)")
+            # 0 would train nothing, save no checkpoint and still leave a "finished" run
+            p.append(f"max_iters: must be >= 1, got {self.max_iters}" + (
+                " (a run of no iteration trains nothing and saves no checkpoint; to score a "
+                "model, use evaluate.py)" if self.max_iters == 0 else ""))
         if self.warmup_iters > self.lr_decay_iters >= 0:
             p.append(f"warmup_iters: {self.warmup_iters} is past lr_decay_iters = "
                      f"{self.lr_decay_iters}: the learning rate would climb to learning_rate "

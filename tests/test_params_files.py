@@ -299,3 +299,10 @@ def test_ctrl_c_is_one_line_and_status_130(main, where, argv, monkeypatch, capsy
     err = capsys.readouterr().err
     assert exc.value.code == 130
     assert err.startswith("error: interrupted (Ctrl-C)") and err.count("\n") == 1, err
+
+
+def test_models_vocab_size_out_of_range_is_one_line(capsys):
+    """A vocabulary past uint32 ids made torch's meta device fail with a traceback."""
+    for v in ("0", str(10**20)):
+        err = _exit2(models_main.main, ["--config", "tiny_backpack", "--vocab-size", v], capsys)
+        assert "--vocab-size: must be in 1..4,294,967,296" in err

@@ -14,9 +14,14 @@ from typing import Any
 
 import torch
 
-from backpack_nb.errors import command
+from backpack_nb.errors import UserError, command
 from backpack_nb.models import ConfigError, ModelConfig, build_model
 from backpack_nb.params import read_params_file
+
+
+# Prepared token files hold at most uint32 ids (cl100k has 100,277); far past this, torch
+# cannot even size the weights on the meta device.
+MAX_VOCAB = 2**32
 
 
 def load_params(config: str) -> dict[str, Any]:
@@ -64,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True, help="name under params/ or a path to a .yaml")
     parser.add_argument("--vocab-size", type=int, required=True, help="vocabulary size V")
     args = parser.parse_args(argv)
+    if not 1 <= args.vocab_size <= MAX_VOCAB:
+        raise UserError(f"--vocab-size: must be in 1..{MAX_VOCAB:,}, got {args.vocab_size:,}")
     params = load_params(args.config)
     config = ModelConfig.from_params(params, args.vocab_size)
     print(
