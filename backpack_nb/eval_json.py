@@ -1,10 +1,11 @@
-"""eval.json: which file an evaluation may write to.
+"""eval.json: which file an evaluation may write to, and how its sections are merged.
 
 evaluate.py and ``python -m backpack_nb.lexsim`` both write their results as sections of an
 ``eval.json`` (``--out`` elsewhere). A path the user gives is written only when it is new or
 already an evaluation: a checkpoint, a params file, a run's ``run.json`` or
 ``training_log.json`` is never replaced by one. Both commands call :func:`eval_json_path`
-before any model is loaded, so a refused ``--out`` costs nothing and changes nothing.
+before any model is loaded, so a refused ``--out`` costs nothing and changes nothing, and
+write with :func:`merge_eval_json`, whose failures name ``--out``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 from . import paths
 from .errors import UserError
+from .runfiles import write_json
 
 
 def eval_json_path(out: str | os.PathLike, flag_prefix: str = "") -> Path:
@@ -47,3 +49,18 @@ def is_eval_json(path: Path) -> bool:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
     return isinstance(content, dict) and ("splits" in content or "lexsim" in content)
+
+
+def merge_eval_json(target: Path, model_path: Path, sections: dict, flag_prefix: str = "") -> None:
+    """Write ``sections`` into ``target`` atomically, keeping the sections already there
+    (``splits``, ``lexsim``...) when that file belongs to the same checkpoint. A failed write
+    names the setting ``{flag_prefix}out`` as the other place to write to."""
+    previous: dict = {}
+    if target.is_file():
+        try:
+            previous = json.loads(target.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            previous = {}
+        if not isinstance(previous, dict) or previous.get("checkpoint") != str(model_path):
+            previous = {}
+    write_json(target, {**previous, **sections}, flag=f"{flag_prefix}out")

@@ -346,7 +346,7 @@ def test_evaluate_model_refuses_a_cap_below_two_windows(prepared_europarl):
     (["--splits", ""], "--splits is empty"),  # f3defa5: an empty table, eval.json written
     (["--splits", ","], "--splits is empty"),
     (["--splits", "val,dev"], "--splits: unknown split(s) dev; use comma-separated names from "
-                              "val, test, train"),
+                              "val, test"),
     (["--device", "foo"], "--device: 'foo' is not one of cpu, cuda, cuda:N, mps"),
     (["--batch_size", "0", "--stride", "-1"], "--batch_size must be >= 1, got 0; --stride must"),
     (["--stride", str(LEGACY_BLOCK + 1)], f"--stride must be in 1..{LEGACY_BLOCK}"),

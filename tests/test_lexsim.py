@@ -437,3 +437,28 @@ def test_lexsim_out_may_write_a_new_path_or_an_evaluation(ckpt_copy, prepared_eu
     replaced = json.loads(other.read_text(encoding="utf-8"))
     assert replaced["checkpoint"] == str(ckpt_copy) and "splits" not in replaced
     assert f"wrote the lexsim section of {other}" in capsys.readouterr().out
+
+
+def test_lexsim_write_error_names_out(prepared_europarl, tmp_path, monkeypatch, capsys):
+    """At f768900 a failed write named --out_dir (a train.py flag) and, for any failure,
+    advised freeing disk space."""
+    import errno
+
+    from backpack_nb import runfiles
+
+    run = tmp_path / "run"
+    shutil.copytree(LEGACY, run)
+    target = tmp_path / "results" / "eval.json"
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(runfiles.tempfile, "mkstemp", refuse)
+    code, err = _lexsim_exit(["--model_path", str(run / "best.pt"), "--data_dir",
+                              str(prepared_europarl), "--n_boot", "100", "--out", str(target)],
+                             capsys)
+    assert code == 2 and f"could not write {target} (Permission denied); no eval.json was " \
+                         f"written. Fix the permissions of {target.parent} (or choose another " \
+                         "--out), then run again" in err
+    assert "--out_dir" not in err and "disk space" not in err
+    assert not target.exists()

@@ -30,11 +30,11 @@ import numpy as np
 import torch.nn as nn
 
 from .. import paths
-from ..checkpoint import load_model, merge_eval_json
+from ..checkpoint import load_model
 from ..dataset import check_same_vocabulary, load_meta, load_tokens, resolve_data_dir
 from ..devices import resolve_device
 from ..errors import UserError
-from ..eval_json import eval_json_path
+from ..eval_json import eval_json_path, merge_eval_json
 from ..stats import bootstrap_mean, bootstrap_spearman, spearman
 from ..tokenizer import Tokenizer
 from .benchmark import EUROPARL_CODES, MultiSimLex, load_multisimlex, normalize_word
@@ -286,7 +286,7 @@ def write_lexsim(model_path: str | os.PathLike, source: str | os.PathLike | Mult
               **evaluate_lexsim(model, tok, ddir, bench, min_count=min_count, n_boot=n_boot)}
     target = target or model_path.parent / "eval.json"
     base = {"model_type": state["model_type"], "checkpoint": str(model_path), "data_dir": str(ddir)}
-    merge_eval_json(target, model_path, {**base, "lexsim": result})
+    merge_eval_json(target, model_path, {**base, "lexsim": result}, flag_prefix)
     return {**result, "path": str(target)}
 
 

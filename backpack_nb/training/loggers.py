@@ -133,7 +133,7 @@ class WandbLogger(NoLogger):
                   "session as a new offline run with the same id (resumed: false); its steps "
                   "continue from the iteration. Syncing it may replace the earlier sessions' "
                   "history on the server: resume online (WANDB_MODE=online) to keep one W&B "
-                  "run, see docs/training.md", file=sys.stderr, flush=True)
+                  "run", file=sys.stderr, flush=True)
 
     def log(self, step: int, metrics: dict[str, float | None]) -> None:
         values = {k: v for k, v in metrics.items() if v is not None}
