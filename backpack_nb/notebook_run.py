@@ -265,6 +265,8 @@ def run_notebook(notebook: str | Path, parameters: Mapping[str, Any], run_name: 
             if exc.errno not in _WRITE_ERRNOS:
                 raise
             raise UserError(reports_folder_error(report, exc)) from None  # finally cleans up
+        except UserError:  # every cell ran but the page could not be written: the report stays
+            raise
         except (Exception, KeyboardInterrupt) as exc:  # a cell error, the kernel died, Ctrl-C
             if not running.exists():  # papermill stopped before writing anything
                 raise
@@ -292,9 +294,11 @@ def _prepare_folder(folder: Path, report: Path) -> None:
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        if folder.exists() and not folder.is_dir():
-            raise UserError(f"cannot write reports into {folder}: it is a file; remove it, or "
-                            "set BACKPACK_NB_OUTPUTS to put the reports in another folder") from None
+        blocker = next((p for p in (folder, *folder.parents) if p.exists()), folder)
+        if not blocker.is_dir():  # a file where a folder must be
+            raise UserError(f"cannot write reports into {folder}: {blocker} is a file, not a "
+                            "folder; move it, or set BACKPACK_NB_OUTPUTS to put the reports in "
+                            "another folder") from None
         raise UserError(reports_folder_error(report, exc)) from None
 
 
