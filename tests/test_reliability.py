@@ -806,7 +806,7 @@ def _bad_inputs(run: Path, other_vocab_data: Path, garbage: Path) -> list[tuple]
         ("train", ["--config", "tiny_backpak", "--out_dir", str(run)],
          "Did you mean 'tiny_backpack'?"),
         ("train", [*tiny, "--batch_size", "four"], "--batch_size: expected an integer"),
-        ("train", [*tiny, "--max_iters", "-5"], "--max_iters: must be >= 0, got -5"),
+        ("train", [*tiny, "--max_iters", "-5"], "--max_iters: must be >= 1, got -5"),
         ("train", [*tiny, "--learning_rate", "0"], "learning_rate: must be > 0"),
         ("train", [*tiny, "--dropout", "1.5"], "dropout"),
         ("train", [*tiny, "--device", "tpu"], "device: 'tpu' is not one of"),
@@ -851,7 +851,7 @@ def _bad_inputs(run: Path, other_vocab_data: Path, garbage: Path) -> list[tuple]
         ("reports", ["pipeline", "-f", "tiny_backpack", "-p", "lerning_rate", "1"],
          "did you mean 'learning_rate'?"),
         ("reports", ["pipeline", "-f", "tiny_backpack", "-p", "max_iters", "-5"],
-         "-p max_iters: must be >= 0, got -5"),  # the runner's own spelling (issue 17)
+         "-p max_iters: must be >= 1, got -5"),  # the runner's own spelling (issue 17)
         ("reports", ["run", "train", "-f", "tiny_backpack", "-p", "model_type", "gpt"],
          "'gpt' is not one of backpack, transformer"),
         ("reports", ["compare", "-f", "tiny_backpack", "--seeds", "a,b"],

@@ -471,9 +471,11 @@ def test_scratch_refuses_to_overwrite(existing, tiny_transformer_run, tmp_path, 
     err = _exit2(_tiny_argv("transformer", out), capsys)
     assert existing in err and "--init_from resume" in err and "--overwrite" in err
     assert (out / existing).exists()
-    # --overwrite replaces the old run (here with a 0-step run: one evaluation, no save).
-    assert main(_tiny_argv("transformer", out, "--overwrite", "--max_iters", "0")) == 0
-    assert not (out / existing).exists() and _log(out)["iterations"] == [0]
+    # --overwrite replaces the old run (here with a 1-step run: its own ckpt.pt, no old one).
+    assert main(_tiny_argv("transformer", out, "--overwrite", "--max_iters", "1",
+                           "--eval_iters", "1")) == 0
+    assert ck.read_checkpoint(out / "ckpt.pt")["iter_num"] == 1
+    assert not (out / "ckpt.prev.pt").exists() and _log(out)["iterations"] == [0, 1]
 
 
 def test_resume_with_another_model_shape(tiny_backpack_run, tmp_path, capsys):

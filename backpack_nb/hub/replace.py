@@ -31,6 +31,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..paths import resolve_in_root
+from ..runfiles import pid_alive
 from .layout import EXPORT_FILES, TOKENIZER_FILE
 
 # Test hooks: with BACKPACK_NB_TEST_KILL_EXPORT=POINT an export SIGKILLs itself at POINT, as
@@ -243,7 +244,7 @@ def remove_leftovers(out: Path) -> list[Path]:
     for name in names:
         m = pattern.fullmatch(name)
         path = out.parent / name
-        if m and not _alive(int(m.group(2))) and _holds_only_export_files(path):
+        if m and not pid_alive(int(m.group(2))) and _holds_only_export_files(path):
             found[m.group(1)].append(path)
     done = []
     for path in found["old"]:
@@ -259,18 +260,6 @@ def remove_leftovers(out: Path) -> list[Path]:
         _remove_export(path)
         done.append(path)
     return done
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process: alive
-        return True
-    return True
 
 
 def _holds_only_export_files(folder: Path) -> bool:
