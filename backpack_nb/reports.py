@@ -33,12 +33,11 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
 from . import paths
 from .checkpoint import RUN_FILES, existing_checkpoints, require_checkpoint
 from .errors import UserError, command, exit_interrupted
 from .kernel import KERNEL_NAME, ensure_kernel
+from .paramfile import parse_params_text
 from .notebook_run import (ALIASES, FAILED, NotebookFailed, NotebookInterrupted, NotebookRun,
                            available_notebooks, finished_report, notebook_defaults,
                            notebook_parameters, notebook_path, notebooks_dir, render_html,
@@ -61,10 +60,14 @@ __all__ = ["ALIASES", "FAILED", "KERNEL_NAME", "NotebookFailed", "NotebookInterr
 
 def parse_value(text: str) -> Any:
     """A ``-p`` value as YAML reads it: ``40`` -> 40, ``[a, b]`` -> list, ``null`` -> None;
-    anything YAML cannot read stays text."""
+    anything YAML cannot read stays text. Read as a params file is (no anchors or aliases, so no
+    alias bomb is expanded); a value of several lines stays text, so a settings check sees its
+    newline instead of YAML's folding of it into a space."""
+    if "\n" in text or "\r" in text:
+        return text
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
+        value = parse_params_text(text, "-p value")
+    except UserError:
         return text
     # "Backpack vs Transformer: tiny" is a title, not a mapping: only brackets make a collection
     if isinstance(value, (dict, list)) and not text.strip().startswith(("[", "{")):

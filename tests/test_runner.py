@@ -562,3 +562,14 @@ def test_leftovers_of_a_dead_run_go_with_the_next_run(monkeypatch, tmp_path):
     finally:
         live.kill()
         live.wait()
+
+
+def test_p_values_are_read_as_params_files_are():
+    """-p values: YAML scalars and bracketed lists as before; an alias is never expanded (it
+    stays text), and a value of several lines keeps its newline for the settings check."""
+    assert reports.parse_value("40") == 40 and reports.parse_value("[a, b]") == ["a", "b"]
+    assert reports.parse_value("null") is None
+    assert reports.parse_value("title: with a colon") == "title: with a colon"
+    bomb = "[&a [x, x], [*a, *a], [*a, *a]]"
+    assert reports.parse_value(bomb) == bomb
+    assert reports.parse_value("out/a\nb") == "out/a\nb"
