@@ -641,7 +641,7 @@ def test_unwritable_out_dir_gives_a_clear_error_and_changes_nothing(references, 
     assert exc.value.code == 2
     err = _one_error(capsys.readouterr().err)
     assert f"could not write {out / 'run.json'} (Permission denied)" in err
-    assert "fix the permissions" in err
+    assert f"Fix the permissions of {out}" in err
     assert _tree_hash(out) == before
 
 
