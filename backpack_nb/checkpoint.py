@@ -27,7 +27,6 @@ the file and leaves the file it would have replaced untouched.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 import pickle
@@ -43,7 +42,7 @@ import torch
 from backpack_nb import paths
 from backpack_nb.errors import UserError
 from backpack_nb.hub.load import is_pretrained, load_pretrained
-from backpack_nb.runfiles import atomic_write, write_json
+from backpack_nb.runfiles import atomic_write
 from backpack_nb.spelling import setting
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.models.config import model_shape_keys
@@ -461,21 +460,6 @@ def _check_model_type(asked: str | None, held: str, path: str | os.PathLike) -> 
     if asked is not None and asked != held:
         raise UserError(f"--model_type {asked} does not match checkpoint {path}, which holds a "
                         f"{held}; pass --model_type {held} (or another checkpoint)")
-
-
-def merge_eval_json(target: Path, model_path: Path, sections: dict) -> None:
-    """Write ``sections`` into ``target`` (an eval.json beside a checkpoint) atomically,
-    keeping the sections already there (``splits``, ``lexsim``...) when that file belongs to
-    the same checkpoint."""
-    previous: dict = {}
-    if target.is_file():
-        try:
-            previous = json.loads(target.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            previous = {}
-        if previous.get("checkpoint") != str(model_path):
-            previous = {}
-    write_json(target, {**previous, **sections})
 
 
 # --- random number generators ----------------------------------------------------------------

@@ -14,20 +14,19 @@ tokens. Scores are kept per window, so a bootstrap over windows gives a 95% inte
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from . import data, dataset, lexsim, paths, stats
-from .checkpoint import load_model, merge_eval_json
+from .checkpoint import load_model
+from .eval_json import eval_json_path, merge_eval_json
 from .console import progress_bar
 from .devices import DTYPES, autocast_dtype, device_problem, resolve_device
 from .errors import UserError, command
@@ -333,7 +332,7 @@ def evaluate_checkpoint(
     }
     target = target or model_path.parent / "eval.json"
     check_finite_scores(result["splits"], dtype, flag_prefix)  # never over a good eval.json
-    merge_eval_json(target, model_path, result)
+    merge_eval_json(target, model_path, result, flag_prefix)
     result["path"] = str(target)
     return result
 
@@ -348,37 +347,6 @@ def check_finite_scores(splits: dict, dtype: str, flag_prefix: str = "") -> None
                 if dtype == "float16" else "check the checkpoint with sample.py")
         raise UserError(f"the loss is NaN or infinite on {', '.join(bad)}, so nothing was "
                         f"written (an existing eval.json is left as it was); {hint}")
-
-
-def eval_json_path(out: str | os.PathLike, flag_prefix: str = "") -> Path:
-    """The file ``out`` names (a relative path is taken from the project root); refused when
-    writing there is impossible (a folder, a path through a file) or would replace a file
-    that is not an evaluation (a checkpoint, run.json)."""
-    flag = f"{flag_prefix}out"
-    target = paths.resolve_in_root(out)
-    if target.is_dir():
-        raise UserError(f"{flag} {target} is a folder; give a file path such as "
-                        f"{target / 'eval.json'}")
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise UserError(f"{flag} {target} is inside {parent}, which is a file; choose another "
-                        f"{flag}")
-    if target.exists() and not _is_eval_json(target):
-        raise UserError(f"{flag} {target} exists and is not an evaluation (eval.json) file, so "
-                        f"it is left alone; choose another {flag}")
-    return target
-
-
-def _is_eval_json(path: Path) -> bool:
-    """An existing file evaluate.py may rewrite: a JSON object that is an evaluation (a run's
-    run.json or training_log.json is not one)."""
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(content, dict) and ("splits" in content or "lexsim" in content)
 
 
 def _check_args(args: argparse.Namespace) -> list[str]:

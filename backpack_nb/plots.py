@@ -348,7 +348,8 @@ def _colorbar(fig: Figure, im, left: float, bottom: float, height: float, label:
 
 def _cbar_width(vmin: float | None, vmax: float | None, label: str = "") -> float:
     ticks = [f"{v:.3f}" for v in (vmin, vmax) if v is not None] or ["-0.000"]
-    return _CBAR_IN + _widest(["\N{MINUS SIGN}" + t.lstrip("-") for t in ticks]) + (0.2 if label else 0)
+    label_w = text_size(label)[1] + 4 / 72 if label else 0.0  # the rotated label and its pad (4 pt)
+    return _CBAR_IN + _widest(["\N{MINUS SIGN}" + t.lstrip("-") for t in ticks]) + label_w
 
 
 def heatmap(
@@ -450,7 +451,7 @@ def alpha_heatmaps(alpha: np.ndarray, tokens: Sequence[str], senses: Sequence[in
     T = alpha.shape[-1]
     tokens = [elide(str(t), 1.5) for t in tokens]  # a run of 40 dashes is one token
     label_w = _widest(tokens) + _TICK_PAD_IN
-    cbar_w = _cbar_width(0.0, 1.0, "alpha")
+    cbar_w = _cbar_width(0.0, 1.0, "alpha (log scale)")
     gap = 0.25
     room = max_width - 2 * _MARGIN_IN - label_w - cbar_w
     shown = min(T, int(room // TOKEN_CELL_IN))
@@ -495,6 +496,7 @@ def alpha_heatmaps(alpha: np.ndarray, tokens: Sequence[str], senses: Sequence[in
                            "alpha (log scale)")
             ticks = [t for t in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0) if norm.vmin <= t <= norm.vmax]
             cb.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+            cb.ax.minorticks_off()  # a log axis labels its minor ticks too, wider than the room measured
     if wrapped:
         fig.text(0.5, 1 - _MARGIN_IN / H, wrapped, ha="center", va="top", fontsize=TITLE_PT)
     thin_ticks(fig, axes)
