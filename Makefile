@@ -1,6 +1,8 @@
 # Two commands do everything on a fresh machine (see README):
 #   make demo   set up .venv, prepare the Europarl sample, run the tiny demo
-#   make test   set up .venv, run the test suite
+#   make test   set up .venv, run the test suite (what CI runs)
+#   make test-fast  the same without the tests marked slow (training, data preparation,
+#               notebooks, compiling, the browser, the GCP script): the edit-test loop
 # Offline machines: the demo and tests read Europarl from EUROPARL_SOURCE, which defaults
 # to ../shared/europarl when that folder exists (else the official archives are downloaded).
 
@@ -13,12 +15,15 @@ EUROPARL_SOURCE ?= $(if $(wildcard $(SHARED)/europarl/raw),$(SHARED)/europarl,)
 MULTISIMLEX_SOURCE ?= $(if $(wildcard $(SHARED)/multisimlex),$(SHARED)/multisimlex,)
 export EUROPARL_SOURCE MULTISIMLEX_SOURCE
 
-.PHONY: demo test setup clean
+.PHONY: demo test test-fast setup clean
 demo: $(STAMP)
 	$(PY) -m backpack_nb.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 setup: $(STAMP)
 

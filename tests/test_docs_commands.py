@@ -31,6 +31,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 README_LIMIT = 12_000
+SLOW_FIXTURES = {"help_results"}  # runs every quoted command (conftest marks its tests slow)
 HELP_TIMEOUT_S = 300  # all the --help runs together; they take seconds
 
 

@@ -110,6 +110,7 @@ def _pypi_reachable() -> bool:
         return False
 
 
+@pytest.mark.slow  # pip resolves the environment: seconds
 def test_pip_section_resolves(env, tmp_path):
     """The pip lines resolve against this venv (torch held at the local CPU 2.13.0): `-e .` builds
     metadata from a copy of pyproject.toml, never touching the checkout."""

@@ -175,9 +175,17 @@ def _check_scheme(styles: dict[str, set]) -> None:
 
 
 def test_run_styles_blue_backpack_orange_transformer_in_any_order():
-    styles = plots._run_styles(["transformer s1", "backpack s1", "transformer s2", "tiny_backpack"], [None] * 4)
-    assert [c for c, _ in styles] == ["C1", "C0", "C1", "C0"]
-    assert styles[0][1] != styles[2][1] and styles[1][1] != styles[3][1]
+    """Runs whose evaluation does not say the model type: read off the name, in any order."""
+    names = ["transformer s1", "backpack s1", "transformer s2", "tiny_backpack"]
+    evals = {name: {"splits": {"val": {l: {"bits_per_byte": 1.8, "bpb_ci95": [1.7, 1.9]}
+                                       for l in ("en", "fr", "all")}}} for name in names}
+    fig = plots.bpb_bars(evals, "val")
+    styles = _bar_styles(fig)
+    plt.close(fig)
+    assert all(len(drawn) == 1 for drawn in styles.values()), styles
+    (t1,), (b1,), (t2,), (b2,) = (styles[name] for name in names)
+    assert (t1[0], b1[0], t2[0], b2[0]) == (ORANGE, BLUE, ORANGE, BLUE)
+    assert t1[1] != t2[1] and b1[1] != b2[1]  # a hatch per run of a type
 
 
 def test_multisimlex_chart_uses_the_report_colours_and_one_metric_per_axis():

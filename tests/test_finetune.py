@@ -24,6 +24,7 @@ from hub_fixtures import TEXT, TINY, as_gpt2_folder, write_small_gpt2_bpe
 from train import main as train_main
 
 STEPS = 40
+SLOW_FIXTURES = {"gpt2_data", "finetuned"}  # prepare data, fine-tune (conftest marks their tests)
 
 
 @pytest.fixture(scope="module")

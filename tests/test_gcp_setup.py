@@ -24,6 +24,7 @@ SCRIPT = ROOT / "gcp_setup.sh"
 VM_SIDE = ROOT / "gcp_vm.sh"
 GCP_DOC = ROOT / "docs" / "gcp.md"
 VM = "backpack-nb-gpu"
+pytestmark = pytest.mark.slow  # runs gcp_setup.sh and gcp_vm.sh (against a fake gcloud and VM)
 PROJECT = "test-proj"
 
 FAKE_GCLOUD = r'''#!{python}
@@ -253,22 +254,24 @@ def test_strict_mode_and_executable():
         assert subprocess.run(["bash", "-n", str(path)]).returncode == 0, path
 
 
-def test_each_side_is_its_own_file():
-    """The laptop's commands are in gcp_setup.sh, the VM's in gcp_vm.sh; neither reads YAML."""
-    door, vm_side = SCRIPT.read_text(), VM_SIDE.read_text()
-    for name in ("cmd_create", "cmd_setup", "cmd_run", "cmd_fetch", "startup_script", "resolve_run"):
-        assert f"\n{name}() {{" in door and f"\n{name}() {{" not in vm_side, name
-    for name in ("cmd_vm_setup", "cmd_vm_run", "cmd_vm_resume", "cmd_vm_job", "cmd_vm_status",
-                 "cmd_vm_cancel", "cmd_vm_lab", "sync_loop"):
-        assert f"\n{name}() {{" in vm_side and f"\n{name}() {{" not in door, name
-    assert "yaml_get" not in door + vm_side  # params files are read by the library:
-    assert '"$py" -m backpack_nb.params get "$file"' in door
+def test_the_laptops_commands_need_no_vm_side(cloud, vm):
+    """The laptop's commands are all in gcp_setup.sh: without gcp_vm.sh a laptop still creates
+    a VM, starts a run on it, asks for its status and deletes it (the VM's commands then say
+    what is missing: test_vm_commands_need_gcp_vm_sh)."""
+    (vm.checkout / "gcp_vm.sh").unlink()
+    ok(cloud.run("create", script=vm.script))
+    ok(cloud.run("run", "backpack_full", script=vm.script))
+    ok(cloud.run("status", script=vm.script))
+    ok(cloud.run("delete", "--yes", script=vm.script))
+    assert cloud.vms() == {}
 
 
-def test_the_vm_side_is_not_run_on_its_own(cloud):
-    result = subprocess.run(["bash", str(VM_SIDE), "vm-status"], capture_output=True, text=True, timeout=60,
+@pytest.mark.parametrize("command", ["vm-status", "create"])
+def test_the_vm_side_is_not_run_on_its_own(cloud, command):
+    result = subprocess.run(["bash", str(VM_SIDE), command], capture_output=True, text=True, timeout=60,
                             env=cloud.env)
     assert result.returncode == 2 and "./gcp_setup.sh vm-COMMAND" in result.stderr
+    assert cloud.calls() == []
 
 
 def test_help_points_to_docs_gcp_md_which_exists(cloud):

@@ -212,6 +212,7 @@ print(info["model_type"], info["folder"])
 """
 
 
+@pytest.mark.slow  # two fresh interpreters load a model
 def test_a_hub_id_reads_the_hub_cache_offline(tmp_path):
     """The real huggingface_hub code, offline, over a cache laid out as the Hub client writes
     it (models--owner--name/refs/main -> snapshots/<commit>/)."""

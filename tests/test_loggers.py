@@ -203,7 +203,8 @@ def _argv(out: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("logger", ["tensorboard", "wandb"])
-def test_a_missing_package_is_exit_2_naming_the_extra(logger, tmp_path, capsys, monkeypatch):
+def test_a_missing_package_is_exit_2_naming_the_extra(logger, prepared_europarl, tmp_path, capsys,
+                                                      monkeypatch):  # the data is checked first
     monkeypatch.setitem(sys.modules, logger, None)  # `import tensorboard` fails
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:

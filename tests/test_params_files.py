@@ -87,6 +87,7 @@ def test_anchors_aliases_and_merge_keys_are_refused(text, tmp_path):
         read_params_file(str(_file(tmp_path, text)))
 
 
+@pytest.mark.slow  # parses 700 kB of YAML
 def test_echoed_values_are_cut_short(tmp_path, capsys):
     """Every value an error line shows is cut near 200 characters, whatever its size."""
     huge = "y" * 100_000  # seven of them: a file under the 1 MiB a params file may have

@@ -1,7 +1,7 @@
 """Fault tests: training killed with SIGKILL at random moments (mid-save too), stopped by
 SIGTERM/SIGINT, fed damaged, foreign or malicious checkpoints, a full disk, damaged data,
 NaN losses and bad command lines. docs/reliability.md states the guarantees and the figures
-these tests measure; run ``pytest tests/test_reliability.py -s`` to see them printed.
+these tests measure; pytest prints them at the end of any run that includes this file.
 
 The crash tests run train.py's ``main`` in processes forked from one "zygote" interpreter that
 has already imported torch and backpack_nb: each launch then starts in about a second rather
@@ -37,6 +37,7 @@ from backpack_nb import data as data_mod
 from backpack_nb import evaluation
 from backpack_nb import training
 from backpack_nb.errors import UserError
+from conftest import FIGURES as ALL_FIGURES
 from conftest import ROOT, tiny_config
 
 sys.path.insert(0, str(ROOT))
@@ -53,7 +54,8 @@ KILLS, KILLS_PER_RUN = 24, 6
 LAUNCH_TIMEOUT_S = 120
 SPOT_NOTICE_S = 30.0  # what a preempted spot VM gives a process between SIGTERM and the end
 
-FIGURES: dict[str, object] = {}  # printed at the end of the module (pytest -s)
+# What the tests below measure; conftest's pytest_terminal_summary prints it after the run.
+FIGURES: dict[str, object] = ALL_FIGURES.setdefault("reliability figures", {})
 
 
 # --- the zygote: fast, forked launches of train.py's main ------------------------------------
@@ -171,6 +173,7 @@ def zygote(tmp_path_factory, prepared_europarl):
     z = Zygote(tmp_path_factory.mktemp("zygote"))
     yield z
     z.close()
+    FIGURES["zygote launches"] = z.count
 
 
 def _small_argv(model_type: str, out: Path, *extra: str, resume: bool = False) -> list[str]:
@@ -928,9 +931,3 @@ def test_former_gaps_exit_2(case, bad_input_world, capsys, tmp_path):
     assert exc.value.code == 2
     _one_error(capsys.readouterr().err)
     assert _tree_hash(run) == before
-
-
-def test_zz_print_figures(zygote):
-    """Collects what the module measured (pytest -s shows it; docs/reliability.md quotes it)."""
-    FIGURES["zygote launches"] = zygote.count
-    print("\nreliability figures:\n" + json.dumps(FIGURES, indent=2))

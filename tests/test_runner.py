@@ -29,15 +29,16 @@ ROOT = Path(__file__).resolve().parents[1]
 class FakePapermill:
     """Stands in for ``papermill.execute_notebook``: writes the input notebook with one output
     into the output path, as papermill does, then fails as told (``fail``: an exception, or
-    None to finish). Records the notebooks it ran."""
+    None to finish). Records the notebooks it ran and the parameters each got."""
 
     def __init__(self, monkeypatch, text: str = "finished"):
-        self.text, self.fail, self.ran = text, None, []
+        self.text, self.fail, self.ran, self.parameters = text, None, [], []
         monkeypatch.setattr(papermill, "execute_notebook", self)
         monkeypatch.setattr(notebook_run, "ensure_kernel", lambda name=reports.KERNEL_NAME, quiet=True: name)
 
     def __call__(self, input_path, output_path, parameters=None, **kwargs):
         self.ran.append(Path(input_path).stem)
+        self.parameters.append(dict(parameters or {}))
         log = logging.getLogger("papermill")
         for key in parameters or {}:  # what papermill says for a name the cell does not list
             log.warning(f"Passed unknown parameter: {key}")
@@ -167,18 +168,27 @@ def test_the_pipeline_keeps_only_a_finished_training_report(monkeypatch, tmp_pat
     command = out.split("raise it: `")[1].split("`")[0]
     assert command.startswith("python -m backpack_nb.reports pipeline -f params/tiny_transformer.yaml")
     words = shlex.split(command.replace(" N", " 300"))
-    args = reports._parser().parse_args(words[3:])
-    assert dict(args.parameters) == {"out_dir": str(out_dir), "run_name": "runner_pipeline",
-                                     "max_iters": "300"}
+    fake.ran.clear()
+    fake.parameters.clear()
+    assert reports.main(words[3:]) == 0  # as printed, it trains the same run on to 300
+    assert fake.ran == ["01_train", "03_evaluate"]
+    got = fake.parameters[0]
+    assert (got["out_dir"], got["run_name"], got["max_iters"]) == (str(out_dir), "runner_pipeline", 300)
 
 
-def test_command_lines_quote_what_the_runner_reads_back():
+def test_command_lines_quote_what_the_runner_reads_back(monkeypatch):
     overrides = {"runs": ["out/a b", "out/c"], "title": "Backpack vs Transformer: tiny",
                  "max_iters": 300, "compile": False, "eval_data_dir": None}
     line = reports.command_line("compare", "params/compare_cpu.yaml", overrides, "--seeds 1,2")
-    args = reports._parser().parse_args(shlex.split(line)[3:])
-    assert {k: reports.parse_value(v) for k, v in args.parameters} == overrides
-    assert args.seeds == "1,2"
+    got = {}
+
+    def compare(params_file, given, *, seeds=(), **kwargs):  # what the runner would train
+        got.update(params_file=params_file, overrides=given, seeds=list(seeds))
+        return notebook_run.NotebookRun("05_compare", Path("r.ipynb"), Path("r.html"), 0.0)
+
+    monkeypatch.setattr(reports, "compare", compare)
+    assert reports.main(shlex.split(line)[3:]) == 0
+    assert got == {"params_file": "params/compare_cpu.yaml", "overrides": overrides, "seeds": [1, 2]}
 
 
 @pytest.mark.parametrize("argv, hint", [
@@ -323,6 +333,7 @@ def docs_papermill_command() -> list[str]:
     return shlex.split(lines[0])
 
 
+@pytest.mark.slow  # starts papermill
 def test_the_docs_direct_papermill_command_is_quiet(tmp_path):
     """docs/notebooks.md's direct papermill form passes the params file as one parameter, so
     papermill has no unknown name to warn about (its -f form warns once per key of the file).
@@ -515,6 +526,7 @@ def test_a_disk_that_fills_during_a_run_is_one_line(monkeypatch, tmp_path, capsy
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing hidden left
 
 
+@pytest.mark.slow  # starts the runner
 def test_reports_on_a_read_only_file_system_are_one_line(tmp_path):
     """Issue 26, failure 14: `reports run` with its outputs on a read-only file system ended
     in an OSError traceback from papermill, after the kernel's start-up. Now it is one line

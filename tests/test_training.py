@@ -23,7 +23,6 @@ from backpack_nb import dataset, runfiles, senses
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.params import TrainConfig
-from backpack_nb.devices import resolve_device
 from backpack_nb.training import BatchSampler, Runtime, WarmupCosineSchedule, train
 from backpack_nb.training import meters
 from conftest import ROOT, tiny_config
@@ -130,18 +129,6 @@ def test_mfu_peak_is_each_gpu_once_and_a_shared_cpu_machine_once(monkeypatch):
     assert meters.Throughput(1024, 1e6, machine).mfu(80_000) == pytest.approx(2 * single)
 
 
-@pytest.mark.skipif(HAS_CUDA, reason="checks the fallback on a machine without CUDA")
-def test_device_fallbacks_without_cuda():
-    device, dtype, notes = resolve_device("cuda", "float16")
-    assert (device.type, dtype) == ("cpu", "float32")
-    assert len(notes) == 2 and "CUDA is not available" in notes[0] and "float32" in notes[1]
-    assert notes[0].endswith("training on the CPU instead (much slower); pass --device cpu to "
-                             "silence this")
-    assert resolve_device("cpu", "bfloat16")[1:] == ("bfloat16", [])
-    with pytest.raises(UserError, match="strict_device"):
-        resolve_device("cuda", strict=True)
-
-
 def test_sense_words_and_default_probe_words(prepared_europarl):
     tok = dataset.load_tokenizer(prepared_europarl)
     torch.manual_seed(0)
@@ -164,6 +151,7 @@ def test_sense_words_and_default_probe_words(prepared_europarl):
 # --- tiny models learn ------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the session's tiny runs, through getfixturevalue
 @pytest.mark.parametrize("model_type", ["backpack", "transformer"])
 def test_tiny_model_learns(model_type, request):
     run = request.getfixturevalue(f"tiny_{model_type}_run")
@@ -443,6 +431,7 @@ SEED_FLAGS = ["--model_type", "backpack", "--config", "train_europarl_scratch",
 QUICK = ["--max_iters", "2", "--eval_iters", "1", "--batch_size", "2"]
 
 
+@pytest.mark.slow  # prepares the seed's dataset and trains
 @pytest.mark.skipif(HAS_CUDA, reason="checks the CPU fallback")
 def test_seed_command_falls_back_to_cpu_then_resumes(tmp_path, capsys):
     out = str(tmp_path / "backpack_full")
@@ -458,7 +447,7 @@ def test_seed_command_falls_back_to_cpu_then_resumes(tmp_path, capsys):
     assert "--strict_device forbids falling back; pass --device cpu" in err
 
 
-def test_resume_without_checkpoint(tmp_path, capsys):
+def test_resume_without_checkpoint(prepared_europarl, tmp_path, capsys):  # data, then the run
     err = _exit2(_tiny_argv("backpack", tmp_path / "none", "--init_from", "resume"), capsys)
     assert "neither ckpt.pt nor ckpt.prev.pt" in err and "--init_from scratch" in err
 
@@ -489,7 +478,7 @@ def test_resume_with_another_model_shape(tiny_backpack_run, tmp_path, capsys):
     assert "model_type: checkpoint has 'backpack', this run has 'transformer'" in err
 
 
-def test_resume_from_unreadable_checkpoint(tmp_path, capsys):
+def test_resume_from_unreadable_checkpoint(prepared_europarl, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "ckpt.pt").write_bytes(b"garbage")
