@@ -44,13 +44,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging()
     cfg = None
     try:
-        from backpack_nb.finetune import inherit_shape
-        from backpack_nb.params import config_from_argv, typed_keys
+        from backpack_nb.dataset import train_config
+        from backpack_nb.params import typed_keys
         from backpack_nb.training import train
 
-        # a pretrained model (or the checkpoint of a fine-tune) fixes the shape
-        cfg, _ = inherit_shape(config_from_argv(argv), typed=typed_keys(argv))
-        result = train(cfg)
+        cfg = train_config(argv)
+        # a pretrained model (or the checkpoint of a fine-tune) fixes the shape: a key typed
+        # here that disagrees is an error
+        result = train(cfg, typed=typed_keys(argv))
     except KeyboardInterrupt as exc:  # a second signal, or Ctrl-C before training started
         signum = int(getattr(exc, "signum", signal.SIGINT))
         print(f"error: aborted by {signal.Signals(signum).name}{_after_abort(cfg)}",

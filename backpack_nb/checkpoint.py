@@ -26,26 +26,25 @@ the file and leaves the file it would have replaced untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
+import math
 import os
 import pickle
-import random
 import re
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
 from backpack_nb import paths
 from backpack_nb.errors import UserError
-from backpack_nb.hub.load import is_pretrained, load_pretrained
 from backpack_nb.runfiles import atomic_write
 from backpack_nb.spelling import setting
 from backpack_nb.models import ModelConfig, build_model
-from backpack_nb.models.config import model_shape_keys
+from backpack_nb.model_config import model_shape_keys
 from backpack_nb.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -72,11 +71,33 @@ TRAINING_STATE: dict[str, type | tuple[type, ...]] = {
     "training_log": dict, "probe_words": list, "tokenizer": dict, "data": dict, "history": dict,
 }
 _FOR_READERS = ("format", "iter_num", "best_val_loss", "saved_at")
+
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: the training loop's state and, field for field, the checkpoint's
+    ``progress`` entry."""
+
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    best_iter: int | None = None  # the iteration best.pt holds
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0  # training time of every session so far
+    last_eval_iter: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "Progress":
+        return cls(**{f.name: values[f.name] for f in dataclasses.fields(cls)})
+
+
 # The nested entries a resume reads.
 _NESTED_KEYS = {
     "model_config": ("vocab_size",), "data": ("data_dir", "meta_hash"),
     "sampler": ("generator", "batches_drawn", "world_size"), "schedule": ("last_iter",),
-    "progress": ("iter_num", "best_val_loss", "tokens_seen", "elapsed_s"),
+    "progress": tuple(f.name for f in dataclasses.fields(Progress)),
     "history": ("resumed_at",),
 }
 # best.pt: the weights and what evaluation needs.
@@ -420,18 +441,11 @@ def clean_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_model(model_path: str | os.PathLike, device: str | torch.device = "cpu",
-               model_type: str | None = None) -> tuple[torch.nn.Module, Tokenizer, dict]:
+def load_run_model(model_path: str | os.PathLike, device: str | torch.device = "cpu",
+                   model_type: str | None = None) -> tuple[torch.nn.Module, Tokenizer, dict]:
     """The model (in eval mode, on ``device``), tokenizer and checkpoint dict of a ``ckpt.pt``
-    or ``best.pt``, or of a pretrained Hugging Face model (``hf:<repo id>`` or a folder with
-    config.json; :mod:`backpack_nb.hub`), whose dict says so under ``pretrained``. The shape
-    comes from the checkpoint; ``model_type``, when given, must match it."""
-    if is_pretrained(model_path):
-        model, tok, info = load_pretrained(model_path, device)
-        state = {"model_type": info["model_type"], "model_config": info["model_config"],
-                 "tokenizer": tok.state_dict(), "iter_num": 0, "pretrained": info["source"]}
-        _check_model_type(model_type, state["model_type"], model_path)
-        return model, tok, state
+    or ``best.pt``. The shape comes from the checkpoint; ``model_type``, when given, must match
+    it. :func:`backpack_nb.loading.load_model` also takes a pretrained model."""
     path = paths.resolve_in_root(model_path)
     if not path.exists():
         raise UserError(paths.missing_message(model_path, "checkpoint"))
@@ -439,7 +453,7 @@ def load_model(model_path: str | os.PathLike, device: str | torch.device = "cpu"
     missing = [k for k in ("model_type", "model_config", "tokenizer") if k not in state]
     if missing:
         raise UserError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by backpack_nb's train.py")
-    _check_model_type(model_type, state["model_type"], path)
+    check_model_type(model_type, state["model_type"], path)
     if not isinstance(state["model"], Mapping):
         raise UserError(f"checkpoint {path} holds no model weights (its model entry is a "
                         f"{type(state['model']).__name__}); it is not a backpack_nb checkpoint")
@@ -456,43 +470,7 @@ def load_model(model_path: str | os.PathLike, device: str | torch.device = "cpu"
     return model, Tokenizer.from_state_dict(state["tokenizer"]), state
 
 
-def _check_model_type(asked: str | None, held: str, path: str | os.PathLike) -> None:
+def check_model_type(asked: str | None, held: str, path: str | os.PathLike) -> None:
     if asked is not None and asked != held:
         raise UserError(f"--model_type {asked} does not match checkpoint {path}, which holds a "
                         f"{held}; pass --model_type {held} (or another checkpoint)")
-
-
-# --- random number generators ----------------------------------------------------------------
-
-
-def rng_state() -> dict[str, Any]:
-    """Every global RNG's state as tensors and plain values (weights_only-loadable)."""
-    version, internal, gauss = random.getstate()
-    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": version, "state": torch.tensor(internal, dtype=torch.int64),
-                   "gauss_next": gauss},
-        "numpy": {"name": np_name, "keys": torch.from_numpy(np_keys.astype(np.int64)),
-                  "pos": int(np_pos), "has_gauss": int(np_has_gauss),
-                  "cached_gaussian": float(np_gauss)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (CUDA only where it was saved and present)."""
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()),
-                     py["gauss_next"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    cuda = state.get("cuda")
-    if cuda and torch.cuda.is_available():
-        n = min(len(cuda), torch.cuda.device_count())
-        for i in range(n):
-            torch.cuda.set_rng_state(cuda[i], i)

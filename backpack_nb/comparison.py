@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 import numpy as np
 
 from . import dataset, stats
-from .checkpoint import load_model
+from .loading import load_model
 from .errors import UserError
 from .evaluation import WindowScores, score_tokens, token_byte_lengths
 from .results import run_folder

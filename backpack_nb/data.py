@@ -48,8 +48,9 @@ from . import paths
 from .console import progress_bar
 from .dataset import load_meta, resolve_data_dir
 from .errors import UserError, command, exit_interrupted
-from .europarl import (EUROPARL_LANGS, FORMS, OFFICIAL_BASE_URL, SourceFile, decode,
-                       parse_aligned, parse_langs, parse_raw_day, read_source, resolve_source)
+from .europarl import (OFFICIAL_BASE_URL, SourceFile, decode, parse_aligned, parse_raw_day,
+                       read_source, resolve_source)
+from .params import DATA_FORMS as FORMS, EUROPARL_LANGS, parse_langs
 from .runfiles import pid_alive
 from .tokenizer import DEFAULT_ENCODING, Tokenizer, build_compact_vocab, get_encoding
 

@@ -13,11 +13,14 @@ import json
 import os
 import shlex
 from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 
 from . import paths
 from .errors import UserError
+from .model_source import INIT_FROM, PRETRAINED_ENCODING
+from .params import TrainConfig, config_from_argv, named_data_dir
 from .tokenizer import Tokenizer
 
 META_KEYS = ("encoding", "vocab_size", "dtype", "langs", "splits", "base_ids")
@@ -84,6 +87,43 @@ def require_existing(data_dir: str, *, flag: str = "--data_dir",
         f"{flag} {data_dir}: no prepared dataset at {folder}"
         + (f" (did you mean {close[0]!r}?)" if close else "")
         + f"; {have}; to create it: {command}")
+
+
+def require_typed_dataset(cfg: TrainConfig, named: Any, flag: str = "--data_dir") -> None:
+    """A dataset is prepared on first use only when it is the one the params file names
+    (``named``): a data_dir typed on a command line must exist, or a typo would prepare (and
+    download) a second dataset."""
+    if cfg.data_dir != str(named):
+        require_existing(cfg.data_dir, flag=flag, prepare_args=prepare_args(cfg))
+
+
+def prepare_args(cfg: TrainConfig) -> str:
+    """The ``python -m backpack_nb.data prepare`` options that make ``cfg``'s dataset."""
+    args = [f"--langs {cfg.languages}", f"--form {cfg.data_form}"]
+    pretrained = cfg.init_from not in INIT_FROM  # a fine-tune reads the model's own ids
+    if pretrained and cfg.encoding.split(":")[0] != PRETRAINED_ENCODING:
+        args.append(f"--encoding {PRETRAINED_ENCODING}")
+    elif cfg.encoding != TrainConfig.encoding:
+        args.append(f"--encoding {cfg.encoding}")
+    if pretrained:
+        args.append("--full_vocab")
+    if cfg.block_size > 1024:  # the preparation's floor for val/test follows block_size
+        args.append(f"--block_size {cfg.block_size}")
+    if cfg.data_source:
+        args.append(f"--source {cfg.data_source}")
+    return " ".join(args)
+
+
+def train_config(argv: Sequence[str] | None) -> TrainConfig:
+    """train.py's configuration from its command line (:func:`backpack_nb.params.
+    config_from_argv`), with a typed ``--data_dir`` that must exist unless it is the one the
+    params file names (see :func:`require_typed_dataset`)."""
+    cfg = config_from_argv(argv)
+    named = named_data_dir(argv)
+    if named is not None:
+        require_typed_dataset(cfg, named)
+    return cfg
+
 
 def load_meta(data_dir: str | os.PathLike, *, flag: str = "--data_dir") -> dict:
     """``meta.json`` of a prepared dataset (a bare name is looked up in the data root);

@@ -11,21 +11,13 @@ the notebooks and lexsim share.
 from __future__ import annotations
 
 import contextlib
-import re
 
 import torch
 
+from .device_names import DTYPES, device_problem
 from .errors import UserError
 
-DTYPES = ("float32", "bfloat16", "float16")
-_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?|mps)$")
-
-
-def device_problem(device: str) -> str | None:
-    """Why ``device`` is not a device name (None when it is one)."""
-    if _DEVICE.match(device):
-        return None
-    return f"device: {device!r} is not one of cpu, cuda, cuda:N, mps"
+__all__ = ["DTYPES", "autocast", "autocast_dtype", "device_problem", "resolve_device"]
 
 
 def resolve_device(device: str, dtype: str = "float32", *, strict: bool = False,

@@ -21,9 +21,7 @@ from . import paths
 from .errors import UserError
 from .runfiles import download
 
-EUROPARL_LANGS = ("bg cs da de el en es et fi fr hu it lt lv nl pl pt ro sk sl sv").split()
 OFFICIAL_BASE_URL = "https://www.statmt.org/europarl/v7/"
-FORMS = ("raw", "aligned")
 
 _CHAPTER_LINE = re.compile(r"^<CHAPTER\s+ID=\"?([^\s\">]+)\"?[^>]*>[ \t\r]*\n", re.MULTILINE)
 # Lines to drop inside a chapter: SPEAKER/P markup (a stray CHAPTER too), and empty lines.
@@ -33,12 +31,6 @@ _CHAPTER_LINE = re.compile(r"^<CHAPTER\s+ID=\"?([^\s\">]+)\"?[^>]*>[ \t\r]*\n", 
 _DROP_LINES = re.compile(r"\n(?:<(?:CHAPTER|SPEAKER|P)\b[^>\n]*>)?[ \t\r]*(?=\n)")
 _RAW_NAME = re.compile(r"(?:^|/)txt/([a-z]{2})/(ep-[^/]+)\.txt$")
 _ALIGNED_NAME = re.compile(r"(?:^|/)europarl-v7\.([a-z]{2})-en\.([a-z]{2})$")
-
-
-def parse_langs(langs: str | Sequence[str]) -> tuple[str, ...]:
-    if isinstance(langs, str):
-        langs = [l for l in re.split(r"[,\s]+", langs) if l]
-    return tuple(l.strip().lower() for l in langs)
 
 
 

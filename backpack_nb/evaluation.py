@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from . import data, dataset, lexsim, paths, stats
-from .checkpoint import load_model
+from .loading import load_model
 from .eval_json import eval_json_path, merge_eval_json
 from .console import progress_bar
 from .devices import DTYPES, autocast_dtype, device_problem, resolve_device
 from .errors import UserError, command
-from .params import load_params, prepare_args
+from .params import load_params
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -307,7 +307,7 @@ def evaluate_checkpoint(
             # only the params file's own dataset is prepared on first use: another name that
             # does not exist is a typo, not a new dataset to prepare (and download)
             dataset.require_existing(str(data_dir), flag=f"{flag_prefix}data_dir",
-                                     prepare_args=prepare_args(cfg))
+                                     prepare_args=dataset.prepare_args(cfg))
         ddir = data.ensure_prepared(
             data_dir or cfg.data_dir, source=cfg.data_source or None, langs=cfg.languages,
             form=cfg.data_form, block_size=model.config.block_size, seed=cfg.seed,

@@ -6,7 +6,7 @@ Hugging Face model's config.json (the released Backpack, GPT-2).
         --data_dir europarl_gpt2 --encoding gpt2
 
 The pretrained model decides what its weights fix: ``model_type`` and the shape keys
-(:func:`backpack_nb.models.config.model_shape_keys`) replace the params file's, with one warning
+(:func:`backpack_nb.model_config.model_shape_keys`) replace the params file's, with one warning
 listing what changed, and such a key typed on the command line with another value is an error.
 Dropout stays the run's own choice (it changes no weight). The data must be in the model's own
 ids: the GPT-2 encoding prepared with ``--full_vocab``, every id below the model's vocabulary
@@ -26,10 +26,10 @@ import torch
 
 from . import checkpoint as ckpt_io
 from .errors import UserError
-from .hub.layout import PRETRAINED_ENCODING
+from .model_source import INIT_FROM, PRETRAINED_ENCODING
 from .hub.load import build_pretrained, model_config, read_config, snapshot_folder
-from .models.config import model_shape_keys
-from .params import INIT_FROM, TrainConfig
+from .model_config import model_shape_keys
+from .params import TrainConfig
 from .paths import resolve_in_root
 
 log = logging.getLogger(__name__)

@@ -43,6 +43,11 @@ MAX_DEPTH = 8
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 
 
+# A derived preset names the preset it builds on (``base: train_europarl_scratch``) and writes
+# only the keys that differ from it.
+BASE_KEY = "base"
+
+
 def params_path(name_or_path: str) -> Path:
     """``train_europarl_scratch`` -> params/train_europarl_scratch.yaml; anything that looks
     like a path (has a slash or ends in .yaml/.yml) is taken as one, from the project root."""
@@ -59,9 +64,40 @@ def available_configs() -> list[str]:
 
 
 def read_params_file(name_or_path: str) -> dict[str, Any]:
-    """The flat dict in a params YAML file (what papermill -f injects), unvalidated. Raises
-    one :class:`UserError` naming the file for anything that is not a non-empty mapping of
-    distinct keys written out in plain YAML (see the module's docstring)."""
+    """The flat dict a params file stands for, unvalidated: its own keys laid over those of
+    the file its ``base:`` names, if any (resolved the same way, to any depth). Raises one
+    :class:`UserError` naming the file for anything that is not a non-empty mapping of
+    distinct keys written out in plain YAML (see the module's docstring), and for a ``base``
+    that is missing or leads back to the file."""
+    return _resolve(name_or_path, ())
+
+
+def read_own_keys(name_or_path: str) -> dict[str, Any]:
+    """The keys a params file writes itself (``base`` included), as papermill -f injects them."""
+    return _read_one(name_or_path)
+
+
+def _resolve(name_or_path: str, chain: tuple[Path, ...]) -> dict[str, Any]:
+    own = _read_one(name_or_path)
+    if BASE_KEY not in own:
+        return own
+    path = params_path(name_or_path)
+    base = own.pop(BASE_KEY)
+    if not isinstance(base, str) or not base.strip():
+        raise UserError(f"{path}: {BASE_KEY}: {brief(base)} is not a params name; write the "
+                        "name of the preset this one builds on, e.g. base: tiny_backpack")
+    if params_path(base).resolve() in (*chain, path.resolve()):
+        names = " -> ".join(p.stem for p in (*chain, path.resolve(), params_path(base).resolve()))
+        raise UserError(f"{path}: {BASE_KEY}: {base} leads back to itself ({names}); a preset "
+                        "builds on another that does not build on it")
+    try:
+        under = _resolve(base, (*chain, path.resolve()))
+    except UserError as exc:
+        raise UserError(f"{path}: {BASE_KEY}: {exc}") from None
+    return {**under, **own}
+
+
+def _read_one(name_or_path: str) -> dict[str, Any]:
     path = params_path(name_or_path)
     try:
         found = path.is_file()

@@ -20,27 +20,25 @@ import typing
 import unicodedata
 from dataclasses import dataclass, field
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Mapping, NoReturn, Sequence
 
-from backpack_nb import dataset
-from backpack_nb.europarl import EUROPARL_LANGS, FORMS as DATA_FORMS, parse_langs
 from backpack_nb.coerce import BRIEF_CHARS, brief, coerce
-from backpack_nb.devices import DTYPES, device_problem
+from backpack_nb.device_names import DTYPES, device_problem
 from backpack_nb.errors import UserError, command
-from backpack_nb.hub.layout import PRETRAINED_ENCODING
-from backpack_nb.hub.load import is_pretrained
-from backpack_nb.models.config import MODEL_KEYS, MODEL_TYPES, ModelConfig, config_problems
+from backpack_nb.model_source import INIT_FROM, is_pretrained
+from backpack_nb.model_config import MODEL_KEYS, MODEL_TYPES, ModelConfig, config_problems
 # params_path, available_configs and read_params_file are imported from here by most callers
 from backpack_nb.paramfile import available_configs, params_path, read_params_file
 
-INIT_FROM = ("scratch", "resume")
 # torch.manual_seed takes at most an unsigned 64-bit integer; the training adds the rank and
 # fixed offsets for evaluation to the seed, so seeds stop at the signed limit (as sample.py's)
 MAX_SEED = 2**63 - 1
 MAX_INT = 2**63 - 1  # every count ends up in an int64 somewhere (torch, numpy, JSON readers)
 MAX_PROBLEMS_SHOWN = 20
 LOGGERS = ("none", "tensorboard", "wandb")  # backpack_nb.training.loggers
+# What backpack_nb.europarl reads: its 21 languages, per-day files or aligned pairs
+EUROPARL_LANGS = ("bg cs da de el en es et fi fr hu it lt lv nl pl pt ro sk sl sv").split()
+DATA_FORMS = ("raw", "aligned")
 
 
 class _ModelShape:
@@ -49,7 +47,7 @@ class _ModelShape:
 
 def _with_model_shape(cls: type) -> type:
     """Put ModelConfig's fields (but vocab_size) where ``cls`` declares ``model_shape``, so the
-    model's keys, types and defaults are defined once, in :mod:`backpack_nb.models.config`."""
+    model's keys, types and defaults are defined once, in :mod:`backpack_nb.model_config`."""
     annotations: dict[str, Any] = {}
     for name, typ in cls.__dict__["__annotations__"].items():
         if name != "model_shape":
@@ -430,14 +428,20 @@ def config_from_argv(argv: Sequence[str] | None) -> TrainConfig:
     ns = vars(build_arg_parser().parse_args(argv))
     name = ns.pop("config", None)
     if name is None:
-        cfg = TrainConfig.from_dict(ns, source="command line", cli_keys=tuple(ns))
-        named = TrainConfig().data_dir
-    else:
-        cfg = load_params(name, ns)
-        named = read_params_file(name).get("data_dir", TrainConfig().data_dir)
-    if "data_dir" in ns:
-        require_typed_dataset(cfg, named)
-    return cfg
+        return TrainConfig.from_dict(ns, source="command line", cli_keys=tuple(ns))
+    return load_params(name, ns)
+
+
+def named_data_dir(argv: Sequence[str] | None) -> Any:
+    """Where a train.py command line types ``--data_dir``: the data_dir its params file names
+    (or the default), the one dataset prepared on first use; None when it types none. See
+    :func:`backpack_nb.dataset.train_config`."""
+    ns = vars(build_arg_parser().parse_args(argv))
+    if "data_dir" not in ns:
+        return None
+    name = ns.get("config")
+    default = TrainConfig().data_dir
+    return read_params_file(name).get("data_dir", default) if name else default
 
 
 def typed_keys(argv: Sequence[str] | None) -> set[str]:
@@ -445,29 +449,11 @@ def typed_keys(argv: Sequence[str] | None) -> set[str]:
     return set(vars(build_arg_parser().parse_args(argv))) - {"config"}
 
 
-def require_typed_dataset(cfg: TrainConfig, named: Any, flag: str = "--data_dir") -> None:
-    """A dataset is prepared on first use only when it is the one the params file names
-    (``named``): a data_dir typed on a command line must exist, or a typo would prepare (and
-    download) a second dataset."""
-    if cfg.data_dir != str(named):
-        dataset.require_existing(cfg.data_dir, flag=flag, prepare_args=prepare_args(cfg))
-
-
-def prepare_args(cfg: TrainConfig) -> str:
-    """The ``python -m backpack_nb.data prepare`` options that make ``cfg``'s dataset."""
-    args = [f"--langs {cfg.languages}", f"--form {cfg.data_form}"]
-    pretrained = cfg.init_from not in INIT_FROM  # a fine-tune reads the model's own ids
-    if pretrained and cfg.encoding.split(":")[0] != PRETRAINED_ENCODING:
-        args.append(f"--encoding {PRETRAINED_ENCODING}")
-    elif cfg.encoding != TrainConfig.encoding:
-        args.append(f"--encoding {cfg.encoding}")
-    if pretrained:
-        args.append("--full_vocab")
-    if cfg.block_size > 1024:  # the preparation's floor for val/test follows block_size
-        args.append(f"--block_size {cfg.block_size}")
-    if cfg.data_source:
-        args.append(f"--source {cfg.data_source}")
-    return " ".join(args)
+def parse_langs(langs: str | Sequence[str]) -> tuple[str, ...]:
+    """Language codes from ``en,fr`` (commas or spaces) or a list, lower-cased."""
+    if isinstance(langs, str):
+        langs = [l for l in re.split(r"[,\s]+", langs) if l]
+    return tuple(l.strip().lower() for l in langs)
 
 
 # --- typing helpers ------------------------------------------------------------------------

@@ -42,8 +42,8 @@ from .notebook_run import (ALIASES, FAILED, NotebookFailed, NotebookInterrupted,
                            available_notebooks, finished_report, notebook_defaults,
                            notebook_parameters, notebook_path, notebooks_dir, render_html,
                            run_notebook)
-from .params import (TrainConfig, load_params, params_path, read_params_file,
-                     require_typed_dataset)
+from .dataset import require_typed_dataset
+from .params import TrainConfig, load_params, params_path, read_params_file
 from .results import config_from_notebook
 from .runfiles import read_json
 from .spelling import runner_spelling, setting

@@ -21,6 +21,7 @@ from . import lexsim, paths
 from .checkpoint import existing_checkpoints, read_checkpoint
 from .errors import UserError
 from .evaluation import evaluate_checkpoint
+from .paramfile import BASE_KEY
 from .params import TrainConfig, load_params
 from .runfiles import read_json
 from .senses import token_label
@@ -31,10 +32,15 @@ from .senses import token_label
 def config_from_notebook(namespace: Mapping[str, Any]) -> TrainConfig:
     """A notebook's TrainConfig: ``params_file`` (a params name or path; papermill -f or the
     reports runner inject it) laid under every TrainConfig key the notebook defines, except
-    those left at None ("from the file")."""
+    those left at None ("from the file"). ``papermill -f`` of a preset that builds on another
+    injects that one's name as ``base``, which then lies under the injected keys instead."""
     overrides = {k: namespace[k] for k in TrainConfig.keys()
                  if k in namespace and namespace[k] is not None}
     params_file = namespace.get("params_file")
+    base = namespace.get(BASE_KEY)
+    if isinstance(base, str) and base:
+        # papermill -f of a derived preset injected its own keys and the preset it builds on
+        params_file = base
     if params_file:
         return load_params(params_file, overrides)
     return TrainConfig.from_dict(overrides, source="notebook parameters")

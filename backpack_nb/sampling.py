@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import paths
-from .checkpoint import load_model
+from .loading import load_model
 from .devices import device_problem, resolve_device
 from .errors import UserError, command
 from .tokenizer import Tokenizer

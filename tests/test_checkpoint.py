@@ -13,6 +13,7 @@ from backpack_nb import runfiles
 from backpack_nb import checkpoint as ck
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
+from backpack_nb.training.rng import rng_state, set_rng_state
 
 
 def _training_like_state() -> dict:
@@ -26,7 +27,7 @@ def _training_like_state() -> dict:
     opt.step()
     scaler = torch.amp.GradScaler("cpu", enabled=True)
     return {"model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scaler": scaler.state_dict(), "rng": [ck.rng_state()], "iter_num": 7,
+            "scaler": scaler.state_dict(), "rng": [rng_state()], "iter_num": 7,
             "best_val_loss": float("inf"), "training_log": {"iterations": [0, 5], "words": [
                 {"probe": " vote", "top": ["a", "\\xe7"]}]}, "best_iter": None}
 
@@ -106,11 +107,11 @@ def test_wrapper_prefixes_are_stripped():
 
 def test_rng_state_round_trip_through_a_file(tmp_path):
     random.random(), np.random.rand(), torch.rand(1), np.random.randn()  # numpy gauss cached
-    ck.save_checkpoint({"model": {}, "rng": ck.rng_state()}, tmp_path)
+    ck.save_checkpoint({"model": {}, "rng": rng_state()}, tmp_path)
     expected = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(),
                 np.random.randn(), torch.rand(3).tolist())
     state = ck.read_checkpoint(tmp_path / ck.CKPT_NAME)  # weights_only=True inside
-    ck.set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     again = (random.random(), random.gauss(0, 1), np.random.rand(3).tolist(),
              np.random.randn(), torch.rand(3).tolist())
     assert again == expected

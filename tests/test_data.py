@@ -589,7 +589,7 @@ def test_a_data_dir_typo_is_an_error_not_a_new_dataset(prepared_europarl, sessio
     """At f3defa5 `train.py --data_dir europarl_sampel` prepared (or downloaded) a second
     dataset under the typo. Now: exit 2 naming what exists, the likely name and the prepare
     command; nothing is created."""
-    from backpack_nb.params import config_from_argv
+    from backpack_nb.dataset import train_config as config_from_argv
 
     root = paths.data_root()
     before = sorted(p.name for p in root.iterdir())
@@ -610,7 +610,7 @@ def test_a_data_dir_typo_is_an_error_not_a_new_dataset(prepared_europarl, sessio
 def test_the_params_files_own_dataset_is_still_prepared_on_first_use(prepared_europarl):
     """The seed's `--config train_europarl_scratch --data_dir europarl` on a fresh machine, or
     no --data_dir at all: the dataset the params file names, prepared by train.py itself."""
-    from backpack_nb.params import config_from_argv
+    from backpack_nb.dataset import train_config as config_from_argv
 
     assert not (paths.data_root() / "europarl").exists()
     cfg = config_from_argv(["--config", "train_europarl_scratch", "--data_dir", "europarl"])

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from backpack_nb import checkpoint as ck
+from backpack_nb.loading import load_model
 from backpack_nb import console, dataset, evaluation, paths, runfiles, sampling
 from backpack_nb.errors import UserError
 from conftest import ROOT
@@ -160,7 +161,7 @@ def test_sample_lists_every_bad_value_at_once(capsys):
 
 
 def test_sample_text_refuses_bad_values_from_a_notebook():
-    model, tok, _ = ck.load_model(LEGACY / "best.pt")
+    model, tok, _ = load_model(LEGACY / "best.pt")
     with pytest.raises(UserError, match=r"^num_samples must be >= 1, got 0$"):
         sampling.sample_text(model, tok, "The", num_samples=0)
     with pytest.raises(UserError, match="temperature"):
@@ -265,7 +266,7 @@ def test_run_folder_as_checkpoint_lists_its_checkpoints(door, run_copy, capsys):
 
 def test_folder_of_runs_names_the_runs_inside(run_copy):
     with pytest.raises(UserError, match=rf"folder of run folders.*{run_copy} \(ckpt.pt, best.pt\)"):
-        ck.load_model(run_copy.parent)
+        load_model(run_copy.parent)
 
 
 def test_empty_folder_as_checkpoint(tmp_path):
@@ -322,7 +323,7 @@ def test_the_minimum_gives_finite_numbers(run_copy, prepared_europarl, capsys):
 
 def test_a_held_out_file_too_short_to_score_is_refused(prepared_europarl, monkeypatch):
     """Zero windows another way: a language's file with a single token."""
-    model, tok, _ = ck.load_model(LEGACY / "best.pt")
+    model, tok, _ = load_model(LEGACY / "best.pt")
     real = dataset.load_tokens
 
     def load_tokens(data_dir, split, lang=None):
@@ -336,7 +337,7 @@ def test_a_held_out_file_too_short_to_score_is_refused(prepared_europarl, monkey
 
 
 def test_evaluate_model_refuses_a_cap_below_two_windows(prepared_europarl):
-    model, tok, _ = ck.load_model(LEGACY / "best.pt")
+    model, tok, _ = load_model(LEGACY / "best.pt")
     with pytest.raises(UserError, match=r"^max_tokens 5 is too few"):
         evaluation.evaluate_model(model, tok, prepared_europarl, splits=["val"], max_tokens=5,
                                   progress=False)

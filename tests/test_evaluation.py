@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from backpack_nb import dataset
 from backpack_nb import data, evaluation
-from backpack_nb.checkpoint import load_model
+from backpack_nb.loading import load_model
 from backpack_nb.errors import UserError
 from backpack_nb.evaluation import windows
 

@@ -35,7 +35,7 @@ from matplotlib.text import Text
 from backpack_nb import plots, reports
 from backpack_nb import senses as S
 from backpack_nb import widgets
-from backpack_nb.checkpoint import load_model
+from backpack_nb.loading import load_model
 from backpack_nb.lexsim import PairSenseTable, comparison_figure
 from conftest import ROOT
 

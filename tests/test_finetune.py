@@ -180,7 +180,7 @@ def test_the_gpt2_layout_fine_tunes_as_the_transformer(pretrained, gpt2_data, tm
 def test_a_fine_tuned_run_exports_and_loads_back(finetuned, tmp_path):
     """The fine-tune's checkpoint (biases, scale_attn_by_inverse_layer_idx) leaves in the
     released layout and comes back with the same logits."""
-    from backpack_nb.checkpoint import load_model
+    from backpack_nb.loading import load_model
     from backpack_nb.hub.__main__ import main as hub_main
 
     out = tmp_path / "exported"

@@ -249,7 +249,7 @@ def test_an_exported_transformer_loads_in_transformers(tiny_transformer_run, tmp
     """A run trained without biases exports as a plain GPT2LMHeadModel (zero biases) that
     transformers loads as it is, with the same logits."""
     transformers = pytest.importorskip("transformers")
-    from backpack_nb.checkpoint import load_model
+    from backpack_nb.loading import load_model
 
     ckpt = tiny_transformer_run["out_dir"] / "best.pt"
     assert _export_main(["export", str(ckpt), str(tmp_path / "gpt")]) == 0
@@ -298,7 +298,7 @@ def test_an_exported_backpack_has_the_released_layout(tiny_copy, tmp_path):
 
 
 def test_a_trained_backpack_exports_and_loads_back(tiny_backpack_run, tmp_path):
-    from backpack_nb.checkpoint import load_model
+    from backpack_nb.loading import load_model
 
     ckpt = tiny_backpack_run["out_dir"] / "best.pt"
     assert _export_main(["export", str(ckpt), str(tmp_path / "bp")]) == 0
@@ -342,7 +342,7 @@ def test_evaluate_and_sample_take_a_pretrained_folder(tiny_copy, europarl_source
     full-vocabulary Europarl dataset of that encoding, and sampled from, by the same commands
     as a run."""
     from backpack_nb import data
-    from backpack_nb.checkpoint import load_model
+    from backpack_nb.loading import load_model
     from backpack_nb.evaluation import evaluate_checkpoint
     from backpack_nb.sampling import main as sample_main
 

@@ -243,7 +243,7 @@ def test_ctrl_c_during_an_export_is_one_line_and_keeps_the_old(tiny_backpack_run
 
 
 def test_a_model_with_nan_weights_is_not_exported(tiny_backpack_run, tmp_path, capsys):
-    from backpack_nb.checkpoint import load_model
+    from backpack_nb.loading import load_model
 
     model, tok, state = load_model(tiny_backpack_run["out_dir"] / "best.pt")
     with torch.no_grad():
@@ -319,7 +319,7 @@ def test_an_export_loads_with_its_own_tokenizer(kind, exports, tiny_backpack_run
                                                 tiny_transformer_run, capsys, monkeypatch):
     """The tiny runs use cl100k_base's compact vocabulary: reading GPT-2's BPE instead (which
     needs a download) was the failure. Without network, nothing may try."""
-    from backpack_nb.checkpoint import load_model
+    from backpack_nb.loading import load_model
     from backpack_nb.sampling import main as sample_main
 
     monkeypatch.setattr("tiktoken.load.read_file_cached", _offline(AssertionError))

@@ -58,7 +58,7 @@ def test_legacy_ckpt_pt_resumes_bit_exactly(legacy_run, prepared_europarl):
 
 
 def test_legacy_checkpoint_loads_as_a_model(legacy_run):
-    from backpack_nb.checkpoint import load_model
+    from backpack_nb.loading import load_model
 
     model, tok, state = load_model(legacy_run / "best.pt")
     assert state["model_type"] == "backpack"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from backpack_nb import checkpoint, dataset, evaluation, lexsim
+from backpack_nb import dataset, evaluation, lexsim, loading
 from backpack_nb.errors import UserError
 from backpack_nb.lexsim import benchmark
 from backpack_nb.lexsim.__main__ import main as lexsim_main
@@ -332,7 +332,7 @@ def test_evaluate_lexsim_end_to_end(tiny_backpack_run, tiny_transformer_run, pre
     assert [r["model"] for r in table].count("transformer") == 2 and "en-fr" in table.columns
     assert "<table" in table._repr_html_() and "transformer" in str(table)
     assert len(lexsim.comparison_figure({"backpack": lx, "transformer": tf}).axes) == 1
-    model, tok, _ = checkpoint.load_model(folders["transformer"] / "ckpt.pt")
+    model, tok, _ = loading.load_model(folders["transformer"] / "ckpt.pt")
     with pytest.raises(UserError):
         lexsim.pair_senses(model, tok, [("law", "rule")])
 

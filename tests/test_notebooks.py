@@ -126,7 +126,7 @@ def test_03_evaluate(kernel, tiny_backpack_run, tiny_transformer_run, tmp_path):
 
 
 def test_04_senses_html_has_the_sense_tables(kernel, tiny_backpack_run, tmp_path):
-    from backpack_nb.checkpoint import load_model
+    from backpack_nb.loading import load_model
     from backpack_nb.senses import sense_words
 
     bp = copy_run(tiny_backpack_run, tmp_path / "bp")

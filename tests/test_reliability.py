@@ -781,7 +781,7 @@ def test_non_finite_weights_are_never_saved(prepared_europarl, tmp_path, monkeyp
 
     def step(self):
         loss = original(self)
-        if self.progress["iter_num"] == 7:
+        if self.progress.iter_num == 7:
             with torch.no_grad():
                 next(self.raw_model.parameters()).view(-1)[0] = float("nan")
         return loss

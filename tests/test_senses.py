@@ -9,7 +9,7 @@ import torch
 
 from backpack_nb import senses as S
 from backpack_nb.errors import UserError
-from backpack_nb.checkpoint import load_model
+from backpack_nb.loading import load_model
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,9 @@ rules of those layouts (:mod:`.layout`). ``python -m backpack_nb.hub export`` wr
 out."""
 
 from .export import export, hf_config, hf_weights
-from .layout import ARCHITECTURES, EXPORT_FILES, HF_PREFIX, TOKENIZER_FILE
-from .load import (exported_tokenizer, is_pretrained, load_pretrained, model_config,
+from ..model_source import HF_PREFIX, is_pretrained
+from .layout import ARCHITECTURES, EXPORT_FILES, TOKENIZER_FILE
+from .load import (exported_tokenizer, load_pretrained, model_config,
                    pretrained_tokenizer, read_config, read_weights, snapshot_folder,
                    weight_sources)
 from .replace import check_out_dir

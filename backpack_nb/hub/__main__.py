@@ -7,11 +7,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from ..checkpoint import load_model
+from ..loading import load_model
 from ..errors import UserError, command
 from .export import export
 from .layout import EXPORT_FILES
-from .load import is_pretrained
+from ..model_source import is_pretrained
 from .replace import check_out_dir
 
 

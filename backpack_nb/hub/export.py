@@ -34,7 +34,7 @@ OFFICIAL_CODE = "stanfordnlp/backpack-gpt2"
 
 def export(model: torch.nn.Module, tok: Tokenizer, state: dict[str, Any],
            out_dir: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write a run's model (``checkpoint.load_model``'s model, tokenizer and checkpoint dict)
+    """Write a run's model (``loading.load_model``'s model, tokenizer and checkpoint dict)
     as a Hugging Face folder ``out_dir``, whole or not at all. ``out_dir`` must be new or
     empty or, with ``overwrite``, hold nothing but an earlier export
     (:func:`~.replace.check_out_dir`)."""

@@ -10,7 +10,6 @@ import re
 
 import torch
 
-HF_PREFIX = "hf:"
 ARCHITECTURES = {"BackpackGPT2LMHeadModel": "backpack", "GPT2LMHeadModel": "transformer"}
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
@@ -18,8 +17,6 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")
 # downloaded model has config.json and weights too, never this file).
 TOKENIZER_FILE = "backpack_nb_tokenizer.json"
 EXPORT_FILES = ("config.json", "model.safetensors", TOKENIZER_FILE, "README.md")
-# Both architectures read GPT-2's byte-level BPE (tiktoken's name for it), in its own ids.
-PRETRAINED_ENCODING = "gpt2"
 # Causal-mask buffers older transformers versions wrote into GPT-2 state dicts.
 _IGNORED = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 # GPT-2's Conv1D layers (weights stored (in, out)); the Backpack's sense_weight_net.c_attn is

@@ -5,7 +5,7 @@
 
 A Hub id is always written with the ``hf:`` prefix, so it is never mistaken for a relative
 path; a folder holding ``config.json`` is a pretrained folder (a folder holding ``ckpt.pt`` or
-``best.pt`` is a run, read by :func:`backpack_nb.checkpoint.load_model`). ``architectures``
+``best.pt`` is a run, read by :func:`backpack_nb.loading.load_model`). ``architectures``
 decides what is built: ``BackpackGPT2LMHeadModel`` -> :class:`~backpack_nb.models.BackpackLM`,
 ``GPT2LMHeadModel`` -> :class:`~backpack_nb.models.GPT`, with GPT-2's shape (biases
 everywhere, the tanh GELU, ``scale_attn_by_inverse_layer_idx`` as the config says).
@@ -36,18 +36,12 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from ..model_source import HF_PREFIX
 from ..models import ModelConfig, build_model
 from ..paths import resolve_in_root
 from ..tokenizer import Tokenizer, get_encoding
-from .layout import (ARCHITECTURES, HF_PREFIX, TOKENIZER_FILE, TOKENIZER_FILES, WEIGHT_FILES,
+from .layout import (ARCHITECTURES, TOKENIZER_FILE, TOKENIZER_FILES, WEIGHT_FILES,
                      candidates, is_conv1d, is_ignored)
-
-
-def is_pretrained(spec: str | os.PathLike) -> bool:
-    """Whether ``spec`` names a pretrained model (``hf:<repo id>`` or a folder holding
-    config.json) rather than a project checkpoint."""
-    s = str(spec)
-    return s.startswith(HF_PREFIX) or (resolve_in_root(s) / "config.json").is_file()
 
 
 def load_pretrained(name_or_path: str | os.PathLike, device: str | torch.device = "cpu", *,

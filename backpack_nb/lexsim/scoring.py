@@ -30,7 +30,7 @@ import numpy as np
 import torch.nn as nn
 
 from .. import paths
-from ..checkpoint import load_model
+from ..loading import load_model
 from ..dataset import check_same_vocabulary, load_meta, load_tokens, resolve_data_dir
 from ..devices import resolve_device
 from ..errors import UserError

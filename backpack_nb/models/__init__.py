@@ -11,7 +11,7 @@ from __future__ import annotations
 from backpack_nb.errors import UserError
 from backpack_nb.models.backpack import BackpackLM, SenseNetwork
 from backpack_nb.models.base import LanguageModel
-from backpack_nb.models.config import MODEL_KEYS, MODEL_TYPES, ConfigError, ModelConfig
+from backpack_nb.model_config import MODEL_KEYS, MODEL_TYPES, ConfigError, ModelConfig
 from backpack_nb.models.gpt import GPT
 from backpack_nb.models.loss import LOSS_CHUNK_ROWS, linear_cross_entropy
 

@@ -18,11 +18,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backpack_nb.models.base import LanguageModel
-from backpack_nb.models.config import ModelConfig
+from backpack_nb.model_config import ModelConfig
 from backpack_nb.models.init import init_backpack_
 from backpack_nb.models.layers import MLP, CausalTransformer
-from backpack_nb.models.mixing import (Distinct, Senses, causal_alpha, choose_kernel,
-                                       distinct_tokens, weighted_sum_of_senses)
+from backpack_nb.models.mixing import (Distinct, Senses, causal_alpha, distinct_tokens,
+                                       weighted_sum_of_senses)
 
 
 class BackpackLM(LanguageModel):
@@ -35,13 +35,10 @@ class BackpackLM(LanguageModel):
     # same checkpoints); set them on an instance. `python -m benchmarks.speed` measures each.
     dedup_senses: bool = True
     """Compute the senses once per distinct token of the batch (exact gradients)."""
-    mixing: str = "auto"
-    """How o = sum_j sum_l alpha_l[i, j] C(x_j)_l is computed: ``"sdpa"``, ``"einsum"`` (the
-    plain reference), ``"blocked"`` (needs a length divisible by ``mixing_block``) or
-    ``"auto"``: sdpa on CUDA, blocked on other devices when the length allows, else einsum.
-    :mod:`backpack_nb.models.mixing` describes each kernel."""
-    mixing_block: int = 64
-    """Query rows per block of the blocked kernel."""
+    mixing: str = "sdpa"
+    """How o = sum_j sum_l alpha_l[i, j] C(x_j)_l is computed: ``"sdpa"`` (one
+    ``scaled_dot_product_attention`` call) or ``"einsum"`` (the plain reference);
+    :mod:`backpack_nb.models.mixing` describes both."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -65,7 +62,7 @@ class BackpackLM(LanguageModel):
         (:func:`distinct_tokens`), else here."""
         senses = self._senses(idx, distinct)  # C(x): (B, T, k, d), once per token type
         q, k = self._queries_keys(idx)  # 2 x (B, k, T, d/k): alpha = causal softmax(q.k)
-        o = weighted_sum_of_senses(q, k, senses, self.mixing, self.mixing_block)  # (B, T, d)
+        o = weighted_sum_of_senses(q, k, senses, self.mixing)  # (B, T, d)
         return o
 
     # -- the two halves, also public for inspection -----------------------------------------
@@ -132,10 +129,6 @@ class BackpackLM(LanguageModel):
         qk = self.alpha_qk(h).view(B, T, 2, k, -1)  # (B, T, 2, k, d/k)
         q, key = qk.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, k, T, d/k)
         return q, key
-
-    def _mixing_kernel(self, idx: torch.Tensor) -> str:
-        """The kernel :meth:`hidden_states` runs for this batch (see ``mixing``)."""
-        return choose_kernel(self.mixing, self.mixing_block, idx.shape[1], idx.device)
 
 
 class SenseNetwork(nn.Module):

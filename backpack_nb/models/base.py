@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backpack_nb.models.config import ModelConfig
+from backpack_nb.model_config import ModelConfig
 from backpack_nb.models.loss import LOSS_CHUNK_ROWS, full_logits_cross_entropy, linear_cross_entropy
 from backpack_nb.models.mixing import Distinct
 

@@ -7,7 +7,7 @@ import numpy as np
 import torch.nn as nn
 
 from backpack_nb.models.backpack import BackpackLM
-from backpack_nb.models.config import ModelConfig
+from backpack_nb.model_config import ModelConfig
 
 
 def train_flops(model: nn.Module, batch_size: int, block_size: int,

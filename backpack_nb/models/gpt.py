@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from backpack_nb.models.base import LanguageModel
-from backpack_nb.models.config import ModelConfig
+from backpack_nb.model_config import ModelConfig
 from backpack_nb.models.init import init_gpt_
 from backpack_nb.models.layers import CausalTransformer
 from backpack_nb.models.mixing import Distinct

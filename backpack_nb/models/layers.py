@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from backpack_nb.models.config import ModelConfig
+from backpack_nb.model_config import ModelConfig
 
 
 class MLP(nn.Module):

@@ -21,9 +21,18 @@ Files in ``out_dir``: ``ckpt.pt`` (+ ``ckpt.prev.pt``), ``best.pt``, ``training_
 (the seed's layout plus lr, tokens_seen, elapsed_s) and ``run.json`` (config, versions, data);
 with a ``logger``, live curves in ``tensorboard/`` or ``wandb/`` (+ ``wandb_run.json``).
 
-The modules: :mod:`.loop` (the Trainer and train), :mod:`.batches`, :mod:`.schedule`,
+- **Never destroys a run by mistake.** With ``overwrite`` nothing in ``out_dir`` changes until
+  the new run's first save; a new run that fails or is stopped before it leaves the earlier
+  run as it was, resumable.
+- **Interruptible evaluation.** A signal during an evaluation abandons it between two batches
+  (:mod:`.estimate`); the resume runs it again in full.
+
+The modules: :mod:`.loop` (the Trainer and train), :mod:`.setup` (the run folder's checks and
+the data, resolved once before the Trainer), :mod:`.step` (one optimizer step, which the
+benchmarks call too), :mod:`.batches`, :mod:`.schedule`, :mod:`.estimate` (the loss estimate),
 :mod:`.meters` (FLOPs, peak, throughput, progress bar), :mod:`.records` (training_log.json,
-run.json), :mod:`.loggers` (TensorBoard, W&B) and :mod:`.runtime` (device, DDP, signals).
+run.json), :mod:`.loggers` (TensorBoard, W&B), :mod:`.rng` (every RNG's state) and
+:mod:`.runtime` (device, DDP, signals).
 """
 
 from .batches import BatchSampler

@@ -76,6 +76,22 @@ class NoLogger:
         pass
 
 
+class HeldLogger(NoLogger):
+    """Holds what is logged until the run's logger can open: a run that replaces an earlier
+    one leaves that run's curves alone until its first save, then replays these into its own."""
+
+    def __init__(self) -> None:
+        self.held: list[tuple[int, dict[str, float | None]]] = []
+
+    def log(self, step: int, metrics: dict[str, float | None]) -> None:
+        self.held.append((step, dict(metrics)))
+
+    def replay(self, into: NoLogger) -> NoLogger:
+        for step, metrics in self.held:
+            into.log(step, metrics)
+        return into
+
+
 class TensorBoardLogger(NoLogger):
     def __init__(self, log_dir: Path, resume_step: int | None):
         # optional heavy dependency (the tensorboard extra): imported only when asked for

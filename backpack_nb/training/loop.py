@@ -11,18 +11,18 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Collection, Iterator
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from backpack_nb import checkpoint as ckpt_io
-from backpack_nb import data, dataset, finetune, senses
+from backpack_nb import dataset, finetune, senses
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.models.flops import mean_distinct_tokens
-from backpack_nb.optim import clip_grad_norm_, make_optimizer
+from backpack_nb.optim import make_optimizer
 from backpack_nb.params import TrainConfig
 from backpack_nb.paths import resolve_in_root
 from backpack_nb.runfiles import run_lock, write_json
@@ -35,7 +35,10 @@ from .meters import Progress, Throughput, flops_per_token, run_peak_flops
 from .records import (LOG_NAME, RUN_NAME, append_evaluation, device_name, earlier_throughput,
                       git_commit, new_training_log, now, versions)
 from .runtime import Runtime, StopRequest, setup_runtime
+from .rng import rng_state, set_rng_state
 from .schedule import WarmupCosineSchedule
+from .setup import RunData, check_out_dir, prepare_run_data
+from .step import optimizer_step
 
 EvalCallback = Callable[[dict], Any]
 
@@ -44,20 +47,28 @@ class TrainingDiverged(UserError):
     """The loss or the weights became NaN or infinite; nothing was saved after that."""
 
 
-def train(cfg: TrainConfig, *, callback: EvalCallback | None = None) -> dict[str, Any]:
+def train(cfg: TrainConfig, *, callback: EvalCallback | None = None,
+          typed: Collection[str] = ()) -> dict[str, Any]:
     """Train (or resume) the run described by ``cfg``. ``callback(record)`` is called on rank 0
     after each evaluation with the eval record (iteration, train_loss, val_loss, lr,
     tokens_seen, elapsed_s, best_val_loss, improved, top_activating_words), e.g. for a live
-    plot. Returns a summary dict; raises UserError for bad input and never calls sys.exit."""
+    plot. ``typed``: the keys typed on a command line (a fine-tune's model fixes the shape; a
+    typed key that disagrees is an error). Returns a summary dict; raises UserError for bad
+    input and never calls sys.exit."""
     loggers.require(cfg.logger)  # a missing package is bad input: before anything is written
+    cfg, origin = finetune.inherit_shape(cfg, typed)  # a fine-tune: its weights fix the shape
     rt = setup_runtime(cfg)
     stop = StopRequest()
     try:
         stop.install()
         # one trainer at a time in a run folder (rank 0 writes, so rank 0 holds it)
         with run_lock(resolve_in_root(cfg.out_dir), enabled=rt.master):
-            trainer = Trainer(cfg, rt, callback=callback)
+            replacing = check_out_dir(cfg)
+            run_data = prepare_run_data(cfg, rt, origin)
+            trainer = Trainer(cfg, rt, run_data, origin=origin, replacing=replacing,
+                              callback=callback)
             result = trainer.run(stop)
+            stop.settle()
             if rt.ddp:
                 # Leave together: a rank that tears gloo down while its peer is still writing
                 # the final checkpoint can abort ("terminate called without an active
@@ -70,21 +81,6 @@ def train(cfg: TrainConfig, *, callback: EvalCallback | None = None) -> dict[str
             dist.destroy_process_group()
 
 
-def _prepare_data(cfg: TrainConfig, rt: Runtime, data_dir: Path, *, full_vocab: bool) -> None:
-    """Prepare the dataset on first use, once per machine (local rank 0). The other processes
-    wait for its meta.json (the dataset folder appears atomically, complete) rather than at a
-    collective: a first preparation can outlast NCCL's timeout, and if rank 0 fails torchrun
-    stops them all."""
-    if rt.local_rank != 0:
-        while not (data_dir / "meta.json").exists():
-            time.sleep(1.0)
-    # on the other ranks this only checks that the dataset fits this run
-    data.ensure_prepared(
-        data_dir, source=cfg.data_source or None, langs=cfg.languages, form=cfg.data_form,
-        block_size=cfg.block_size, seed=cfg.seed, encoding=cfg.encoding, full_vocab=full_vocab,
-        progress=rt.master, source_flag="--data_source")
-
-
 def _all_finite(model: torch.nn.Module) -> bool:
     return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
 
@@ -93,45 +89,20 @@ class Trainer:
     """One run: data, model, optimizer, scaler, schedule, sampler, log and RNGs. Its
     :meth:`state_dict` is the checkpoint and :meth:`load_state_dict` resumes from one."""
 
-    def __init__(self, cfg: TrainConfig, rt: Runtime, *, callback: EvalCallback | None = None):
-        cfg, self.origin = finetune.inherit_shape(cfg)  # a fine-tune: its weights fix the shape
-        self.cfg, self.rt, self.callback = cfg, rt, callback
+    def __init__(self, cfg: TrainConfig, rt: Runtime, run_data: RunData, *,
+                 origin: finetune.Origin | None = None, replacing: bool = False,
+                 callback: EvalCallback | None = None):
+        """``cfg`` with its final shape (:func:`backpack_nb.finetune.inherit_shape`), the
+        prepared data (:func:`.setup.prepare_run_data`); ``replacing``: a new run over an
+        earlier one in ``out_dir``, which its first save replaces (:meth:`save`)."""
+        self.cfg, self.rt, self.callback, self.origin = cfg, rt, callback, origin
         self.out_dir = resolve_in_root(cfg.out_dir)
-        existing = ckpt_io.existing_checkpoints(self.out_dir)
-        new_run = cfg.init_from != "resume"  # from scratch or from a pretrained model
-        if new_run and existing and not cfg.overwrite:
-            raise UserError(
-                f"{self.out_dir} already holds a run ({', '.join(p.name for p in existing)}); "
-                f"continue it with {setting('init_from', 'resume')}, pick another "
-                f"{setting('out_dir')}, or pass {setting('overwrite', True)} to replace it"
-            )
-        if cfg.init_from == "resume":
-            ckpt_io.require_checkpoint(self.out_dir)  # before the data and the model: fail fast
-
-        # Data: prepared on first use (by rank 0), then the compact-vocabulary tokenizer.
-        self.data_dir = dataset.resolve_data_dir(cfg.data_dir)
-        # a fine-tune's data must be in the model's ids: checked before the generic check of
-        # _prepare_data (whose hint would re-prepare the dataset), or after a first preparation
-        prepared_before = (self.data_dir / "meta.json").is_file()
-        if self.origin is not None and prepared_before:
-            finetune.check_data(dataset.load_meta(self.data_dir), self.origin.vocab_size,
-                                self.data_dir, self.origin)
-        _prepare_data(cfg, rt, self.data_dir, full_vocab=self.origin is not None)
-        self.meta = dataset.load_meta(self.data_dir)
-        self.data_hash = dataset.meta_hash(self.data_dir)
-        self.tok = dataset.load_tokenizer(self.data_dir)
-        self.splits = {split: dataset.load_tokens(self.data_dir, split)
-                       for split in ("train", "val")}
-        for split, tokens in self.splits.items():
-            dataset.check_token_ids(tokens, self.tok.vocab_size, self.data_dir / f"{split}.bin")
-        if self.origin is not None and not prepared_before:
-            finetune.check_data(self.meta, self.origin.vocab_size, self.data_dir, self.origin)
-
-        if new_run and cfg.overwrite and rt.master:
-            for name in (ckpt_io.CKPT_NAME, ckpt_io.PREV_NAME, ckpt_io.BEST_NAME,
-                         LOG_NAME):
-                (self.out_dir / name).unlink(missing_ok=True)  # never resume the replaced run
-        if new_run and rt.master:
+        self.data_dir, self.meta, self.data_hash = run_data.folder, run_data.meta, run_data.meta_hash
+        self.tok, self.splits = run_data.tok, run_data.splits
+        # Until its first save, a run that replaces another changes nothing in out_dir: its
+        # training log and run.json wait, its curves are held back (written at that save).
+        self.replacing = replacing and cfg.init_from != "resume"
+        if cfg.init_from != "resume" and not self.replacing and rt.master:
             loggers.clear(self.out_dir)  # a new run draws new curves
 
         torch.manual_seed(cfg.seed + rt.rank)  # same weights (DDP syncs them), own dropout
@@ -151,8 +122,7 @@ class Trainer:
             self.splits["train"], block_size=cfg.block_size, batch_size=cfg.batch_size,
             seed=cfg.seed, device=rt.device, rank=rt.rank, world_size=rt.world_size)
         self.log = new_training_log()
-        self.progress = {"iter_num": 0, "best_val_loss": float("inf"), "best_iter": None,
-                         "tokens_seen": 0, "elapsed_s": 0.0, "last_eval_iter": None}
+        self.progress = ckpt_io.Progress()
         self.history = {"started_at": now(), "resumed_at": [],
                         "pretrained": self.origin.source if self.origin else None}
         self.probe_words: list[str] = list(cfg.probe_words)
@@ -196,7 +166,7 @@ class Trainer:
         if cfg.init_from == "resume":  # last: it restores the RNGs
             _, self.resumed_from = ckpt_io.load_checkpoint(self.out_dir, accept=self._resume)
             self.history["resumed_at"].append(now())
-            self.last_saved = self.progress["iter_num"]
+            self.last_saved = self.progress.iter_num
         if cfg.model_type == "backpack" and not self.probe_words:
             val_by_lang = {lang: dataset.load_tokens(self.data_dir, "val", lang)
                            for lang in self.meta["langs"]}
@@ -211,14 +181,16 @@ class Trainer:
         self.stop, stop.plan = stop, self._stop_plan
         run_info = self._start()
         stopped: str | None = None
+        self.throughput.begin()
         try:
             while True:
-                it = prog["iter_num"]
+                it = prog.iter_num
                 lr = self.schedule.step_to(it, self.optimizer)
                 done = it >= cfg.max_iters
                 stopped = None if done else self._stop_reason()  # `done` agrees on all ranks
                 evaluate = self._evaluation_due(it, done, stopped)
                 save = self._save_due(it, done, stopped)
+                t_pause = time.perf_counter()  # evaluating and saving are not training time
                 if evaluate or save:
                     self._check_finite()
                 try:
@@ -231,17 +203,16 @@ class Trainer:
                     self.save()
                 if done or stopped:
                     break
+                self.throughput.pause(time.perf_counter() - t_pause)
 
-                t_step = time.perf_counter()
                 with self._compiling("training"):
                     loss = self.train_step()
-                it = prog["iter_num"]
+                self.throughput.add_step()
+                it = prog.iter_num
                 log_now = it % cfg.log_interval == 0 or it == cfg.max_iters
                 if log_now:
                     loss_value = loss.item() * cfg.gradient_accumulation_steps  # syncs the GPU
                     self._check_finite()
-                self.throughput.add_step(time.perf_counter() - t_step)
-                if log_now:
                     tok_s, mfu = self.throughput.end_window()
                     self.display.update(it, f"loss {loss_value:.4f} | lr {lr:.2e} | "
                                         f"{tok_s:,.0f} tok/s | mfu "
@@ -276,7 +247,7 @@ class Trainer:
         # A stop saves at once and leaves a due evaluation to the resume, which runs it
         # (evaluation never touches the training RNGs, so the run stays bit-exact).
         return (not stopped and (it % self.cfg.eval_interval == 0 or done)
-                and it != self.progress["last_eval_iter"])
+                and it != self.progress.last_eval_iter)
 
     def _save_due(self, it: int, done: bool, stopped: str | None) -> bool:
         return it > 0 and it != self.last_saved and bool(
@@ -290,13 +261,17 @@ class Trainer:
         if rt.master:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             stale = ckpt_io.remove_stale_temps(self.out_dir)  # left by a crash mid-save
-        # before run.json says "running": a logger that cannot start is the user's to fix
-        self.logger = loggers.open_logger(cfg, self.out_dir, master=rt.master,
-                                          iteration=prog["iter_num"],
-                                          resumed=self.resumed_from is not None)
-        if rt.master:
-            write_json(self.out_dir / RUN_NAME, {**run_info, "status": "running"})
-        self.display = Progress(rt.master, cfg.max_iters, prog["iter_num"], cfg.run_name)
+        self._session_info = run_info
+        if self.replacing and rt.master:  # opened at the first save, which replaces the old run
+            self.logger = loggers.HeldLogger()
+        else:
+            # before run.json says "running": a logger that cannot start is the user's to fix
+            self.logger = loggers.open_logger(cfg, self.out_dir, master=rt.master,
+                                              iteration=prog.iter_num,
+                                              resumed=self.resumed_from is not None)
+            if rt.master:
+                write_json(self.out_dir / RUN_NAME, {**run_info, "status": "running"})
+        self.display = Progress(rt.master, cfg.max_iters, prog.iter_num, cfg.run_name)
         if stale:
             self.display.line(f"removed {len(stale)} temporary file(s) left by an interrupted "
                               f"save: {', '.join(p.name for p in stale)}")
@@ -310,76 +285,70 @@ class Trainer:
         if finetune.starts_from_pretrained(cfg):
             self.display.line(f"starting from the weights of {cfg.init_from}")
         if self.resumed_from is not None:
-            self.display.line(f"resumed at iteration {prog['iter_num']} from "
+            self.display.line(f"resumed at iteration {prog.iter_num} from "
                               f"{self.resumed_from.name} (best val loss "
-                              f"{prog['best_val_loss']:.4f})")
-        if prog["iter_num"] >= cfg.max_iters:
-            self.display.line(f"iteration {prog['iter_num']} already reaches max_iters "
+                              f"{prog.best_val_loss:.4f})")
+        if prog.iter_num >= cfg.max_iters:
+            self.display.line(f"iteration {prog.iter_num} already reaches max_iters "
                               f"{cfg.max_iters}: nothing to train (raise {setting('max_iters')} to continue)")
         self.model.train()
-        self._t_run, self._elapsed_base = time.perf_counter(), prog["elapsed_s"]
+        self._t_run, self._elapsed_base = time.perf_counter(), prog.elapsed_s
         return run_info
 
     def _finish(self, run_info: dict[str, Any], stopped: str | None) -> dict[str, Any]:
         """Close the session: the summary, and run.json with how it ended and how fast."""
         rt, prog = self.rt, self.progress
-        prog["elapsed_s"] = self._elapsed()
+        prog.elapsed_s = self._elapsed()
         tok_s, mfu = self.throughput.summary()
         if tok_s is None:  # no step this session
             tok_s = self.earlier_throughput.get("tokens_per_s")
             mfu = self.earlier_throughput.get("mfu")
         result = {
-            "out_dir": str(self.out_dir), "iter_num": prog["iter_num"],
-            "best_val_loss": prog["best_val_loss"], "best_iter": prog["best_iter"],
-            "stopped": stopped, "tokens_seen": prog["tokens_seen"],
+            "out_dir": str(self.out_dir), "iter_num": prog.iter_num,
+            "best_val_loss": prog.best_val_loss, "best_iter": prog.best_iter,
+            "stopped": stopped, "tokens_seen": prog.tokens_seen,
             "tokens_per_s": tok_s, "mfu": mfu, "device": str(rt.device), "dtype": rt.dtype,
             "world_size": rt.world_size, "parameters": run_info["parameters"],
             "warnings": list(rt.warnings), "training_log": self.log,
         }
-        if rt.master:
+        if rt.master and self.replacing:  # saved nothing: the earlier run is as it was
+            print(f"{self.out_dir} still holds the earlier run, unchanged: this run stopped "
+                  "before its first save", flush=True)
+        elif rt.master:
             write_json(self.out_dir / RUN_NAME, {
                 **run_info, "status": "interrupted" if stopped else "finished",
-                "stopped_by": stopped, "ended_at": now(), "iterations": prog["iter_num"],
-                "tokens_seen": prog["tokens_seen"], "tokens_per_s": tok_s, "mfu": mfu})
+                "stopped_by": stopped, "ended_at": now(), "iterations": prog.iter_num,
+                "tokens_seen": prog.tokens_seen, "tokens_per_s": tok_s, "mfu": mfu})
             if stopped:
-                print(f"stopped at iteration {prog['iter_num']} ({stopped}); "
+                print(f"stopped at iteration {prog.iter_num} ({stopped}); "
                       + ckpt_io.resume_hint(self.out_dir), flush=True)
         return result
 
     def train_step(self) -> torch.Tensor:
-        """One optimizer step over gradient_accumulation_steps micro-batches; returns the
-        last micro-batch's loss (scaled down by the accumulation)."""
-        accum = self.cfg.gradient_accumulation_steps
-        for micro in range(accum):
-            if self.distinct_on_host:
-                x, y, distinct = self.sampler.next_batch_with_distinct()
-                kwargs = {"distinct": distinct}
-            else:
-                (x, y), kwargs = self.sampler.next_batch(), {}
-            # Under DDP, all-reduce gradients once per step, on the last micro-batch.
-            skip_sync = self.rt.ddp and micro < accum - 1
-            with self.model.no_sync() if skip_sync else contextlib.nullcontext():
-                with self.rt.autocast():
-                    _, loss = self.model(x, y, **kwargs)
-                    loss = loss / accum
-                self._nonfinite += (~torch.isfinite(loss.detach())).to(torch.int32)
-                self.scaler.scale(loss).backward()
-        if self.cfg.grad_clip > 0:
-            self.scaler.unscale_(self.optimizer)
-            clip_grad_norm_(self.raw_model.parameters(), self.cfg.grad_clip)  # sparse-aware
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.progress["iter_num"] += 1
-        self.progress["tokens_seen"] += self.tokens_per_iter
+        """One optimizer step over gradient_accumulation_steps micro-batches (:func:`.step.
+        optimizer_step`); returns the last micro-batch's loss (scaled down by the accumulation)."""
+        loss, nonfinite = optimizer_step(
+            self.model, self.optimizer, self.scaler, self._next_batch,
+            accum=self.cfg.gradient_accumulation_steps, grad_clip=self.cfg.grad_clip,
+            autocast=self.rt.autocast, ddp=self.rt.ddp, params=self.raw_model.parameters)
+        self._nonfinite += nonfinite
+        self.progress.iter_num += 1
+        self.progress.tokens_seen += self.tokens_per_iter
         return loss
+
+    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+        if self.distinct_on_host:
+            x, y, distinct = self.sampler.next_batch_with_distinct()
+            return x, y, {"distinct": distinct}
+        x, y = self.sampler.next_batch()
+        return x, y, {}
 
     # -- evaluation ------------------------------------------------------------------------------
 
     def evaluate(self, lr: float) -> bool:
         """Evaluate at the current iteration: append to the log, write training_log.json and
         call the callback. Returns whether the val loss improved (the caller saves best.pt)."""
-        it = self.progress["iter_num"]
+        it = self.progress.iter_num
         self._evaluating = True
         try:
             with self._compiling("evaluation"):
@@ -388,14 +357,14 @@ class Trainer:
                                        lambda: self.stop.reason(self.rt))
         finally:
             self._evaluating = False
-        self.progress["last_eval_iter"] = it
-        self.progress["elapsed_s"] = self._elapsed()
-        improved = losses["val"] < self.progress["best_val_loss"]
+        self.progress.last_eval_iter = it
+        self.progress.elapsed_s = self._elapsed()
+        improved = losses["val"] < self.progress.best_val_loss
         if improved:
-            self.progress["best_val_loss"], self.progress["best_iter"] = losses["val"], it
+            self.progress.best_val_loss, self.progress.best_iter = losses["val"], it
         entry = {"iterations": it, "train_loss": losses["train"], "val_loss": losses["val"],
-                 "lr": lr, "tokens_seen": self.progress["tokens_seen"],
-                 "elapsed_s": round(self.progress["elapsed_s"], 3)}
+                 "lr": lr, "tokens_seen": self.progress.tokens_seen,
+                 "elapsed_s": round(self.progress.elapsed_s, 3)}
         append_evaluation(self.log, entry)
         if self.rt.master:
             words = None
@@ -403,13 +372,14 @@ class Trainer:
                 words = senses.probe_records(self.raw_model, self.tok, self.probe_words,
                                              self.cfg.sense_top_k)
                 self.log["top_activating_words"].append({"iteration": it, "words": words})
-            write_json(self.out_dir / LOG_NAME, self.log)
+            if not self.replacing:  # else written at the first save
+                write_json(self.out_dir / LOG_NAME, self.log)
             self.logger.log(it, loggers.eval_metrics(losses["train"], losses["val"]))
             self.display.line(f"eval {it}: train loss {losses['train']:.4f}, val loss "
                               f"{losses['val']:.4f}{' (best)' if improved else ''}")
             if self.callback is not None:
                 record = {"iteration": it, **{k: v for k, v in entry.items() if k != "iterations"}}
-                self.callback({**record, "best_val_loss": self.progress["best_val_loss"],
+                self.callback({**record, "best_val_loss": self.progress.best_val_loss,
                                "improved": improved, "top_activating_words": words})
         return improved
 
@@ -419,10 +389,10 @@ class Trainer:
         """The checkpoint (:data:`backpack_nb.checkpoint.TRAINING_STATE`): tensors and plain
         Python values only (weights_only-loadable). Collective under DDP (every rank's RNG
         state is gathered)."""
-        rng = [ckpt_io.rng_state()]
+        rng = [rng_state()]
         if self.rt.ddp:  # ranks differ (per-rank dropout seeds): keep all of them
             rng = [None] * self.rt.world_size
-            dist.all_gather_object(rng, ckpt_io.rng_state())
+            dist.all_gather_object(rng, rng_state())
         return ckpt_io.training_state(
             model_type=self.cfg.model_type,
             model=self.raw_model.state_dict(),  # the bare model: no _orig_mod./module.
@@ -433,9 +403,9 @@ class Trainer:
             schedule=self.schedule.state_dict(),
             sampler=self.sampler.state_dict(),
             rng=rng,
-            iter_num=self.progress["iter_num"],
-            best_val_loss=self.progress["best_val_loss"],
-            progress=dict(self.progress),
+            iter_num=self.progress.iter_num,
+            best_val_loss=self.progress.best_val_loss,
+            progress=self.progress.to_dict(),
             training_log=self.log,
             probe_words=list(self.probe_words),
             tokenizer=self.tok.state_dict(),
@@ -462,7 +432,7 @@ class Trainer:
             first = (str(exc).strip().splitlines() or [""])[0]
             raise UserError(f"checkpoint {path} is damaged ({type(exc).__name__}: {first}); "
                             "it cannot be resumed") from None
-        self._checked_iter = self.progress["iter_num"]
+        self._checked_iter = self.progress.iter_num
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a checkpoint made by :meth:`state_dict` (already checked to match).
@@ -473,7 +443,7 @@ class Trainer:
         self.schedule.load_state_dict(state["schedule"])
         self.sampler.load_state_dict(state["sampler"])
         self.log = state["training_log"]
-        self.progress.update(state["progress"])
+        self.progress = ckpt_io.Progress.from_dict(state["progress"])
         self.history = {**state["history"], "resumed_at": list(state["history"]["resumed_at"])}
         self.probe_words = list(self.cfg.probe_words) or list(state["probe_words"])
         saved_world = state["sampler"]["world_size"]
@@ -481,7 +451,7 @@ class Trainer:
             self.rt.warn(f"resuming a {saved_world}-process run with {self.rt.world_size} "
                          "processes: training continues, but not bit-exactly")
         if self.rt.rank < len(state["rng"]):
-            ckpt_io.set_rng_state(state["rng"][self.rt.rank])
+            set_rng_state(state["rng"][self.rt.rank])
 
     def save(self, *, best: bool = False) -> None:
         """ckpt.pt (previous kept as ckpt.prev.pt) and, for a new best, best.pt (weights and
@@ -490,19 +460,45 @@ class Trainer:
         if not _all_finite(self.raw_model):  # every rank: the weights are the same on all
             raise TrainingDiverged(self._diverged("the weights hold NaN or infinite values"))
         state = self.state_dict()
-        self.last_saved = self.progress["iter_num"]
+        self.last_saved = self.progress.iter_num
         if not self.rt.master:
             return
-        if best:
-            # best.pt before ckpt.pt: a crash between the two resumes from the older ckpt.pt,
-            # which replays this evaluation and writes the same best.pt again. The other order
-            # could leave a best.pt older than the best_iter that ckpt.pt records.
-            ckpt_io.save_checkpoint(ckpt_io.best_state(state), self.out_dir, ckpt_io.BEST_NAME)
-        path = ckpt_io.save_checkpoint(state, self.out_dir)
+        if self.replacing:
+            path = self._replace_earlier_run(state, best)
+        else:
+            if best:
+                # best.pt before ckpt.pt: a crash between the two resumes from the older
+                # ckpt.pt, which replays this evaluation and writes the same best.pt again. The
+                # other order could leave a best.pt older than the best_iter ckpt.pt records.
+                ckpt_io.save_checkpoint(ckpt_io.best_state(state), self.out_dir,
+                                        ckpt_io.BEST_NAME)
+            path = ckpt_io.save_checkpoint(state, self.out_dir)
         self.display.line(
             f"saved {path.name}{' and best.pt' if best else ''} at iteration "
-            f"{self.progress['iter_num']} ({path.stat().st_size / 2**20:.1f} MiB, "
+            f"{self.progress.iter_num} ({path.stat().st_size / 2**20:.1f} MiB, "
             f"{time.perf_counter() - t0:.2f} s)")
+
+    def _replace_earlier_run(self, state: dict[str, Any], best: bool) -> Path:
+        """The first save of a run over an earlier one (``overwrite``): the earlier run's other
+        files go first, so that none of them is ever taken for one of this run's (a crash
+        before the new ckpt.pt is in place leaves the earlier ckpt.pt, still resumable), then
+        the new ckpt.pt replaces the old one without being kept as ckpt.prev.pt; then this
+        run's best.pt, training log, run.json and the curves held so far."""
+        for name in (ckpt_io.PREV_NAME, ckpt_io.BEST_NAME, LOG_NAME, RUN_NAME):
+            (self.out_dir / name).unlink(missing_ok=True)
+        loggers.clear(self.out_dir)
+        path = ckpt_io.save_checkpoint(state, self.out_dir, keep_previous=False)
+        if best:
+            ckpt_io.save_checkpoint(ckpt_io.best_state(state), self.out_dir, ckpt_io.BEST_NAME)
+        self.replacing = False
+        write_json(self.out_dir / LOG_NAME, self.log)
+        write_json(self.out_dir / RUN_NAME, {**self._session_info, "status": "running"})
+        held = self.logger
+        self.logger = loggers.open_logger(self.cfg, self.out_dir, master=True, iteration=0,
+                                          resumed=False)
+        if isinstance(held, loggers.HeldLogger):
+            held.replay(self.logger)
+        return path
 
     # -- guards ----------------------------------------------------------------------------------
 
@@ -515,7 +511,7 @@ class Trainer:
             count = count.clone()
             dist.all_reduce(count)
         n = int(count.item())
-        it = self.progress["iter_num"]
+        it = self.progress.iter_num
         if n and not self.scaler.is_enabled():
             raise TrainingDiverged(self._diverged(
                 f"the training loss became NaN or infinite ({n} micro-batch(es) between "
@@ -540,14 +536,14 @@ class Trainer:
     def _stop_reason(self) -> str | None:
         stop_after = self.cfg.stop_after
         return self.stop.reason(self.rt, stop_after=stop_after is not None
-                                and self.progress["iter_num"] >= stop_after)
+                                and self.progress.iter_num >= stop_after)
 
     def _stop_plan(self) -> str:
         """What a first SIGINT/SIGTERM does now, for the line the signal handler prints."""
         again = "send it again to stop at once"
         if not self._evaluating:
             return f"finishing this step, saving, then stopping ({again}, without saving)"
-        it = self.progress["iter_num"]
+        it = self.progress.iter_num
         if it == self.last_saved:
             then = f"stopping ({ckpt_io.CKPT_NAME} already holds iteration {it})"
         elif it == 0:

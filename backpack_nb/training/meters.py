@@ -120,27 +120,38 @@ def gpu_peak_name(device: torch.device, dtype: str) -> str:
 
 
 class Throughput:
-    """Tokens per second and MFU of the optimizer steps alone (not evaluation or saving),
-    per log window. The GPU is synced at each log line (by ``loss.item()``), so a window's
-    time covers the work it queued. The run's figure leaves out the first window
-    (compilation, CUDA warm-up) when there is a later one."""
+    """Tokens per second and MFU of training, per log window: the wall time between two log
+    lines, less the time spent evaluating and saving (:meth:`pause`). Everything else counts:
+    under DDP a rank that waits for a slower one waits on the clock. The GPU is synced at
+    each log line (by ``loss.item()``), so a window's time covers the work it queued. The
+    run's figure leaves out the first window (compilation, CUDA warm-up) when there is a
+    later one."""
 
     def __init__(self, tokens_per_iter: int, flops_per_token: float, peak_flops: float | None):
         self.tokens_per_iter = tokens_per_iter
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.windows: list[tuple[float, int]] = []  # (seconds, tokens) per log window
-        self._seconds, self._iters = 0.0, 0
+        self._start, self._paused, self._iters = time.perf_counter(), 0.0, 0
 
-    def add_step(self, seconds: float) -> None:
-        self._seconds += seconds
+    def begin(self) -> None:
+        """Start a window now (the loop starts)."""
+        self._start, self._paused, self._iters = time.perf_counter(), 0.0, 0
+
+    def pause(self, seconds: float) -> None:
+        """Leave ``seconds`` (an evaluation, a save) out of the current window."""
+        self._paused += seconds
+
+    def add_step(self) -> None:
         self._iters += 1
 
     def end_window(self) -> tuple[float, float | None]:
-        """Close the current window: its tokens/s and MFU."""
+        """Close the current window (and start the next): its tokens/s and MFU."""
+        now = time.perf_counter()
+        seconds = max(now - self._start - self._paused, 1e-9)
         tokens = self._iters * self.tokens_per_iter
-        self.windows.append((self._seconds, tokens))
-        tok_s = tokens / self._seconds
-        self._seconds, self._iters = 0.0, 0
+        self.windows.append((seconds, tokens))
+        self._start, self._paused, self._iters = now, 0.0, 0
+        tok_s = tokens / seconds
         return tok_s, self.mfu(tok_s)
 
     def mfu(self, tok_s: float | None) -> float | None:

@@ -99,6 +99,8 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._previous: dict[int, Any] = {}
+        self._pending: tuple[Any, torch.Tensor] | None = None  # the flag exchange under way
+        self._group: Any = None  # a gloo group for the flag: never a device sync, even on NCCL
         self.plan: Callable[[], str] = lambda: ("finishing this step, saving, then stopping "
                                                 "(send it again to abort without saving)")
 
@@ -115,19 +117,33 @@ class StopRequest:
 
     def reason(self, rt: Runtime, *, stop_after: bool = False) -> str | None:
         """Why to stop now (the signal's name, ``stop_after``, or ``peer`` when another rank
-        got the signal), or None. Collective under DDP: all ranks must ask together, and all
-        stop at the same step, or the others would hang."""
-        reason = None
-        if self.signum is not None:
-            reason = signal.Signals(self.signum).name
-        elif stop_after:
-            reason = "stop_after"
-        if rt.ddp:
-            flag = torch.tensor([1 if reason else 0], device=rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() and not reason:
-                reason = "peer"
-        return reason
+        got the signal), or None. Under DDP every rank must ask at the same points; a signal
+        then stops them all together, one call after the first rank saw it, without blocking
+        the host: each call starts an asynchronous all-reduce of this rank's signal flag (on
+        the CPU) and reads the one the call before started, finished in the meantime.
+        ``stop_after`` is the same on every rank and needs no collective."""
+        local = signal.Signals(self.signum).name if self.signum is not None else None
+        if not rt.ddp:
+            return local or ("stop_after" if stop_after else None)
+        agreed = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            agreed = bool(flag.item())
+        if self._group is None:  # every rank gets here at the same call
+            self._group = dist.new_group(backend="gloo")
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group,
+                                         async_op=True), flag)
+        if agreed:
+            return local or "peer"
+        return "stop_after" if stop_after else None
+
+    def settle(self) -> None:
+        """Wait for the last flag exchange (every rank, before the process group goes)."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signum is not None:
