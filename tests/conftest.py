@@ -41,6 +41,7 @@ SLOW_BY_NAME = frozenset({
     "test_gpu_plan.py::test_guard_stops_a_compile_over_its_cap_and_passes_an_eager_warmup",
     "test_gpu_plan.py::test_device_script_with_no_phase_only_summarizes",
     "test_bench.py::test_live_memory_on_fake_tensors_equals_the_same_step_on_real_ones",
+    "test_bench.py::test_memory_traces_the_shape_of_the_params_file_it_is_given",
 })
 
 
