@@ -17,7 +17,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from backpack_nb import checkpoint as ck
