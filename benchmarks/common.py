@@ -1,22 +1,43 @@
-"""What the benchmark commands share: byte units, device synchronisation, the float32 matmul
-peak that MFU is measured against, a training step as train.py runs it, where the Europarl
-sample is, and writing results."""
+"""What the benchmark commands share: the seed's configuration (read from its params file),
+units, device synchronisation, the float32 matmul peak that MFU is measured against, token
+batches, and writing results. Every benchmark that trains takes the trainer's own steps
+(:func:`backpack_nb.training.step.optimizer_step`): it measures the step training runs."""
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from backpack_nb import data, dataset
+from backpack_nb.errors import UserError
+from backpack_nb.paramfile import read_params_file
 from backpack_nb.paths import outputs_root
 
-GiB = 2**30
-MiB = 2**20
+GiB, MiB = 2**30, 2**20
+
+
+def seed_params(config: str = "train_europarl_scratch") -> dict[str, Any]:
+    """The values of a params file (default: the seed's, ``params/train_europarl_scratch.yaml``):
+    the model shape, batch size, dropout and autocast dtype the benchmarks measure."""
+    return read_params_file(config)
+
+
+def check_device(device: str, dtype: str, compile_cap: float, budget: float) -> None:
+    """A UserError for a plan this machine cannot run, or negative seconds."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("no CUDA device here; use --device cpu")
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise UserError(f"--dtype float16 runs with a gradient scaler on CUDA only; on "
+                        f"{device} use --dtype bfloat16 or float32")
+    if compile_cap < 0 or budget < 0:
+        raise UserError("--compile-cap and --budget are seconds >= 0 (0: none)")
 
 
 def sync(device: str | torch.device) -> None:
@@ -25,12 +46,10 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_gflops(n: int = 2048, reps: int = 3, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32) -> float:
+def matmul_gflops(n: int = 2048, reps: int = 3, device: str = "cpu") -> float:
     """Best-of-``reps`` GFLOP/s of an n x n float32 matmul: the roofline for MFU here."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(n, n, generator=gen).to(device, dtype)
-    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    a, b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
     a @ b  # warm-up: the first call pays for the library's set-up
     best = float("inf")
     for _ in range(reps):
@@ -42,23 +61,35 @@ def matmul_gflops(n: int = 2048, reps: int = 3, device: str = "cpu",
     return 2 * n**3 / best / 1e9
 
 
-def amp_step(forward: Callable[..., Any], params: list[torch.Tensor],
-             opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, x: torch.Tensor,
-             y: torch.Tensor, dtype: torch.dtype | None, *,
-             clip: Callable[..., Any] = torch.nn.utils.clip_grad_norm_,
-             **kwargs: Any) -> torch.Tensor:
-    """One training step as train.py runs it: forward under autocast to ``dtype`` (None:
-    none), the scaled backward, unscale, clip the gradient norm to 1, step, update the
-    scaler, clear the gradients. Returns the loss (not synced)."""
-    with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-        _, loss = forward(x, y, **kwargs)
-    scaler.scale(loss).backward()
-    scaler.unscale_(opt)
-    clip(params, 1.0)
-    scaler.step(opt)
-    scaler.update()
-    opt.zero_grad(set_to_none=True)
-    return loss
+def zipf_batches(vocab_size: int, batch_size: int, block_size: int, n: int,
+                 seed: int = 0) -> list[torch.Tensor]:
+    """``n`` batches (B, T + 1) of token ids drawn from a Zipf(1) profile over the
+    vocabulary, like text: at B*T = 1,024 about 550 distinct ids, as in real Europarl
+    batches of the same size (520-555 measured on the sample)."""
+    gen = torch.Generator().manual_seed(seed)
+    probs = 1.0 / torch.arange(1, vocab_size + 1, dtype=torch.float64)
+    return [torch.multinomial(probs / probs.sum(), batch_size * (block_size + 1),
+                              replacement=True, generator=gen).view(batch_size, block_size + 1)
+            for _ in range(n)]
+
+
+def europarl_batches(batch_size: int, block_size: int, n: int, seed: int = 0,
+                     langs: Sequence[str] = ("en", "fr")) -> tuple[list[torch.Tensor], int]:
+    """``n`` batches of real Europarl text (the sample in ``langs``, prepared into a temporary
+    folder) and its compact V. 4 x 256 holds about 530 distinct en+fr tokens, 450 English."""
+    source = default_europarl_source()
+    if not (source / "raw").is_dir():
+        raise UserError(f"no Europarl sample at {source}: set EUROPARL_SOURCE")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = data.prepare(source, Path(tmp) / "ep",
+                           data.PrepareConfig(block_size=block_size, langs=tuple(langs)),
+                           progress=False)
+        vocab = dataset.load_meta(out)["vocab_size"]
+        tokens = torch.from_numpy(dataset.load_tokens(out, "train").astype("int64"))
+    gen = torch.Generator().manual_seed(seed)
+    starts = (torch.randint(0, len(tokens) - block_size - 1, (batch_size,), generator=gen).tolist()
+              for _ in range(n))  # one draw a batch
+    return [torch.stack([tokens[s:s + block_size + 1] for s in row]) for row in starts], vocab
 
 
 def default_europarl_source() -> Path:

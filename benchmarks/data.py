@@ -78,20 +78,15 @@ def format_data(r: dict[str, Any]) -> str:
     ])
 
 
-def parser() -> argparse.ArgumentParser:
+def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m benchmarks.data",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("--sample", type=Path, default=None,
-                   help="the Europarl sample folder (default: EUROPARL_SOURCE, else "
-                   "../shared/europarl)")
+    p.add_argument("--sample", type=Path, help="the Europarl sample folder (default: "
+                   "EUROPARL_SOURCE, else ../shared/europarl)")
     p.add_argument("--copies", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", help="where to write the JSON (default outputs/bench/)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = p.parse_args(argv)
     try:
         result = run_data(args.sample or default_europarl_source(), args.copies, args.repeats)
     except UserError as exc:

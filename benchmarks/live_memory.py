@@ -2,15 +2,16 @@
 
 :class:`LiveMemory` is a dispatch mode: it sees every op's outputs after autograd (forward,
 backward and optimizer alike), counts each storage once however many views share it, and
-drops it when the storage is freed. It works on real tensors and on fake ones, so the memory
-of a large configuration can be accounted without having that memory.
+drops it when the storage is freed. It works on real tensors and on fake ones
+(``FakeTensorMode``), so the memory of a large configuration is accounted without having it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -23,27 +24,21 @@ KINDS = ("weights", "gradients", "optimizer state", "activations", "weight copie
          "temporaries")
 
 
+@dataclasses.dataclass(eq=False)
 class _Block:
-    """One tensor storage: its size and what it holds."""
+    """One tensor storage: its size, what it holds, and a weak reference to it."""
 
-    __slots__ = ("nbytes", "kind", "ref", "__weakref__")
-
-    def __init__(self, nbytes: int, kind: str) -> None:
-        self.nbytes, self.kind = nbytes, kind
+    nbytes: int
+    kind: str
+    ref: Any = None
 
 
 class LiveMemory(TorchDispatchMode):
     """Bytes of live tensor storage while a training step runs, and what was live at the
-    peak: ``weights`` (registered), ``gradients`` and ``optimizer state`` (tagged after the
-    backward and the optimizer step), ``activations`` (saved for backward, via
-    :meth:`saved_tensors`), ``weight copies`` (autocast's low-precision copies of weights),
-    ``logits`` (any other tensor with a vocabulary-sized last dimension: logits chunks,
-    their gradients) and ``temporaries`` (the rest).
-
-    Works on real tensors and on fake ones (``FakeTensorMode``: shapes only, so the seed
-    configuration is traced in seconds without its memory). Every op's outputs are seen
-    after autograd, so forward, backward and optimizer are all counted; a storage is counted
-    once however many views share it, and leaves the count when it is freed."""
+    peak, by :data:`KINDS`: weights, gradients and optimizer state (tagged by the caller),
+    activations (saved for backward, in :meth:`saved_tensors`), weight copies (autocast's),
+    logits (a vocabulary-sized last dimension), temporaries. The caller sets :attr:`phase`
+    ("forward", "backward", "optimizer"): each one's peak is kept."""
 
     def __init__(self, vocab_size: int | None = None, round_to: int = 1) -> None:
         super().__init__()
@@ -51,43 +46,29 @@ class LiveMemory(TorchDispatchMode):
         self.round_to = round_to  # CUDA's allocator hands out multiples of 512 bytes
         self._blocks: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> _Block
         self._live: dict[int, _Block] = {}
-        self.current = 0
-        self.peak = 0
+        self.current = self.peak = 0
         self.at_peak: list[_Block] = []
-        self.phase = "setup"  # set by the caller: "forward", "backward", "optimizer"
+        self.phase = self.peak_phase = "setup"
         self.phase_peaks: dict[str, int] = {}
-        self.peak_phase = self.phase
-
-    # -- bookkeeping ---------------------------------------------------------------------
-
-    def register(self, tensor: torch.Tensor, kind: str) -> None:
-        """Count ``tensor`` (made before tracing began) as ``kind``."""
-        for block in self._track(tensor):
-            block.kind = kind
 
     def tag(self, tensors: Iterable[torch.Tensor], kind: str) -> None:
-        """Relabel ``tensors`` (already counted) as ``kind``."""
+        """Label ``tensors`` as ``kind`` (counting them if they are new: the weights, made
+        before tracing began)."""
         for t in tensors:
             for block in self._track(t):
                 block.kind = kind
 
-    def reset_peak(self) -> None:
-        self.peak, self.at_peak = self.current, list(self._live.values())
-        self.peak_phase, self.phase_peaks = self.phase, {}
-
-    def by_kind(self, blocks: Sequence[_Block] | None = None) -> dict[str, int]:
-        """Bytes by kind among ``blocks`` (default: those live at the peak)."""
+    def by_kind(self) -> dict[str, int]:
+        """Bytes by kind among the storages live at the peak."""
         out = dict.fromkeys(KINDS, 0)
-        for b in self.at_peak if blocks is None else blocks:
+        for b in self.at_peak:
             out[b.kind] += b.nbytes
         return out
 
     def _storages(self, t: torch.Tensor) -> list[torch.UntypedStorage]:
         if t.is_sparse:
             return [s for part in (t._indices(), t._values()) for s in self._storages(part)]
-        if t.layout != torch.strided:
-            return []
-        return [t.untyped_storage()]
+        return [t.untyped_storage()] if t.layout == torch.strided else []
 
     def _track(self, t: torch.Tensor) -> list[_Block]:
         blocks = []
@@ -95,7 +76,8 @@ class LiveMemory(TorchDispatchMode):
             block = self._blocks.get(st)
             if block is None:
                 nbytes = -(-st.nbytes() // self.round_to) * self.round_to
-                block = _Block(nbytes, self._kind_of_new(t))
+                logits = self.vocab_size and t.dim() >= 1 and t.shape[-1] == self.vocab_size
+                block = _Block(nbytes, "logits" if logits else "temporaries")
                 key = id(block)
                 # the count follows the storage's life: freed storage leaves it
                 block.ref = weakref.ref(st, lambda _, key=key: self._free(key))
@@ -110,17 +92,10 @@ class LiveMemory(TorchDispatchMode):
             blocks.append(block)
         return blocks
 
-    def _kind_of_new(self, t: torch.Tensor) -> str:
-        if self.vocab_size and t.dim() >= 1 and t.shape[-1] == self.vocab_size:
-            return "logits"
-        return "temporaries"
-
     def _free(self, key: int) -> None:
         block = self._live.pop(key, None)
         if block is not None:
             self.current -= block.nbytes
-
-    # -- hooks -----------------------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -134,11 +109,8 @@ class LiveMemory(TorchDispatchMode):
         return out
 
     def _kind(self, t: Any) -> str | None:
-        if not isinstance(t, torch.Tensor):
-            return None
-        st = self._storages(t)
-        block = self._blocks.get(st[0]) if st else None
-        return None if block is None else block.kind
+        st = self._storages(t) if isinstance(t, torch.Tensor) else []
+        return getattr(self._blocks.get(st[0]) if st else None, "kind", None)
 
     def saved_tensors(self) -> contextlib.AbstractContextManager:
         """A context in which tensors saved for backward are counted as ``activations``

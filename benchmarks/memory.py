@@ -1,69 +1,232 @@
 """Peak training memory of a configuration, part by part, and whether it fits a 16 GB T4.
 
     python -m benchmarks.memory [--config train_europarl_scratch] [--vocab 50257 100277]
-        [--batch N] [--rss-check] [--rss-batch 4 8] [--rss-vocab 100277] [--json PATH]
+        [--batch N] [--distinct U] [--json PATH]
 
-By default the seed's configuration (6 layers, 384 wide, block 512, batch 32, float16
-autocast, AdamW), traced on fake tensors (:mod:`benchmarks.accounting`). ``--rss-check``
-compares the same accounting in float32 with the peak RSS of real CPU steps
-(:mod:`benchmarks.rss`, minutes). Writes JSON to ``--json`` (default
-``<outputs root>/bench/memory.json``).
+Two training steps (:func:`backpack_nb.training.step.optimizer_step`) of the real models of
+a params file's configuration (default the seed's: 6 layers, 384 wide, block 512, batch 32,
+float16) traced by :class:`~benchmarks.live_memory.LiveMemory` on fake tensors (shapes
+only: seconds on a laptop), the CPU standing in for CUDA (its memory-efficient attention and
+autocast's float32 ops patched in). JSON: ``--json`` (default ``outputs/bench/memory.json``).
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+import dataclasses
+import functools
+from collections.abc import Iterator, Sequence
 from typing import Any
+from unittest import mock
 
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+
+from backpack_nb import optim
+from backpack_nb.devices import autocast
 from backpack_nb.errors import UserError, exit_on_user_error
-from backpack_nb.params import read_params_file
+from backpack_nb.models import LOSS_CHUNK_ROWS, BackpackLM, ModelConfig, build_model
+from backpack_nb.training.step import optimizer_step
 
-from benchmarks.accounting import T4_BUDGET_GIB, format_memory, memory_cases, trace_memory
-from benchmarks.common import write_json
-from benchmarks.rss import format_rss, rss_check
+from benchmarks.common import GiB, seed_params, write_json
+from benchmarks.live_memory import KINDS, LiveMemory
 
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.memory",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--config", default="train_europarl_scratch",
-                   help="name under params/ or a .yaml path (shape, batch, dtype)")
-    p.add_argument("--vocab", type=int, nargs="+", default=[50_257, 100_277])
-    p.add_argument("--batch", type=int, help="override the config's batch size")
-    p.add_argument("--rss-check", action="store_true",
-                   help="also run real fp32 CPU steps and compare their peak RSS (minutes)")
-    p.add_argument("--rss-batch", type=int, nargs="+", default=[4, 8])
-    p.add_argument("--rss-vocab", type=int, default=100_277)
-    p.add_argument("--json", help="where to write the JSON (default outputs/bench/)")
-    return p
+# What a step may peak at (``torch.cuda.max_memory_allocated``) on a 16 GB T4: PyTorch sees
+# 14.75 GiB, and the CUDA context, cuBLAS workspaces and fragmentation take some of that.
+T4_BUDGET_GIB = 14.0
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Print the accounting (and the RSS cross-check) and return the JSON result."""
-    params = read_params_file(args.config)
-    cases = memory_cases(params, args.vocab, args.batch)
-    print(f"memory accounting of {args.config}: traced on fake tensors (the real models, "
-          "no memory used); CUDA's memory-efficient attention; float32 master weights")
-    results = [trace_memory(c) for c in cases]
-    print(format_memory(results))
-    result: dict[str, Any] = {"section": "memory", "config": args.config,
-                              "budget_gib": T4_BUDGET_GIB, "cases": results}
-    if args.rss_check:
-        check = rss_check(["transformer", "backpack"], args.rss_vocab, args.rss_batch,
-                          params.get("block_size", 512),
-                          args.batch or params.get("batch_size", 32))
-        print(format_rss(check))
-        result["rss_check"] = check
-    return result
+def _efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False):
+    """CUDA's memory-efficient attention (it saves q, k, v, the output and a logsumexp, never
+    the T x T weights) with autocast's cast of q, k, v, callable on CPU and fake tensors."""
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        q, k, v, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+
+
+class _CudaAutocastFloat32Ops(TorchFunctionMode):
+    """The ops the models call under autocast that CUDA autocast runs in float32 (inputs cast
+    up, the cast recorded by autograd) and CPU autocast, standing in for it, would not."""
+
+    FLOAT32_OPS = {torch.sum, torch.Tensor.sum, torch.softmax, torch.Tensor.softmax, F.softmax,
+                   torch.log_softmax, torch.Tensor.log_softmax, F.log_softmax, F.layer_norm,
+                   F.cross_entropy}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if (func in self.FLOAT32_OPS and torch.is_autocast_enabled("cpu") and args
+                and isinstance(args[0], torch.Tensor)
+                and args[0].dtype in (torch.float16, torch.bfloat16)):
+            args = (args[0].float(), *args[1:])
+        return func(*args, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryCase:
+    """One configuration whose training step is traced: a params file's values (``params``:
+    the model shape, ``batch_size``, ``dropout``) for one model at one vocabulary."""
+
+    model: str  # "backpack" or "transformer"
+    vocab_size: int
+    params: dict[str, Any] = dataclasses.field(default_factory=seed_params)
+    sense_source: str = "network"
+    chunked: bool = True
+    chunk_rows: int = LOSS_CHUNK_ROWS
+    dtype: str = "float16"  # autocast dtype, or "float32" for none
+    attention: str = "cuda"  # "cuda": the memory-efficient SDPA kernel; "cpu": as on the CPU
+    optimizer: str = "fused"  # "fused" AdamW, or "sparse" (table: SparseAdam for the table)
+    checkpointing: bool = False
+    distinct_tokens: int | None = None  # U; None: every token of the batch distinct (bound)
+
+    @property
+    def label(self) -> str:
+        table = "table+" + ("SparseAdam" if self.optimizer == "sparse" else "AdamW")
+        return "/".join([self.model] + [table] * (self.sense_source == "table")
+                        + ["full-logits"] * (not self.chunked)
+                        + ["checkpointed"] * self.checkpointing)
+
+
+def trace_memory(case: MemoryCase, *, real: bool = False, steps: int = 2) -> dict[str, Any]:
+    """Trace ``steps`` training steps of ``case`` (the peak is the step's peak with the
+    optimizer state of the previous step alive) with :class:`LiveMemory`, on fake tensors
+    (or real ones with ``real``). Returns the peak, its parts, the parameter count and U."""
+    config = ModelConfig.from_params({**case.params, "sense_source": case.sense_source},
+                                     case.vocab_size)
+    B, T = case.params["batch_size"], config.block_size
+    U = case.distinct_tokens or min(case.vocab_size, B * T)
+    tracker = LiveMemory(case.vocab_size, round_to=512 if case.attention == "cuda" else 1)
+    with contextlib.nullcontext() if real else FakeTensorMode():
+        torch.manual_seed(0)
+        model = build_model(case.model, config).train()
+        n_params = model.num_parameters(by_part=False)
+        model.set_activation_checkpointing(case.checkpointing)
+        if isinstance(model, BackpackLM) and not real:
+            # torch.unique has no fake kernel (its size is data): U supplied where it is found
+            model._distinct_tokens = lambda idx: (torch.arange(U), torch.zeros_like(idx))
+        opt = optim.make_optimizer(model, lr=1e-4, sparse_table=case.optimizer == "sparse")
+        tracker.tag(model.parameters(), "weights")
+        xy = torch.randint(0, U, (B, T + 1), generator=torch.Generator().manual_seed(0))
+        x, y = xy[:, :-1], xy[:, 1:]
+        U = len(torch.unique(x)) if real else U
+        kwargs = {"chunked_loss": case.chunked, "loss_chunk_rows": case.chunk_rows}
+
+        @contextlib.contextmanager
+        def forward() -> Iterator[None]:  # the step's autocast: the forward pass
+            tracker.phase = "forward"
+            with autocast(torch.device("cpu"), case.dtype):
+                yield
+            tracker.phase = "backward"
+
+        def params_to_clip() -> list[torch.Tensor]:  # asked for after the backward
+            tracker.phase = "optimizer"
+            tracker.tag((p.grad for p in model.parameters() if p.grad is not None), "gradients")
+            return list(model.parameters())
+
+        scaler = torch.amp.GradScaler("cpu", enabled=False)
+        cuda_like = contextlib.ExitStack()  # CUDA's attention kernel and autocast's fp32 ops
+        if case.attention == "cuda":
+            cuda_like.enter_context(mock.patch.object(F, "scaled_dot_product_attention",
+                                                      _efficient_sdpa))
+            cuda_like.enter_context(_CudaAutocastFloat32Ops())
+        with tracker, tracker.saved_tensors(), cuda_like:
+            for _ in range(steps):
+                optimizer_step(model, opt, scaler, lambda: (x, y, kwargs), autocast=forward,
+                               params=params_to_clip)
+                tracker.tag((t for s in opt.state.values() for t in s.values()
+                             if isinstance(t, torch.Tensor)), "optimizer state")
+    parts = tracker.by_kind()
+    case_values = {k: v for k, v in dataclasses.asdict(case).items() if k != "params"}
+    return {"case": {**case_values, **config.to_dict(), "batch_size": B},
+            "label": case.label, "params": n_params, "distinct_tokens": U,
+            "peak_bytes": tracker.peak, "parts": parts, "peak_phase": tracker.peak_phase,
+            "phase_peaks": dict(tracker.phase_peaks)}
+
+
+def memory_cases(params: dict[str, Any], vocab_sizes: Sequence[int],
+                 distinct_tokens: int | None = None) -> list[MemoryCase]:
+    """The cases printed for a params file: both default models (network senses, chunked
+    CE, its autocast dtype) and, as information, the table with dense and sparse updates,
+    full logits, and activation checkpointing."""
+    dtype = params.get("dtype", "float16")
+    case = functools.partial(MemoryCase, params=params, distinct_tokens=distinct_tokens,
+                             dtype=dtype if dtype in ("float16", "bfloat16", "float32") else
+                             "float16")
+    return [c for V in vocab_sizes for c in (
+        case("transformer", V), case("backpack", V), case("transformer", V, chunked=False),
+        case("backpack", V, chunked=False), case("backpack", V, sense_source="table"),
+        case("backpack", V, sense_source="table", optimizer="sparse"),
+        case("backpack", V, checkpointing=True))]
+
+
+def format_memory(results: list[dict[str, Any]], budget_gib: float = T4_BUDGET_GIB) -> str:
+    """One table per vocabulary size (GiB by part at the peak), notes, and a T4 verdict for
+    each default model at the largest vocabulary."""
+    lines = []
+    by_v: dict[int, list[dict]] = {}
+    for r in results:
+        by_v.setdefault(r["case"]["vocab_size"], []).append(r)
+    for V, rows in by_v.items():
+        c = rows[0]["case"]
+        lines.append(f"\nV = {V:,}: batch {c['batch_size']} x block {c['block_size']}, "
+                     f"{c['dtype']} autocast, fused AdamW, U = {rows[0]['distinct_tokens']:,} "
+                     "distinct tokens a batch; GiB live at the peak")
+        width = max(22, *(len(r["label"]) + 2 for r in rows))
+
+        def row(name: str, cell: Any) -> None:
+            lines.append(f"{name:<18}" + "".join(f"{cell(r):>{width}}" for r in rows))
+
+        for kind in KINDS:
+            row(kind, lambda r: f"{r['parts'][kind] / GiB:.2f}")
+        row("peak", lambda r: f"{r['peak_bytes'] / GiB:.2f}")
+        row("  reached in", lambda r: r["peak_phase"])
+        for phase in ("backward", "optimizer"):
+            row(f"  peak in {phase}", lambda r: f"{r['phase_peaks'].get(phase, 0) / GiB:.2f}")
+        row("params", lambda r: f"{r['params'] / 1e6:.1f}M")
+        row("fits 16 GB T4", lambda r: "yes" if r["peak_bytes"] / GiB <= budget_gib else "no")
+    lines += ["", "weights, gradients, optimizer state: fp32; activations: saved for backward; "
+              f"logits: vocabulary-sized buffers (one chunk of {LOSS_CHUNK_ROWS} rows when "
+              "chunked)", f"budget: {budget_gib} GiB for the step's allocator peak on a 16 GB T4"]
+    for r in by_v[max(by_v)]:
+        c = r["case"]
+        if c["sense_source"] == "network" and c["chunked"] and not c["checkpointing"]:
+            gib = r["peak_bytes"] / GiB
+            verdict = (f"FITS ({gib:.1f} GiB of 16)" if gib <= budget_gib else
+                       f"DOES NOT FIT ({gib:.1f} GiB needed, {budget_gib} GiB usable of 16)")
+            lines.append(f"VERDICT {c['model']}: {verdict}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = argparse.ArgumentParser(prog="python -m benchmarks.memory",
+                                description=__doc__.split("\n")[0])
+    add = p.add_argument
+    add("--config", default="train_europarl_scratch",
+        help="name under params/ or a .yaml path (shape, batch, dtype)")
+    add("--vocab", type=int, nargs="+", default=[50_257, 100_277])
+    add("--batch", type=int, help="override the config's batch size")
+    add("--distinct", type=int, metavar="U", help="distinct tokens a batch (default: every "
+        "token distinct, the bound; a Zipf batch of 32 x 512 holds about 6,500)")
+    add("--json", help="where to write the JSON (default outputs/bench/)")
+    args = p.parse_args(argv)
     try:
-        result = run(args)
+        params = seed_params(args.config)
+        if args.batch is not None:
+            params = {**params, "batch_size": args.batch}
+        cases = memory_cases(params, args.vocab, args.distinct)
+        print(f"memory accounting of {args.config}: traced on fake tensors (the real models, "
+              "no memory used); CUDA's memory-efficient attention; float32 master weights")
+        results = [trace_memory(c) for c in cases]
     except UserError as exc:
         exit_on_user_error(exc)
+    print(format_memory(results))
+    result = {"section": "memory", "config": args.config, "budget_gib": T4_BUDGET_GIB,
+              "cases": results}
     print(f"wrote {write_json(result, args.json, 'memory')}")
 
 

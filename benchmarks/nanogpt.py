@@ -1,9 +1,7 @@
-"""The speed reference for the Transformer baseline: a straightforward nanoGPT-style GPT.
-
-Same architecture as :class:`backpack_nb.models.GPT` (pre-LN, tanh GELU, SDPA causal
-attention, tied head, same init), trained the plain way: all logits, then
-``F.cross_entropy``. Written after karpathy/nanoGPT's ``model.py``, in this project's names.
-"""
+"""The speed reference for the Transformer baseline: a straightforward nanoGPT-style GPT,
+the architecture of :class:`backpack_nb.models.GPT` (pre-LN, tanh GELU, SDPA causal
+attention, tied head, same init) trained the plain way: all logits, then ``F.cross_entropy``.
+Written after karpathy/nanoGPT's ``model.py``, in this project's names."""
 
 from __future__ import annotations
 
@@ -46,9 +44,8 @@ class NanoGPT(nn.Module):
 
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Weight decay on matrices only, as the library's models do."""
-        params = list(self.parameters())
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return [{"params": [p for p in self.parameters() if (p.dim() >= 2) == decay],
+                 "weight_decay": weight_decay if decay else 0.0} for decay in (True, False)]
 
 
 class _NanoAttention(nn.Module):
@@ -60,10 +57,9 @@ class _NanoAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        # (B, T, C) -> (B, n_head, T, head size)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, C = x.shape  # -> (B, n_head, T, head size)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for t in self.c_attn(x).split(C, dim=2))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            dropout_p=self.dropout if self.training else 0.0)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))

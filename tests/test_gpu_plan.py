@@ -17,8 +17,10 @@ from benchmarks.compile_guard import guarded_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "device_check.sh"
+SLOW_FIXTURES = {"plan_dir"}  # compiles every variant
 
 
+@pytest.mark.slow  # compiles
 def test_guard_reports_the_recompile_limit_instead_of_a_silent_eager_run():
     f = torch.compile(lambda x: (x * 2).sin().sum(), dynamic=False)
     sizes = iter(range(1, 100))
@@ -27,6 +29,7 @@ def test_guard_reports_the_recompile_limit_instead_of_a_silent_eager_run():
     assert not torch._dynamo.config.fail_on_recompile_limit_hit  # put back
 
 
+@pytest.mark.slow  # compiles
 def test_guard_stops_a_compile_over_its_cap_and_passes_an_eager_warmup():
     g = torch.compile(lambda x: (x @ x).relu().cos().sum())
     report = guarded_warmup(lambda: g(torch.randn(48, 48)), 1, compiled=True, cap_s=0.01)
@@ -43,7 +46,7 @@ def plan_dir(tmp_path_factory, europarl_source):
     train.py's own runs are tested elsewhere)."""
     out = tmp_path_factory.mktemp("plan")
     speed.main(["--tiny", "--data", "europarl", "--compile-all", "--compile-cap", "300",
-                "--profile", "--only", "backpack", "transformer", "nanogpt",
+                "--only", "backpack", "transformer", "nanogpt",
                 "backpack/fused-loss", "backpack/distinct-on-host",
                 "--json", str(out / "speed_13034.json")])
     curves.main(["--tiny", "--models", "transformer", "--json", str(out / "curves.json")])
@@ -67,9 +70,6 @@ def test_compiled_speed_rows_report_their_compilation(plan_dir):
     # the on-device torch.unique breaks the Backpack's graph; found on the host, it does not
     assert rows["backpack/distinct-on-host"]["compile"]["graph_breaks"] < \
         rows["backpack"]["compile"]["graph_breaks"]
-    assert set(result["profiles"]) == {"backpack", "transformer", "nanogpt"}
-    top = result["profiles"]["backpack"]["kernels"]
-    assert top and all(0 < k["share"] <= 1 for k in top)
 
 
 def test_loss_curve_verdict_compares_levers_with_the_dropout_seed_yardstick(plan_dir):
@@ -87,15 +87,18 @@ def test_loss_curve_verdict_compares_levers_with_the_dropout_seed_yardstick(plan
     assert curves.verdict(runs)["agree"] is False
 
 
-def test_summary_lays_out_the_issue_table_goals_levers_and_train_py(plan_dir):
+def test_summary_lays_out_the_goals_the_speed_tables_train_py_and_curves(plan_dir):
     text = gpu_summary.summarize(plan_dir)
-    assert "| Transformer | 13,034 | europarl" in text and "| nanoGPT-style |" in text
-    assert "Transformer / nanoGPT-style step time" in text and "MFU at V 13,034" in text
-    assert "| backpack/distinct-on-host | 13,034 |" in text
-    assert "compiled in" in text and "graph(s)" in text
-    assert re.search(r"- backpack: train.py [\d,]+ tokens/s, benchmark [\d,]+ \(\+5\.0%: within", text)
+    goals = text.split("## Goals")[1].split("##")[0]
+    assert re.search(r"- V 13,034: Transformer / nanoGPT-style step time: [\d.]+ \(goal <= "
+                     r"1\.00: (met|MISSED)\)", goals)
+    assert re.search(r"- V 13,034: Backpack / Transformer .* goal <= 1\.10x: (met|MISSED)", goals)
+    assert "## Speed at V 13,034 (europarl batches)" in text
+    assert "backpack/distinct-on-host" in text and "compiled in" in text
+    assert re.search(r"- backpack: train.py [\d,]+ tokens/s, benchmark [\d,]+ "
+                     r"\(\+5\.0%: within", text)
     assert "(-50.0%: NOT within 10%)" in text
-    assert "transformer: levers" in text and "Where the time goes" in text
+    assert "transformer: levers" in text
 
 
 def test_a_spent_budget_drops_variants_by_name_and_still_writes_the_result(tmp_path, capsys):
@@ -115,7 +118,7 @@ def test_a_spent_budget_drops_variants_by_name_and_still_writes_the_result(tmp_p
     (speed.main, ["--tiny", "--data", "europarl", "--vocab", "100"], "europarl batches bring"),
     (curves.main, ["--tiny", "--budget", "-1"], "--compile-cap and --budget are seconds >= 0"),
     (curves.main, ["--tiny", "--steps", "10"], "--steps 10: the verdict needs at least 50"),
-    (curves.main, ["--tiny", "--dtype", "float16"], "--dtype float16 needs CUDA"),
+    (curves.main, ["--tiny", "--dtype", "float16"], "--dtype float16 runs with a gradient scaler"),
 ])
 def test_bad_plan_flags_are_one_error_and_exit_2(main, argv, expected, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -1,5 +1,5 @@
 """Every performance lever computes the same thing as the plain path: logits, loss and
-gradients in float64 (senses once per distinct token, the three mixing kernels, the chunked
+gradients in float64 (senses once per distinct token, the two mixing kernels, the chunked
 loss with gradients in forward, activation checkpointing), and the sparse table updates
 match dense ones where they should (gradients, clipping, the first Adam step)."""
 
@@ -14,8 +14,7 @@ import torch.nn.functional as F
 from backpack_nb import optim
 from backpack_nb.models import ModelConfig, build_model, linear_cross_entropy
 from backpack_nb.models.loss import chunk_loss_and_grad
-from backpack_nb.models.mixing import (Senses, causal_mixing, choose_kernel, distinct_tokens,
-                                       weighted_sum_of_senses)
+from backpack_nb.models.mixing import Senses, distinct_tokens, weighted_sum_of_senses
 
 V = 41
 
@@ -54,11 +53,11 @@ def assert_same(a, b, atol=1e-12):
 # -- senses once per distinct token ----------------------------------------------------
 
 
-@pytest.mark.parametrize("mixing", ["einsum", "blocked"])  # two gathers of the senses
+@pytest.mark.parametrize("mixing", ["einsum", "sdpa"])
 @pytest.mark.parametrize("source", ["network", "table"])
 def test_deduplicated_senses_equal_per_position_senses(source, mixing):
     model = tiny(sense_source=source).eval()
-    model.mixing, model.mixing_block = mixing, 8
+    model.mixing = mixing
     idx, targets = batch()
     assert len(torch.unique(idx)) < idx.numel()  # there is something to deduplicate
     model.dedup_senses = False
@@ -70,47 +69,20 @@ def test_deduplicated_senses_equal_per_position_senses(source, mixing):
 # -- the mixing kernels ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mixing", ["sdpa", "blocked"])
-def test_mixing_kernels_equal_the_einsum_reference(mixing):
+def test_mixing_kernels_equal_the_einsum_reference():
     model = tiny().eval()
-    model.mixing_block = 8  # T = 32: four blocks
     idx, targets = batch()
     model.mixing = "einsum"
     plain = loss_and_grads(model, idx, targets)
-    model.mixing = mixing
+    model.mixing = "sdpa"
     assert_same(loss_and_grads(model, idx, targets), plain)
 
 
-@pytest.mark.parametrize("n_blocks", [1, 2, 4, 16])
-def test_causal_mixing_function_against_a_direct_sum(n_blocks):
-    torch.manual_seed(0)
-    B, k, T, d = 2, 3, 16, 6
-    q = torch.randn(B, k, T, d // k * 2, dtype=torch.float64, requires_grad=True)
-    key = torch.randn(B, k, T, d // k * 2, dtype=torch.float64, requires_grad=True)
-    senses = torch.randn(B, T, k, d, dtype=torch.float64, requires_grad=True)
-    grad_o = torch.randn(B, T, d, dtype=torch.float64)
-
-    # o_i = sum_l sum_{j <= i} softmax_j(q_l,i . k_l,j / sqrt(w)) senses_j,l, written out
-    scores = torch.einsum("blid,bljd->blij", q, key) / math.sqrt(q.shape[-1])
-    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-    ref = torch.einsum("blij,bjld->bid", scores.softmax(-1), senses)
-    ref_grads = torch.autograd.grad(ref, (q, key, senses), grad_o)
-
-    out = causal_mixing(q, key, senses, n_blocks)
-    grads = torch.autograd.grad(out, (q, key, senses), grad_o)
-    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
-    for g, r in zip(grads, ref_grads):
-        torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("mixing, block, kernel", [
-    ("auto", 4, "blocked"), ("auto", 16, "einsum"),  # 16 = T: a single block is not worth it
-    ("einsum", 4, "einsum"), ("sdpa", 4, "sdpa"), ("blocked", 4, "blocked")])
+@pytest.mark.parametrize("mixing", ["sdpa", "einsum"])
 @pytest.mark.parametrize("by_type", [True, False], ids=["senses-by-type", "senses-by-position"])
-def test_the_one_mixing_call_equals_a_direct_sum_for_every_kernel(mixing, block, kernel, by_type):
+def test_the_one_mixing_call_equals_a_direct_sum_for_every_kernel(mixing, by_type):
     torch.manual_seed(0)
     B, k, T, d, U = 2, 3, 16, 6, 5
-    assert choose_kernel(mixing, block, T, torch.device("cpu")) == kernel
     q = torch.randn(B, k, T, d // k, dtype=torch.float64, requires_grad=True)
     key = torch.randn(B, k, T, d // k, dtype=torch.float64, requires_grad=True)
     if by_type:  # U distinct tokens, each position pointing at its token's row
@@ -130,26 +102,24 @@ def test_the_one_mixing_call_equals_a_direct_sum_for_every_kernel(mixing, block,
     ref = sum(alpha[:, l] @ C[:, :, l] for l in range(k))  # (B, T, d)
     ref_grads = torch.autograd.grad(ref, (q, key, per_type), grad_o)
 
-    out = weighted_sum_of_senses(q, key, Senses(per_type, where, (B, T, k, d)), mixing, block)
+    out = weighted_sum_of_senses(q, key, Senses(per_type, where, (B, T, k, d)), mixing)
     grads = torch.autograd.grad(out, (q, key, per_type), grad_o)
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-12)
 
 
-def test_auto_mixing_picks_blocked_on_cpu_only_when_the_length_allows():
+def test_an_unknown_mixing_kernel_is_refused_by_name():
     model = tiny()
-    assert model._mixing_kernel(torch.zeros(1, 128, dtype=torch.long)) == "blocked"
-    assert model._mixing_kernel(torch.zeros(1, 100, dtype=torch.long)) == "einsum"
-    assert model._mixing_kernel(torch.zeros(1, 64, dtype=torch.long)) == "einsum"  # one block
-    model.mixing = "blocked"
-    with pytest.raises(ValueError, match="divisible"):
-        model._mixing_kernel(torch.zeros(1, 100, dtype=torch.long))
+    model.mixing = "blocked"  # a kernel this code once had
+    with pytest.raises(ValueError, match="unknown mixing 'blocked': use one of sdpa, einsum"):
+        model(*batch())
 
 
-def test_blocked_mixing_under_bfloat16_autocast_gives_float32_gradients():
+@pytest.mark.parametrize("mixing", ["sdpa", "einsum"])
+def test_mixing_under_bfloat16_autocast_gives_float32_gradients(mixing):
     model = tiny().float().train()
-    model.mixing, model.mixing_block = "blocked", 8
+    model.mixing = mixing
     idx, targets = batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _, loss = model(idx, targets)
@@ -229,6 +199,7 @@ def test_chunked_loss_under_autocast_returns_float32_weight_gradients():
     assert abs(loss.item() - ref.item()) < 0.05
 
 
+@pytest.mark.slow  # compiles
 def test_fused_loss_chunks_equal_the_eager_chunks_in_float64():
     # ignored rows and an uneven last chunk (70 = 32 + 32 + 6 rows): two compiled shapes
     torch.manual_seed(0)
@@ -256,6 +227,7 @@ def test_fused_loss_chunks_equal_the_eager_chunks_in_float64():
     assert grad.dtype == torch.float64 and (grad[~ok] == 0).all()
 
 
+@pytest.mark.slow  # compiles
 @pytest.mark.parametrize("kind", ["transformer", "backpack"])
 def test_fused_loss_lever_gives_the_models_same_loss_and_gradients(kind):
     model = tiny(kind).eval()

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-import yaml
 
 from backpack_nb.errors import UserError
 from backpack_nb.models import (
@@ -20,7 +19,7 @@ from backpack_nb.models import (
     linear_cross_entropy,
 )
 from backpack_nb.models.__main__ import main as models_cli
-from backpack_nb.paths import params_dir
+from backpack_nb.paramfile import read_params_file
 
 SOURCES = ["network", "table"]
 
@@ -160,16 +159,15 @@ def test_changing_the_future_leaves_past_logits_unchanged(kind):
     assert not torch.allclose(before[:, t + 1 :], after[:, t + 1 :])
 
 
-@pytest.mark.parametrize("mixing", ["einsum", "blocked", "sdpa"])
+@pytest.mark.parametrize("mixing", ["einsum", "sdpa"])
 def test_every_mixing_kernel_is_causal(mixing):
-    """The same check for each way of computing the Backpack's sum, the blocked kernel (the
-    CPU default at real lengths) included: here 3 blocks of 4 positions, the change right
-    after a block boundary and inside a block."""
+    """The same check for each way of computing the Backpack's sum, the change at two
+    positions."""
     model = tiny_model("backpack/network")
-    model.mixing, model.mixing_block = mixing, 4
+    model.mixing = mixing
     idx = torch.randint(0, 37, (2, 12))
     before, _ = model(idx, all_logits=True)
-    for t in (3, 5):  # last position of block 0; a position inside block 1
+    for t in (3, 5):
         changed = idx.clone()
         changed[:, t + 1:] = (idx[:, t + 1:] + 1) % 37
         after, _ = model(changed, all_logits=True)
@@ -308,7 +306,7 @@ def test_fresh_model_loss_is_close_to_ln_V(kind):
 
 
 def read_params(name: str) -> dict:
-    return yaml.safe_load((params_dir() / f"{name}.yaml").read_text())
+    return read_params_file(name)  # a preset's values, its base: resolved
 
 
 def test_seed_configs_load_and_differ_only_in_model_type_and_senses():

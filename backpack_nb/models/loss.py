@@ -2,8 +2,8 @@
 
 The language-model loss is ``cross_entropy(h @ W.T, targets)`` with h (N, d) the final hidden
 states of N = B*T positions and W (V, d) the tied embedding. The full logits, N x V in fp32
-plus their gradient, dominate memory at real vocabularies (about 12 GiB at batch 32, block
-512, V = 50k). Here rows are processed ``chunk_rows`` at a time and only one chunk of logits
+plus their gradient, dominate memory at real vocabularies (docs/performance.md has the
+accounting). Here rows are processed ``chunk_rows`` at a time and only one chunk of logits
 is ever alive. The gradients with respect to h and W are computed in the same pass, while
 each chunk's softmax is at hand (backward only scales them by the incoming gradient), so the
 logits are computed once: no recomputation in backward, and the matmul work equals that of
@@ -64,12 +64,10 @@ def linear_cross_entropy(
 @torch.compiler.disable
 def _eager_apply(*args):
     # Kept out of torch.compile graphs on purpose. Traced, the chunk loop unrolls and the
-    # compiled graph no longer frees each chunk's logits before the next chunk starts:
-    # measured on the CPU (Transformer, V 50,257, batch 8 x 512, four chunks of 0.19 GiB),
-    # a step's transient peak went from 1.03 GiB eager to 2.18 GiB compiled; on a GPU at
-    # V 100,277 the compiled seed configuration peaked about 3 GiB above the accounting.
-    # Eager, only one chunk is alive; the loop is matmul-bound, so compiling it gains
-    # nothing (benchmarks/compile_memory.py measures both).
+    # compiled graph no longer frees each chunk's logits before the next chunk starts, so a
+    # compiled step's peak grows by several chunks (measured: docs/performance.md, "Compiled
+    # steps and memory"). Eager, only one chunk is alive; the loop is matmul-bound, so
+    # compiling it gains nothing.
     return _ChunkedLinearCrossEntropy.apply(*args)
 
 
