@@ -40,6 +40,7 @@ SLOW_BY_NAME = frozenset({
     "test_gpu_plan.py::test_guard_reports_the_recompile_limit_instead_of_a_silent_eager_run",
     "test_gpu_plan.py::test_guard_stops_a_compile_over_its_cap_and_passes_an_eager_warmup",
     "test_gpu_plan.py::test_device_script_with_no_phase_only_summarizes",
+    "test_gpu_plan.py::test_a_spent_budget_drops_variants_by_name_and_still_writes_the_result",
     "test_bench.py::test_live_memory_on_fake_tensors_equals_the_same_step_on_real_ones",
     "test_bench.py::test_memory_traces_the_shape_of_the_params_file_it_is_given",
 })
