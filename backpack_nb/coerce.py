@@ -1,14 +1,15 @@
 """Values as the configuration's types: YAML, the command line and papermill all hand over
 text (``"1e-3"``, ``"true"``, ``"50_000"``), numbers and lists; :func:`coerce` turns one into
 a field's type (bool, int, float, str, list[str], ``X | None``) or raises ValueError saying
-what was expected and what came."""
+what was expected and what came. :func:`documented` declares a setting with its help text."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import reprlib
 import typing
-from typing import Any
+from typing import Any, Callable
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -21,6 +22,22 @@ _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = _REPR.maxlong = BRIEF_CHARS
 _REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 10
 _REPR.maxlevel = 3
+
+
+def documented(default: Any = dataclasses.MISSING, doc: str = "", *,
+               factory: Callable[[], Any] | None = None, kw_only: bool = False) -> Any:
+    """A dataclass field with its help text as metadata (``--help``, the docs read it there):
+    ``name: int = documented(512, "Longest context in tokens.")``; ``factory`` for a mutable
+    default (``documented(factory=list, doc=...)``)."""
+    meta = {"help": " ".join(doc.split())}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta, kw_only=kw_only)
+    return dataclasses.field(default=default, metadata=meta, kw_only=kw_only)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field of the dataclass ``cls`` -> its help text (empty where it has none)."""
+    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
 
 
 def brief(value: Any, limit: int = BRIEF_CHARS, *, quote: bool = True) -> str:

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from backpack_nb.coerce import brief
+from backpack_nb.coerce import brief, documented
 from backpack_nb.errors import UserError
 
 MODEL_TYPES = ("backpack", "transformer")
@@ -32,48 +32,55 @@ class ConfigError(UserError):
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelShape:
+    """A model's shape but its vocabulary: the keys a params file sets for the model, declared
+    once. :class:`ModelConfig` adds the vocabulary (which the dataset decides) and
+    :class:`backpack_nb.params.TrainConfig` builds on these fields. Defaults are the seed's
+    Backpack-Micro shape; each field's help (``--help``, the docs) is its metadata."""
+
+    block_size: int = documented(512, """
+        Longest context in tokens; the number of learned position embeddings.""")
+
+    n_layer: int = documented(6, """
+        Transformer blocks (in the Backpack: in the network that computes the weights alpha).""")
+
+    n_head: int = documented(6, "Attention heads per block; n_embd must be divisible by it.")
+
+    n_embd: int = documented(384, "Width d of embeddings, hidden states and sense vectors.")
+
+    n_senses: int = documented(16, """
+        Sense vectors k per token type (Backpack only; n_embd must be divisible by it, since
+        the k contextualization heads split d). The Transformer ignores it (the seed sets 1).""")
+
+    sense_source: str = documented("network", """
+        Where the Backpack's sense vectors C(x) come from: ``"network"`` (the paper's sense
+        network on the shared embedding) or ``"table"`` (a free V x k x d lookup, this project's
+        extension; huge at large V).""")
+
+    dropout: float = documented(0.1, """
+        Dropout probability in [0, 1) on embeddings, residual adds and attention (the seed
+        trains with 0.1; a model only evaluated or sampled runs in eval mode, without it).""")
+
+    bias: bool = documented(False, """
+        Biases in the Linear and LayerNorm layers. The Backpack's d -> 2d contextualization
+        projection always has one, as in the paper. ``False`` (the seed) gives the counts in
+        docs/models.md (41.6M Backpack-Micro); ``True`` gives the official code's 41.7M.""")
+
+    scale_attn_by_inverse_layer_idx: bool = documented(False, """
+        Divide the attention scores of Transformer layer l (0-based) by l + 1, besides the
+        usual 1/sqrt(head size): GPT-2's option (the name is Hugging Face's), which the released
+        Backpack (stanfordnlp/backpack-gpt2) uses. Off for models trained here.""")
+
+
+@dataclass(frozen=True)
+class ModelConfig(ModelShape):
     """Everything needed to build a :class:`~backpack_nb.models.GPT` or
     :class:`~backpack_nb.models.BackpackLM` (the model type itself is chosen by
-    :func:`~backpack_nb.models.build_model`). Defaults are the seed's Backpack-Micro shape."""
+    :func:`~backpack_nb.models.build_model`): the shape and the vocabulary, given by name."""
 
-    vocab_size: int
-    """Number of token ids V; rows of the shared embedding E (V x d), which is also the head."""
-
-    block_size: int = 512
-    """Longest context in tokens; the number of learned position embeddings."""
-
-    n_layer: int = 6
-    """Transformer blocks (in the Backpack: in the network that computes the weights alpha)."""
-
-    n_head: int = 6
-    """Attention heads per block; n_embd must be divisible by it."""
-
-    n_embd: int = 384
-    """Width d of embeddings, hidden states and sense vectors."""
-
-    n_senses: int = 16
-    """Sense vectors k per token type (Backpack only; n_embd must be divisible by it, since
-    the k contextualization heads split d). The Transformer ignores it (the seed sets 1)."""
-
-    sense_source: str = "network"
-    """Where the Backpack's sense vectors C(x) come from: ``"network"`` (the paper's sense
-    network on the shared embedding) or ``"table"`` (a free V x k x d lookup, this project's
-    extension; huge at large V)."""
-
-    dropout: float = 0.1
-    """Dropout probability in [0, 1) on embeddings, residual adds and attention (the seed
-    trains with 0.1; a model only evaluated or sampled runs in eval mode, without it)."""
-
-    bias: bool = False
-    """Biases in the Linear and LayerNorm layers. The Backpack's d -> 2d contextualization
-    projection always has one, as in the paper. ``False`` (the seed) gives the counts in
-    design/backpack.md (41.6M Backpack-Micro); ``True`` gives the official code's 41.7M."""
-
-    scale_attn_by_inverse_layer_idx: bool = False
-    """Divide the attention scores of Transformer layer l (0-based) by l + 1, besides the
-    usual 1/sqrt(head size): GPT-2's option (the name is Hugging Face's), which the released
-    Backpack (stanfordnlp/backpack-gpt2) uses. Off for models trained here."""
+    vocab_size: int = documented(
+        dataclasses.MISSING, "Number of token ids V; rows of the shared embedding E (V x d), "
+        "which is also the head.", kw_only=True)
 
     def __post_init__(self) -> None:
         problems = config_problems(dataclasses.asdict(self))
@@ -119,8 +126,8 @@ class ModelConfig:
 
 
 # The keys of a flat params file that belong to the model (model_type picks the class); the
-# training config (backpack_nb.params.TrainConfig) takes these fields from ModelConfig.
-MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "vocab_size")
+# training config (backpack_nb.params.TrainConfig) builds on ModelShape, which declares them.
+MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelShape))
 # Keys only the Backpack reads (the Transformer ignores them).
 BACKPACK_KEYS = ("n_senses", "sense_source")
 

@@ -10,23 +10,20 @@ Validation looks at every key and raises one :class:`UserError` that lists every
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import difflib
-import inspect
 import re
-import textwrap
 import typing
 import unicodedata
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Mapping, NoReturn, Sequence
 
-from backpack_nb.coerce import BRIEF_CHARS, brief, coerce
+from backpack_nb.coerce import BRIEF_CHARS, brief, coerce, documented, field_help
 from backpack_nb.device_names import DTYPES, device_problem
 from backpack_nb.errors import UserError, command
 from backpack_nb.model_source import INIT_FROM, is_pretrained
-from backpack_nb.model_config import MODEL_KEYS, MODEL_TYPES, ModelConfig, config_problems
+from backpack_nb.model_config import MODEL_KEYS, MODEL_TYPES, ModelShape, config_problems
 # params_path, available_configs and read_params_file are imported from here by most callers
 from backpack_nb.paramfile import available_configs, params_path, read_params_file
 
@@ -41,158 +38,134 @@ EUROPARL_LANGS = ("bg cs da de el en es et fi fr hu it lt lv nl pl pt ro sk sl s
 DATA_FORMS = ("raw", "aligned")
 
 
-class _ModelShape:
-    """Marks where TrainConfig takes the model's fields from ModelConfig."""
-
-
-def _with_model_shape(cls: type) -> type:
-    """Put ModelConfig's fields (but vocab_size) where ``cls`` declares ``model_shape``, so the
-    model's keys, types and defaults are defined once, in :mod:`backpack_nb.model_config`."""
-    annotations: dict[str, Any] = {}
-    for name, typ in cls.__dict__["__annotations__"].items():
-        if name != "model_shape":
-            annotations[name] = typ
-            continue
-        for f in dataclasses.fields(ModelConfig):
-            if f.name in MODEL_KEYS:
-                annotations[f.name] = f.type
-                setattr(cls, f.name, f.default)
-    cls.__annotations__ = annotations
-    return cls
-
-
-@dataclass
-@_with_model_shape
-class TrainConfig:
-    """Everything one training run needs. Defaults are the seed's Backpack run
-    (``params/train_europarl_scratch.yaml``)."""
+@dataclass(frozen=True)
+class TrainConfig(ModelShape):
+    """Everything one training run needs: the model's shape (the fields of
+    :class:`~backpack_nb.model_config.ModelShape`, declared there) and the fields below.
+    Defaults are the seed's Backpack run (``params/train_europarl_scratch.yaml``). Each
+    field's help text (``train.py --help``) is its metadata."""
 
     # --- run -----------------------------------------------------------------------------
-    run_name: str = "backpack_full"
-    """A short name for the run, shown in logs and notebooks."""
-    model_type: str = "backpack"
-    """Which model to train: ``backpack`` or ``transformer`` (the baseline)."""
-    out_dir: str = "out/backpack_full"
-    """Folder for ckpt.pt, best.pt, training_log.json and run.json; a relative path is taken
-    from the project root, not the current directory."""
-    init_from: str = "scratch"
-    """``scratch`` starts a new run (refused where a checkpoint exists, unless ``overwrite``);
-    ``resume`` continues from ``out_dir/ckpt.pt`` (or ``ckpt.prev.pt``); ``hf:<repo id>`` or a
-    folder holding a Hugging Face model's config.json starts a new run from those weights,
-    whose shape it takes (a fine-tune; docs/hub.md)."""
-    overwrite: bool = False
-    """Let ``init_from: scratch`` replace the checkpoints already in ``out_dir``."""
-
-    # --- model shape (must not change on resume) -----------------------------------------
-    model_shape: _ModelShape
-    """Stands for ModelConfig's fields (all but vocab_size, which the dataset decides), with
-    their types, defaults and docs: block_size, n_layer, n_head, n_embd, n_senses,
-    sense_source, dropout, bias. :func:`_with_model_shape` puts them here."""
+    run_name: str = documented("backpack_full", """
+        A short name for the run, shown in logs and notebooks.""")
+    model_type: str = documented("backpack", """
+        Which model to train: ``backpack`` or ``transformer`` (the baseline).""")
+    out_dir: str = documented("out/backpack_full", """
+        Folder for ckpt.pt, best.pt, training_log.json and run.json; a relative path is taken
+        from the project root, not the current directory.""")
+    init_from: str = documented("scratch", """
+        ``scratch`` starts a new run (refused where a checkpoint exists, unless ``overwrite``);
+        ``resume`` continues from ``out_dir/ckpt.pt`` (or ``ckpt.prev.pt``); ``hf:<repo id>`` or a
+        folder holding a Hugging Face model's config.json starts a new run from those weights,
+        whose shape it takes (a fine-tune; docs/hub.md).""")
+    overwrite: bool = documented(False, """
+        Let ``init_from: scratch`` replace the checkpoints already in ``out_dir``.""")
 
     # --- data ----------------------------------------------------------------------------
-    data_dir: str = "europarl"
-    """Prepared dataset: a name under the data root (``europarl``) or a path; prepared on
-    first use."""
-    data_source: str = ""
-    """Where raw Europarl comes from when preparing: empty means the ``EUROPARL_SOURCE``
-    environment variable, else the official archives."""
-    data_form: str = "raw"
-    """Europarl form to read: ``raw`` (per-day files) or ``aligned`` (sentence pairs)."""
-    languages: str = "en,fr"
-    """Comma-separated Europarl language codes to train on."""
-    encoding: str = "cl100k_base"
-    """tiktoken encoding the compact vocabulary is taken from."""
+    data_dir: str = documented("europarl", """
+        Prepared dataset: a name under the data root (``europarl``) or a path; prepared on
+        first use.""")
+    data_source: str = documented("", """
+        Where raw Europarl comes from when preparing: empty means the ``EUROPARL_SOURCE``
+        environment variable, else the official archives.""")
+    data_form: str = documented("raw", """
+        Europarl form to read: ``raw`` (per-day files) or ``aligned`` (sentence pairs).""")
+    languages: str = documented("en,fr", """
+        Comma-separated Europarl language codes to train on.""")
+    encoding: str = documented("cl100k_base", """
+        tiktoken encoding the compact vocabulary is taken from.""")
 
     # --- optimisation --------------------------------------------------------------------
-    batch_size: int = 32
-    """Sequences per micro-batch per process. The effective batch is batch_size x
-    gradient_accumulation_steps x processes."""
-    gradient_accumulation_steps: int = 1
-    """Micro-batches summed into one optimizer step."""
-    learning_rate: float = 3e-4
-    """Peak learning rate, reached after ``warmup_iters``."""
-    min_lr: float = 3e-5
-    """Learning rate at the end of the cosine decay (and after it)."""
-    warmup_iters: int = 500
-    """Iterations of linear warmup from 0 to ``learning_rate``."""
-    lr_decay_iters: int = 50000
-    """Iteration at which the cosine decay reaches ``min_lr``."""
-    max_iters: int = 50000
-    """Total optimizer steps; resuming with a larger value continues a finished run."""
-    weight_decay: float = 0.1
-    """AdamW weight decay, applied to matrices only (not biases, norms)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-    sparse_table: bool = False
-    """Train a sense *table* with sparse row-wise updates (SparseAdam on the rows of each
-    batch's tokens, AdamW on everything else): less memory and time, but lazy moments and no
-    weight decay on the table. Backpack with ``sense_source: table`` only; fixed for a run."""
-    seed: int = 1337
-    """Seed for weights, dropout and batch sampling; a run is reproducible from it."""
+    batch_size: int = documented(32, """
+        Sequences per micro-batch per process. The effective batch is batch_size x
+        gradient_accumulation_steps x processes.""")
+    gradient_accumulation_steps: int = documented(1, """
+        Micro-batches summed into one optimizer step.""")
+    learning_rate: float = documented(3e-4, """
+        Peak learning rate, reached after ``warmup_iters``.""")
+    min_lr: float = documented(3e-5, """
+        Learning rate at the end of the cosine decay (and after it).""")
+    warmup_iters: int = documented(500, """
+        Iterations of linear warmup from 0 to ``learning_rate``.""")
+    lr_decay_iters: int = documented(50000, """
+        Iteration at which the cosine decay reaches ``min_lr``.""")
+    max_iters: int = documented(50000, """
+        Total optimizer steps; resuming with a larger value continues a finished run.""")
+    weight_decay: float = documented(0.1, """
+        AdamW weight decay, applied to matrices only (not biases, norms).""")
+    beta1: float = documented(0.9, "AdamW beta1.")
+    beta2: float = documented(0.95, "AdamW beta2.")
+    grad_clip: float = documented(1.0, """
+        Clip the global gradient norm to this value; 0 disables clipping.""")
+    sparse_table: bool = documented(False, """
+        Train a sense *table* with sparse row-wise updates (SparseAdam on the rows of each
+        batch's tokens, AdamW on everything else): less memory and time, but lazy moments and no
+        weight decay on the table. Backpack with ``sense_source: table`` only; fixed for a run.""")
+    seed: int = documented(1337, """
+        Seed for weights, dropout and batch sampling; a run is reproducible from it.""")
 
     # --- evaluation, logging, checkpoints ------------------------------------------------
-    eval_interval: int = 500
-    """Evaluate (train/val loss, sense words) every this many iterations."""
-    eval_iters: int = 200
-    """Batches averaged per split at each evaluation."""
-    checkpoint_interval: int = 2500
-    """Also save ckpt.pt every this many iterations (besides on improvement and at the end)."""
-    log_interval: int = 10
-    """Update the progress bar / print a progress line every this many iterations."""
-    logger: str = "none"
-    """Live curves besides training_log.json: ``none``, ``tensorboard`` (event files in
-    ``out_dir/tensorboard``) or ``wandb`` (Weights & Biases; ``WANDB_MODE=offline`` works
-    without an account). Rank 0 logs loss, lr, tokens/s and MFU every ``log_interval`` and
-    both losses at every evaluation; a resumed run continues the same curves. Each needs its
-    extra: ``pip install -e '.[tensorboard]'`` or ``'.[wandb]'``."""
-    probe_words: list[str] = field(default_factory=list)
-    """Words whose sense top words are logged at each evaluation (Backpack only); a YAML list
-    or a comma-separated string. Empty: frequent content words of the training data."""
-    probe_words_per_language: int = 4
-    """How many default probe words to take from each language when ``probe_words`` is empty."""
-    sense_top_k: int = 10
-    """Top (and bottom) words recorded per sense of each probe word."""
+    eval_interval: int = documented(500, """
+        Evaluate (train/val loss, sense words) every this many iterations.""")
+    eval_iters: int = documented(200, "Batches averaged per split at each evaluation.")
+    checkpoint_interval: int = documented(2500, """
+        Also save ckpt.pt every this many iterations (besides on improvement and at the end).""")
+    log_interval: int = documented(10, """
+        Update the progress bar / print a progress line every this many iterations.""")
+    logger: str = documented("none", """
+        Live curves besides training_log.json: ``none``, ``tensorboard`` (event files in
+        ``out_dir/tensorboard``) or ``wandb`` (Weights & Biases; ``WANDB_MODE=offline`` works
+        without an account). Rank 0 logs loss, lr, tokens/s and MFU every ``log_interval`` and
+        both losses at every evaluation; a resumed run continues the same curves. Each needs its
+        extra: ``pip install -e '.[tensorboard]'`` or ``'.[wandb]'``.""")
+    probe_words: list[str] = documented(doc="""
+        Words whose sense top words are logged at each evaluation (Backpack only); a YAML list
+        or a comma-separated string. Empty: frequent content words of the training data.""",
+        factory=list)
+    probe_words_per_language: int = documented(4, """
+        How many default probe words to take from each language when ``probe_words`` is empty.""")
+    sense_top_k: int = documented(10, """
+        Top (and bottom) words recorded per sense of each probe word.""")
 
     # --- hardware ------------------------------------------------------------------------
-    device: str = "cuda"
-    """``cuda``, ``cuda:N``, ``mps`` or ``cpu``. Without CUDA, ``cuda`` falls back to the CPU
-    with a warning (or an error with ``strict_device``)."""
-    dtype: str = "float16"
-    """Autocast precision: ``float16`` (with a gradient scaler), ``bfloat16`` or ``float32``."""
-    compile: bool | None = None
-    """Compile the model with ``torch.compile``: ``true``, ``false``, or ``auto`` (null, the
-    default): on for CUDA, off elsewhere (on the CPU it works but gains little for a cold
-    compile of a minute or so; ``python -m benchmarks.speed`` measures it)."""
-    activation_checkpointing: bool = False
-    """Recompute each Transformer block's activations in backward instead of storing them:
-    about a third more compute in the blocks, most of their activation memory saved. For
-    configurations that do not fit otherwise (``python -m benchmarks.memory``)."""
-    fused_loss: bool = False
-    """Compute each chunk of the loss's softmax and gradient in one compiled function instead
-    of a dozen eager passes over it (same values): a speed lever for a GPU at large
-    vocabularies, off until a GPU measurement says it pays (docs/performance.md)."""
-    distinct_on_host: bool = False
-    """Backpack: find each batch's distinct tokens (whose senses are computed once) where the
-    batch is assembled, padded to a few sizes, instead of on the device: no device sync in the
-    step, static shapes for the compiler. Off until a GPU measurement says it pays."""
-    strict_device: bool = False
-    """Refuse to fall back to another device or dtype than the one asked for."""
+    device: str = documented("cuda", """
+        ``cuda``, ``cuda:N``, ``mps`` or ``cpu``. Without CUDA, ``cuda`` falls back to the CPU
+        with a warning (or an error with ``strict_device``).""")
+    dtype: str = documented("float16", """
+        Autocast precision: ``float16`` (with a gradient scaler), ``bfloat16`` or ``float32``.""")
+    compile: bool | None = documented(None, """
+        Compile the model with ``torch.compile``: ``true``, ``false``, or ``auto`` (null, the
+        default): on for CUDA, off elsewhere (on the CPU it works but gains little for a cold
+        compile of a minute or so; ``python -m benchmarks.speed`` measures it).""")
+    activation_checkpointing: bool = documented(False, """
+        Recompute each Transformer block's activations in backward instead of storing them:
+        about a third more compute in the blocks, most of their activation memory saved. For
+        configurations that do not fit otherwise (``python -m benchmarks.memory``).""")
+    fused_loss: bool = documented(False, """
+        Compute each chunk of the loss's softmax and gradient in one compiled function instead
+        of a dozen eager passes over it (same values): a speed lever for a GPU at large
+        vocabularies, off until a GPU measurement says it pays (docs/performance.md).""")
+    distinct_on_host: bool = documented(False, """
+        Backpack: find each batch's distinct tokens (whose senses are computed once) where the
+        batch is assembled, padded to a few sizes, instead of on the device: no device sync in the
+        step, static shapes for the compiler. Off until a GPU measurement says it pays.""")
+    strict_device: bool = documented(False, """
+        Refuse to fall back to another device or dtype than the one asked for.""")
 
     # --- test hook -----------------------------------------------------------------------
-    stop_after: int | None = None
-    """Stop as if interrupted (save, return) once this iteration is reached; for tests that
-    interrupt a run deterministically. None: run to ``max_iters``."""
+    stop_after: int | None = documented(None, """
+        Stop as if interrupted (save, return) once this iteration is reached; for tests that
+        interrupt a run deterministically. None: run to ``max_iters``.""")
 
     # ---------------------------------------------------------------------------------------
 
     @classmethod
     def keys(cls) -> tuple[str, ...]:
-        """Every configuration key, in declaration order."""
-        return tuple(f.name for f in dataclasses.fields(cls))
+        """Every configuration key, in a params file's order: the run's keys, the model's shape
+        (declared on :class:`ModelShape`), then data, optimisation and the rest."""
+        own = [f.name for f in dataclasses.fields(cls) if f.name not in MODEL_KEYS]
+        at = own.index("data_dir")
+        return (*own[:at], *MODEL_KEYS, *own[at:])
 
     @classmethod
     def from_dict(
@@ -240,7 +213,7 @@ class TrainConfig:
             if len(problems) > MAX_PROBLEMS_SHOWN:
                 lines.append(f"  ... and {len(problems) - MAX_PROBLEMS_SHOWN} more")
             if unknown:
-                lines.append("valid keys: " + ", ".join(known))
+                lines.append("valid keys: " + ", ".join(cls.keys()))
             raise UserError("\n".join(lines))
         return cfg
 
@@ -254,7 +227,8 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain key -> value pairs (the YAML layout); safe to store in a checkpoint."""
-        return dataclasses.asdict(self)
+        values = dataclasses.asdict(self)
+        return {k: values[k] for k in self.keys()}
 
     def replace(self, **changes: Any) -> "TrainConfig":
         """A validated copy with some keys changed."""
@@ -476,29 +450,9 @@ def _field_types() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
 
 
-@lru_cache(maxsize=None)
 def field_docs() -> dict[str, str]:
-    """Each field's docstring (the string literal under it), for --help and notebooks; the
-    model's fields carry ModelConfig's."""
-    docs = _class_field_docs(TrainConfig)
-    model_docs = _class_field_docs(ModelConfig)
-    return {name: model_docs.get(name, "") if name in MODEL_KEYS else docs.get(name, "")
-            for name in TrainConfig.keys() if name in docs or name in model_docs}
-
-
-def _class_field_docs(cls: type) -> dict[str, str]:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError):  # source unavailable (frozen app): help stays terse
-        return {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant)
-                and isinstance(nxt.value.value, str)):
-            docs[node.target.id] = " ".join(nxt.value.value.split())
-    return docs
+    """Each key's help text (its field's metadata), for --help and notebooks."""
+    return field_help(TrainConfig)
 
 
 # --- python -m backpack_nb.params --------------------------------------------------------------
