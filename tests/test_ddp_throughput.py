@@ -16,7 +16,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # trains
 
-SLEEP_S = 0.25
+SLEEP_S = 0.5  # ten times a step of the small model below, even on a loaded machine
 # rank 1 sleeps each iteration before it asks whether to stop (outside the step)
 _SLOW_RANK = """
 import os, sys, time
@@ -41,8 +41,9 @@ def test_a_slow_rank_shows_in_rank_0s_tokens_per_second(prepared_europarl, tmp_p
     script.write_text(_SLOW_RANK.format(root=str(ROOT), sleep=SLEEP_S))
     out = tmp_path / "ddp"
     argv = ["--config", "tiny_transformer", "--data_dir", "europarl_sample", "--out_dir",
-            str(out), "--max_iters", "12", "--eval_interval", "100", "--eval_iters", "1",
-            "--checkpoint_interval", "100", "--log_interval", "4"]
+            str(out), "--max_iters", "10", "--eval_interval", "100", "--eval_iters", "1",
+            "--checkpoint_interval", "100", "--log_interval", "2", "--n_layer", "1",
+            "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--batch_size", "4"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc_per_node", "2", str(script), *argv], cwd=ROOT,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
