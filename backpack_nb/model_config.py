@@ -128,6 +128,9 @@ class ModelConfig(ModelShape):
 # The keys of a flat params file that belong to the model (model_type picks the class); the
 # training config (backpack_nb.params.TrainConfig) builds on ModelShape, which declares them.
 MODEL_KEYS = tuple(f.name for f in dataclasses.fields(ModelShape))
+# The fields' kinds, as declared above: counts (integers >= 1; the vocabulary first) and flags
+_COUNT_KEYS = ("vocab_size", *(f.name for f in dataclasses.fields(ModelShape) if f.type == "int"))
+_FLAG_KEYS = tuple(f.name for f in dataclasses.fields(ModelShape) if f.type == "bool")
 # Keys only the Backpack reads (the Transformer ignores them).
 BACKPACK_KEYS = ("n_senses", "sense_source")
 
@@ -158,15 +161,12 @@ def config_problems(values: Mapping[str, Any], model_type: str | None = None) ->
         return isinstance(x, int) and not isinstance(x, bool)
 
     ints_ok = {}
-    for name, minimum in [
-        ("vocab_size", 1), ("block_size", 1), ("n_layer", 1),
-        ("n_head", 1), ("n_embd", 1), ("n_senses", 1),
-    ]:
+    for name in _COUNT_KEYS:  # every count is at least 1
         value = values.get(name)
         if not is_int(value):
             problems.append(f"{name} must be an integer (got {brief(value)})")
-        elif value < minimum:
-            problems.append(f"{name} must be >= {minimum} (got {value})")
+        elif value < 1:
+            problems.append(f"{name} must be >= 1 (got {value})")
         else:
             ints_ok[name] = value
 
@@ -176,7 +176,7 @@ def config_problems(values: Mapping[str, Any], model_type: str | None = None) ->
     elif not 0.0 <= dropout < 1.0:
         problems.append(f"dropout must be in [0, 1) (got {dropout})")
 
-    for name in ("bias", "scale_attn_by_inverse_layer_idx"):
+    for name in _FLAG_KEYS:
         if not isinstance(values.get(name), bool):
             problems.append(f"{name} must be true or false (got {brief(values.get(name))})")
 

@@ -14,12 +14,13 @@ from . import paths
 from .loading import load_model
 from .devices import device_problem, resolve_device
 from .errors import UserError, command
+from .params import MAX_SEED
 from .tokenizer import Tokenizer
 
 # Below this a temperature divides the logits past float32's range (inf, then NaN
 # probabilities); 0 already means "always the most likely token".
 MIN_TEMPERATURE = 1e-6
-MAX_SEED = 2**63 - 1  # torch.manual_seed takes a signed 64-bit integer
+
 
 
 def sampling_problems(*, num_samples: int, max_new_tokens: int, temperature: float,
