@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from backpack_nb.models.base import LanguageModel
 from backpack_nb.model_config import ModelConfig
+from backpack_nb.models.generation import BackpackDecoder, Intervention
 from backpack_nb.models.init import init_backpack_
 from backpack_nb.models.layers import MLP, CausalTransformer
 from backpack_nb.models.mixing import (Distinct, Senses, causal_alpha, distinct_tokens,
@@ -100,7 +101,7 @@ class BackpackLM(LanguageModel):
         """C(x) of the batch's tokens (B, T), computed by type unless ``dedup_senses`` is off."""
         shape = (*idx.shape, self.config.n_senses, self.config.n_embd)  # (B, T, k, d)
         if not self.dedup_senses:  # the plain path, kept as the reference for the lever
-            return Senses(self._senses_of(idx.reshape(-1)), None, shape)  # (B*T, k*d)
+            return Senses(self.senses_of_tokens(idx.reshape(-1)), None, shape)  # (B*T, k*d)
         # C depends only on the token, so compute it once per distinct token of the batch
         # and gather (a batch of 16k positions has a few thousand types). In training this
         # shares one dropout mask among a token's occurrences in the batch; at eval it is
@@ -109,9 +110,9 @@ class BackpackLM(LanguageModel):
         # then compiled for a dynamic U. A `distinct` computed ahead on the host avoids both:
         # no sync, and padded to a few sizes; its padding rows are never gathered.)
         types, where = distinct if distinct is not None else self._distinct_tokens(idx)
-        return Senses(self._senses_of(types), where, shape)  # (U, k*d)
+        return Senses(self.senses_of_tokens(types), where, shape)  # (U, k*d)
 
-    def _senses_of(self, tokens: torch.Tensor) -> torch.Tensor:
+    def senses_of_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """C(x) of token ids (n,) -> (n, k*d), from the table or the sense network."""
         if self.config.sense_source == "table":
             return self.sense_table(tokens)  # (n, k*d)
@@ -122,13 +123,20 @@ class BackpackLM(LanguageModel):
         (B, T). A method so that a shape-only memory trace (benchmarks.memory) can supply U."""
         return distinct_tokens(idx, bucket=False)
 
-    def _queries_keys(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        B, T = idx.shape
-        k = self.config.n_senses
-        h = self.transformer(self.wte(idx))  # (B, T, d)
-        qk = self.alpha_qk(h).view(B, T, 2, k, -1)  # (B, T, 2, k, d/k)
+    def alpha_heads(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys of the k weight heads from the contextualization network's output
+        h (B, T, d) -> 2 x (B, k, T, d/k)."""
+        B, T = h.shape[:2]
+        qk = self.alpha_qk(h).view(B, T, 2, self.config.n_senses, -1)  # (B, T, 2, k, d/k)
         q, key = qk.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, k, T, d/k)
         return q, key
+
+    def decoder(self, intervention: Intervention | None = None) -> BackpackDecoder:
+        """Generation's cached decoder (:mod:`backpack_nb.models.generation`)."""
+        return BackpackDecoder(self, intervention)
+
+    def _queries_keys(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.alpha_heads(self.transformer(self.wte(idx)))  # (B, T) -> 2 x (B, k, T, d/k)
 
 
 class SenseNetwork(nn.Module):

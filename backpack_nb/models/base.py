@@ -1,8 +1,9 @@
 """What every language model here has in common: a tied head, the loss, sampling, counting.
 
 A subclass supplies :meth:`LanguageModel.hidden_states` (the final (B, T, d) vectors whose
-dot products with the embedding E are the logits) and :meth:`LanguageModel.parameter_parts`
-(named groups of modules, for the parameter table). The rest is shared.
+dot products with the embedding E are the logits), :meth:`LanguageModel.parameter_parts`
+(named groups of modules, for the parameter table) and :meth:`LanguageModel.decoder` (its
+cached generation, :mod:`backpack_nb.models.generation`). The rest is shared.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backpack_nb.model_config import ModelConfig
+from backpack_nb.models.generation import Decoder, Intervention, decode
 from backpack_nb.models.loss import LOSS_CHUNK_ROWS, full_logits_cross_entropy, linear_cross_entropy
 from backpack_nb.models.mixing import Distinct
 
@@ -83,27 +85,32 @@ class LanguageModel(nn.Module):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
+        *,
+        top_p: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        intervention: Intervention | None = None,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + new).
 
-        The context is cropped to the last ``block_size`` tokens. ``temperature=0`` picks
-        the most likely token; ``top_k`` samples among the k most likely. Call ``eval()``
-        first: dropout is whatever mode the model is in.
+        The model sees the last ``block_size`` tokens. ``temperature=0`` picks the most
+        likely token; else ``top_k`` samples among the k most likely and ``top_p`` among the
+        smallest set of them whose probability reaches p, drawn with ``generator`` (default:
+        torch's global one). The prompt runs once, then each new token one position
+        (``use_cache=False``: the whole context every time, the reference).
+        ``intervention``: a Backpack's sense weights and edited senses
+        (:class:`~backpack_nb.models.generation.Intervention`). Call ``eval()`` first:
+        dropout is whatever mode the model is in. More (prompts of different lengths,
+        stopping): :func:`~backpack_nb.models.generation.decode`.
         """
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size :]  # (B, <= block_size)
-            logits, _ = self(context)
-            logits = logits[:, -1, :].float()  # (B, V)
-            if temperature == 0:
-                next_id = logits.argmax(dim=-1, keepdim=True)  # (B, 1)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                next_id = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)  # (B, 1)
-            idx = torch.cat((idx, next_id), dim=1)
-        return idx
+        out, _ = decode(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
+                        top_p=top_p, generator=generator, use_cache=use_cache,
+                        intervention=intervention)
+        return out
+
+    def decoder(self, intervention: Intervention | None = None) -> Decoder:
+        """The cached decoder :meth:`generate` uses (:mod:`backpack_nb.models.generation`)."""
+        raise NotImplementedError
 
     def num_parameters(self, by_part: bool = True) -> dict[str, int] | int:
         """Parameter count, tied weights once. ``by_part``: a dict from part name (see

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 from backpack_nb.models.base import LanguageModel
 from backpack_nb.model_config import ModelConfig
+from backpack_nb.models.generation import Intervention, TransformerDecoder
 from backpack_nb.models.init import init_gpt_
 from backpack_nb.models.layers import CausalTransformer
 from backpack_nb.models.mixing import Distinct
@@ -32,3 +33,8 @@ class GPT(LanguageModel):
     def parameter_parts(self) -> dict[str, list[nn.Module]]:
         t = self.transformer
         return {"embedding": [self.wte], "positions": [t.wpe], "blocks": [t.h, t.ln_f]}
+
+    def decoder(self, intervention: Intervention | None = None) -> TransformerDecoder:
+        """Generation's cached decoder (:mod:`backpack_nb.models.generation`); ``intervention``
+        is refused (a Transformer has no senses)."""
+        return TransformerDecoder(self, intervention)

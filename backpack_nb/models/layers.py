@@ -9,6 +9,7 @@ network reuses the same MLP. Every output projection is named ``c_proj`` so that
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from backpack_nb.model_config import ModelConfig
+from backpack_nb.models.generation import KVCache
 
 
 class MLP(nn.Module):
@@ -37,7 +39,12 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention through ``scaled_dot_product_attention`` (a fused
     kernel where one exists; it never stores the T x T weights for backward). Scores are
     q.k / sqrt(head size), and further / (layer + 1) with
-    ``config.scale_attn_by_inverse_layer_idx``."""
+    ``config.scale_attn_by_inverse_layer_idx``.
+
+    For generation (:mod:`backpack_nb.models.generation`) it also runs new positions against
+    the keys and values of earlier ones: ``kv`` keeps them and grows by the new ones, and
+    ``mask`` (B, 1, n, L), True where a new position may attend, replaces the causal mask
+    (None: every column seen so far for one new position, causal for a first chunk)."""
 
     def __init__(self, config: ModelConfig, layer: int = 0) -> None:
         super().__init__()
@@ -51,14 +58,17 @@ class CausalSelfAttention(nn.Module):
         self.dropout = config.dropout
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)  # 3 x (B, T, C)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         # q, k, v: (B, n_head, T, head_size)
+        if kv is not None:
+            k, v = kv.extend(k, v)  # (B, n_head, L, head_size): every column so far
         y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0,
-            scale=self.scale,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0, scale=self.scale,
         )  # (B, n_head, T, head_size)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -75,8 +85,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(d, bias=config.bias)
         self.mlp = MLP(d, 4 * d, d, config.bias, config.dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x))
+    def forward(self, x: torch.Tensor, kv: KVCache | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), kv, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -99,7 +110,20 @@ class CausalTransformer(nn.Module):
         self.h = nn.ModuleList(Block(config, layer) for layer in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
 
-    def forward(self, tok_emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, tok_emb: torch.Tensor, *, positions: torch.Tensor | None = None,
+                cache: Sequence[KVCache] | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, T, d) at positions 0..T-1 -> hidden states (B, T, d).
+
+        For generation: ``cache`` (one :class:`KVCache` per block) holds the keys and values
+        of the columns before these, ``positions`` ((T,) or (B, T)) are the new columns'
+        positions and ``mask`` which columns each may attend (see :class:`CausalSelfAttention`).
+        """
+        if cache is not None:
+            x = self.drop(tok_emb + self.wpe(positions))  # (B, T, d)
+            for block, kv in zip(self.h, cache, strict=True):
+                x = block(x, kv, mask)
+            return self.ln_f(x)  # (B, T, d)
         T = tok_emb.shape[1]
         if T > self.block_size:
             raise ValueError(f"sequence of {T} tokens is longer than block_size {self.block_size}")

@@ -1,0 +1,391 @@
+"""Generation: the prompt runs once, then each new token costs one position.
+
+:func:`decode` is the loop behind :meth:`LanguageModel.generate` and
+:func:`backpack_nb.sampling.sample_text`: next-token logits from a *decoder*, one token picked
+by :func:`next_tokens`, appended, and again. The decoders:
+
+- :class:`TransformerDecoder`: one :class:`KVCache` per block, so a new token runs through
+  the blocks alone, attending to the cached keys and values of the columns before it.
+- :class:`BackpackDecoder`: the same cache for the contextualization network, plus the alpha
+  heads' keys and the (unweighted) senses of every column. A token's senses depend on the
+  token alone, so each distinct token's are computed once (:class:`SenseCache`); a new token
+  then adds one row of alpha, over the context and itself.
+- :class:`UncachedDecoder`: the whole context through the model for every token, as nanoGPT
+  does. The reference the cached decoders are tested against (float64, to 1e-10).
+
+Rows (prompts) of different lengths are left-padded: row b's tokens start at column
+``starts[b]``, its positions count from 0 there, and no real position attends to padding, so
+each row gets what it would get alone. The model sees at most ``block_size`` tokens, with
+positions from 0, as the uncached model does on the cropped context. Positions are learned,
+so once a row is longer than that every cached key changes at every step: from then on each
+step recomputes the last ``block_size`` columns (exact, at the uncached cost; the Backpack
+still reuses its senses).
+
+A Backpack can be steered while it generates (:class:`Intervention`): sense weights for every
+position, recomputed from the tokens so far at every step, and edited sense blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backpack_nb.errors import UserError
+from backpack_nb.models.mixing import Senses, weighted_sum_of_senses
+
+
+class KVCache:
+    """Keys and values of the columns seen so far, for one attention layer (or the Backpack's
+    alpha keys and senses): buffers of ``capacity`` columns, allocated by the first
+    :meth:`extend` after a :meth:`reset` (so they take the dtype autocast gives)."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def reset(self) -> None:
+        self.length = 0
+
+    def extend(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append n columns, k (B, H, n, dk) and v (B, H, n, dv); return those of every column
+        so far, (B, H, L, dk) and (B, H, L, dv)."""
+        B, H, n = k.shape[:3]
+        end = self.length + n
+        if end > self.capacity:
+            raise ValueError(f"{end} columns do not fit a cache of {self.capacity}")
+        if self.length == 0 and not (self.k is not None and self.k.shape[:2] == (B, H)
+                                     and self.k.dtype == k.dtype and self.k.device == k.device
+                                     and self.v.dtype == v.dtype):
+            self.k = k.new_empty(B, H, self.capacity, k.shape[-1])
+            self.v = v.new_empty(B, H, self.capacity, v.shape[-1])
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+@dataclass(frozen=True)
+class Intervention:
+    """How to steer a Backpack while it generates (see ``../shared/design/steering.md``).
+
+    ``sense_weights``: token ids so far (G, T), prompt and generated, -> weights (G, T, k):
+    sense l of the token at position j enters every output with its alpha times
+    ``weights[g, j, l]``. Called at every step with the whole text so far, so the weights of
+    past positions may change as the text grows; rows of a batch whose prompts have
+    different lengths are passed in groups of equal length. Past ``block_size`` the model
+    uses the weights of the positions it sees (the last ``block_size``).
+
+    ``sense_blocks``: token id -> a (k, d) block that replaces that token's senses C(x)
+    wherever it occurs (knowledge editing).
+
+    No weights (or all weights 1) and no blocks generate exactly what no intervention does.
+    """
+
+    sense_weights: Callable[[torch.Tensor], torch.Tensor] | None = None
+    sense_blocks: Mapping[int, torch.Tensor] = field(default_factory=dict)
+
+    def check(self, model: nn.Module) -> None:
+        """A UserError unless ``model`` is a Backpack these edits fit."""
+        if not hasattr(model, "senses_of_tokens"):
+            raise UserError("sense interventions need a Backpack: a Transformer has no senses")
+        k, d, V = model.config.n_senses, model.config.n_embd, model.config.vocab_size
+        if self.sense_weights is not None and not callable(self.sense_weights):
+            raise UserError("Intervention.sense_weights must be a function of the token ids "
+                            f"(B, T) returning weights (B, T, {k}), got {self.sense_weights!r}")
+        for token, block in self.sense_blocks.items():
+            if not (isinstance(token, int) and 0 <= token < V):
+                raise UserError(f"Intervention.sense_blocks: token id {token!r} is not in 0..{V - 1}")
+            if not isinstance(block, torch.Tensor) or tuple(block.shape) != (k, d):
+                shape = tuple(block.shape) if isinstance(block, torch.Tensor) else type(block).__name__
+                raise UserError(f"Intervention.sense_blocks[{token}] must be a ({k}, {d}) tensor "
+                                f"(the token's k senses), got {shape}")
+
+    def weights(self, ids: torch.Tensor, starts: Sequence[int], k: int) -> torch.Tensor | None:
+        """The weights (B, W, k) of every column of ``ids`` (B, W), whose row b starts at
+        column ``starts[b]`` (ones on the padding); None without ``sense_weights``."""
+        if self.sense_weights is None:
+            return None
+        if not any(starts):
+            return self._call(ids, k)
+        out = torch.ones(*ids.shape, k, dtype=torch.float64, device=ids.device)  # (B, W, k)
+        for start in sorted(set(starts)):
+            rows = torch.tensor([b for b, s in enumerate(starts) if s == start], device=ids.device)
+            out[rows, start:] = self._call(ids[rows, start:], k)
+        return out
+
+    def _call(self, ids: torch.Tensor, k: int) -> torch.Tensor:
+        w = self.sense_weights(ids)
+        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (*ids.shape, k):
+            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+            raise UserError(f"Intervention.sense_weights returned {got} for token ids of shape "
+                            f"{tuple(ids.shape)}: it must return one weight per sense, "
+                            f"{(*ids.shape, k)}")
+        return w.to(device=ids.device, dtype=torch.float64)
+
+
+# -- decoders --------------------------------------------------------------------------------
+
+
+class Decoder:
+    """Next-token logits (B, V) of rows of token ids (B, W) that grow one column at a time:
+    :meth:`start` with the prompts (row b's tokens from column ``starts[b]``), then
+    :meth:`advance` after each appended column."""
+
+    def __init__(self, model: nn.Module, intervention: Intervention | None = None) -> None:
+        self.model = model
+        self.block_size: int = model.config.block_size
+        self.intervention = intervention
+        self.starts: list[int] = []  # each row's first column
+        self.offset = 0  # the first visible column
+
+    def start(self, ids: torch.Tensor, starts: Sequence[int]) -> torch.Tensor:
+        self.starts = list(starts)
+        return self._recompute(ids)
+
+    def advance(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] - min(self.starts) <= self.block_size:  # every row still fits
+            return self._run(ids, self.offset, 1)
+        return self._recompute(ids)
+
+    def _recompute(self, ids: torch.Tensor) -> torch.Tensor:
+        """Every visible column: the last ``block_size`` (and none that is padding in every
+        row), from an empty cache."""
+        self.offset = max(min(self.starts), ids.shape[1] - self.block_size)
+        self._reset()
+        return self._run(ids, self.offset, ids.shape[1] - self.offset)
+
+    def _reset(self) -> None:
+        """Empty the caches."""
+
+    def _run(self, ids: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+        """Logits (B, V) after the last of the ``n`` new columns of ``ids[:, offset:]``."""
+        raise NotImplementedError
+
+    def _layout(self, offset: int, L: int, n: int, device: torch.device):
+        """Positions of the last n of L visible columns ((n,), or (B, n) with padding), which
+        columns each may attend ((B, 1, n, L) bool, None without padding) and which columns
+        are each row's own ((B, L) bool, None without padding)."""
+        cols = torch.arange(L - n, L, device=device)  # (n,)
+        starts = [max(0, s - offset) for s in self.starts]
+        if not any(starts):
+            return cols, None, None
+        first = torch.tensor(starts, device=device)[:, None]  # (B, 1)
+        positions = (cols - first).clamp(min=0)  # (B, n): 0 at each row's first token
+        keys = torch.arange(L, device=device)  # (L,)
+        own = keys >= first  # (B, L)
+        # a padding column attends to itself, so that its (unused) values stay finite
+        mask = (keys <= cols[:, None]) & (own[:, None, :] | (keys == cols[:, None]))  # (B, n, L)
+        return positions, mask[:, None], own
+
+
+class TransformerDecoder(Decoder):
+    """A GPT with one key/value cache per block."""
+
+    def __init__(self, model: nn.Module, intervention: Intervention | None = None) -> None:
+        if intervention is not None:
+            intervention.check(model)  # refuses: a Transformer has no senses
+        super().__init__(model)
+        self.cache = [KVCache(self.block_size) for _ in model.transformer.h]
+
+    def _reset(self) -> None:
+        for kv in self.cache:
+            kv.reset()
+
+    def _run(self, ids: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+        m = self.model
+        positions, mask, _ = self._layout(offset, ids.shape[1] - offset, n, ids.device)
+        h = m.transformer(m.wte(ids[:, -n:]), positions=positions, cache=self.cache, mask=mask)
+        return F.linear(h[:, -1], m.wte.weight)  # (B, d) -> (B, V)
+
+
+class BackpackDecoder(TransformerDecoder):
+    """A Backpack: the contextualization network's key/value caches, the alpha heads' keys
+    and the senses of every visible column (unweighted: an intervention's weights, which may
+    change at every step, enter alpha), and each distinct token's senses computed once."""
+
+    def __init__(self, model: nn.Module, intervention: Intervention | None = None) -> None:
+        if intervention is not None:
+            intervention.check(model)
+        Decoder.__init__(self, model, intervention)
+        self.cache = [KVCache(self.block_size) for _ in model.transformer.h]
+        self.alpha = KVCache(self.block_size)  # alpha keys (B, k, L, d/k), senses (B, k, L, d)
+        self.senses = SenseCache(model, intervention.sense_blocks if intervention else {})
+
+    def _reset(self) -> None:
+        super()._reset()
+        self.alpha.reset()
+
+    def _run(self, ids: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+        m, L = self.model, ids.shape[1] - offset
+        positions, mask, own = self._layout(offset, L, n, ids.device)
+        new = ids[:, -n:]  # (B, n)
+        h = m.transformer(m.wte(new), positions=positions, cache=self.cache, mask=mask)
+        q, key = m.alpha_heads(h)  # 2 x (B, k, n, d/k)
+        senses = self.senses(new).transpose(1, 2)  # (B, k, n, d)
+        keys, values = self.alpha.extend(key, senses)  # (B, k, L, d/k), (B, k, L, d)
+        # one row of alpha: the last position's weights over every visible column
+        scores = q[:, :, -1:] @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, k, 1, L)
+        if own is not None:
+            scores = scores.masked_fill(~own[:, None, None, :], float("-inf"))
+        alpha = scores.softmax(dim=-1)  # (B, k, 1, L)
+        if self.intervention is not None:
+            weights = self.intervention.weights(ids, self.starts, m.config.n_senses)  # (B, W, k)
+            if weights is not None:
+                alpha = alpha * weights[:, offset:].transpose(1, 2)[:, :, None].to(alpha.dtype)
+        o = (alpha @ values).sum(dim=1)  # (B, k, 1, d) -> (B, 1, d): the sum over senses
+        return F.linear(o[:, -1], m.wte.weight)  # (B, V)
+
+
+class SenseCache:
+    """C(x) of the tokens met so far, each computed once (edited blocks in place of the
+    computed ones): token ids (B, n) -> senses (B, n, k, d)."""
+
+    def __init__(self, model: nn.Module, blocks: Mapping[int, torch.Tensor]) -> None:
+        self.model, self.blocks = model, blocks
+        device = model.wte.weight.device
+        self.slot = torch.full((model.config.vocab_size,), -1, dtype=torch.long, device=device)
+        self.rows: torch.Tensor | None = None  # (capacity, k*d), first `count` rows used
+        self.count = 0
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        slots = self.slot[ids]  # (B, n)
+        missing = slots < 0
+        if missing.any():
+            self._add(torch.unique(ids[missing]))
+            slots = self.slot[ids]
+        k, d = self.model.config.n_senses, self.model.config.n_embd
+        return F.embedding(slots, self.rows[: self.count]).view(*ids.shape, k, d)
+
+    def _add(self, tokens: torch.Tensor) -> None:
+        senses = self.model.senses_of_tokens(tokens)  # (u, k*d)
+        for i, token in enumerate(tokens.tolist()):
+            if token in self.blocks:
+                senses[i] = self.blocks[token].reshape(-1).to(senses.dtype)
+        end = self.count + len(tokens)
+        if self.rows is None:
+            self.rows = senses.new_empty(max(64, end), senses.shape[1])
+        elif end > len(self.rows):  # grow by doubling: each sense is copied O(1) times
+            grown = self.rows.new_empty(max(2 * len(self.rows), end), self.rows.shape[1])
+            grown[: self.count] = self.rows[: self.count]
+            self.rows = grown
+        self.rows[self.count:end] = senses
+        self.slot[tokens] = torch.arange(self.count, end, device=self.slot.device)
+        self.count = end
+
+
+class UncachedDecoder(Decoder):
+    """The whole visible context of each row through the model at every step: the reference.
+    Rows with prompts of different lengths run in groups of equal length."""
+
+    def advance(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._recompute(ids)
+
+    def _run(self, ids: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+        W = ids.shape[1]
+        out = None
+        for start in sorted(set(self.starts)):
+            rows = [b for b, s in enumerate(self.starts) if s == start]
+            context = ids[rows, max(start, W - self.block_size):]  # (G, <= block_size)
+            logits = self._logits(ids[rows, start:], context)  # (G, V)
+            if out is None:
+                out = logits.new_empty(ids.shape[0], logits.shape[-1])
+            out[rows] = logits
+        return out
+
+    def _logits(self, text: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Next-token logits (G, V) of the visible ``context`` (G, T), the end of ``text``."""
+        steer = self.intervention
+        if steer is None or (steer.sense_weights is None and not steer.sense_blocks):
+            return self.model(context)[0][:, -1]
+        weights = steer.weights(text, [0] * len(text), self.model.config.n_senses)
+        return intervened_logits(self.model, context, steer.sense_blocks,
+                                 None if weights is None else weights[:, -context.shape[1]:])
+
+
+def intervened_logits(model: nn.Module, idx: torch.Tensor, blocks: Mapping[int, torch.Tensor],
+                      weights: torch.Tensor | None) -> torch.Tensor:
+    """A Backpack's next-token logits (B, V) for ``idx`` (B, T) with the senses of the tokens
+    in ``blocks`` replaced and every position's senses scaled by ``weights`` (B, T, k): the
+    model's own computation (:meth:`BackpackLM.hidden_states`) with edited senses. Scaling the
+    senses of position j scales its terms alpha_l[i, j] C(x_j)_l in every output alike."""
+    B, T = idx.shape
+    senses = model.sense_vectors(idx)  # (B, T, k, d), as the model computes them
+    for token, block in blocks.items():
+        senses = torch.where((idx == token)[..., None, None], block.to(senses), senses)
+    if weights is not None:
+        senses = senses * weights.to(senses.dtype)[..., None]  # (B, T, k, 1)
+    q, key = model.alpha_heads(model.transformer(model.wte(idx)))  # 2 x (B, k, T, d/k)
+    flat = Senses(senses.reshape(B * T, -1), None, tuple(senses.shape))
+    o = weighted_sum_of_senses(q, key, flat, model.mixing)  # (B, T, d)
+    return F.linear(o[:, -1], model.wte.weight)  # (B, V)
+
+
+# -- choosing the next token -----------------------------------------------------------------
+
+
+def next_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Logits (B, V) -> the next token of each row (B,). ``temperature`` 0: the most likely;
+    else sampled from softmax(logits / temperature), among the ``top_k`` most likely and,
+    of those, the smallest set whose probability reaches ``top_p`` (nucleus sampling, as
+    ``transformers`` defines it), with ``generator`` (None: torch's global one)."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = ordered.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # the mass of the more likely tokens
+        drop = torch.empty_like(before, dtype=torch.bool).scatter_(1, order, before >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))  # the most likely always stays
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]  # (B,)
+
+
+@torch.no_grad()
+def decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
+           starts: Sequence[int] | None = None, temperature: float = 1.0,
+           top_k: int | None = None, top_p: float = 1.0,
+           generator: torch.Generator | None = None, use_cache: bool = True,
+           intervention: Intervention | None = None,
+           until: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           ) -> tuple[torch.Tensor, list[int | None]]:
+    """Append up to ``max_new_tokens`` tokens to ``ids`` (B, W) -> (ids (B, W + new), ends).
+
+    ``starts``: where each row's tokens begin (left padding before; default 0). ``until``:
+    ids so far (B, W') -> (B,) bool, True for rows that are done; a row's end (its length
+    W' when it was first done, None if never) is in ``ends``, and generation stops when every
+    row is done (the columns of rows done earlier are filler). ``use_cache=False`` runs the
+    uncached reference. The rest: :func:`next_tokens` and :class:`Intervention`.
+    """
+    starts = [0] * ids.shape[0] if starts is None else list(starts)
+    if use_cache:
+        decoder = model.decoder(intervention)
+    else:
+        if intervention is not None:
+            intervention.check(model)
+        decoder = UncachedDecoder(model, intervention)
+    ends: list[int | None] = [None] * ids.shape[0]
+    logits = decoder.start(ids, starts)
+    for step in range(max_new_tokens):
+        token = next_tokens(logits, temperature, top_k, top_p, generator)  # (B,)
+        ids = torch.cat((ids, token[:, None]), dim=1)
+        if until is not None:
+            for b in until(ids).nonzero().flatten().tolist():
+                ends[b] = ends[b] or ids.shape[1]
+            if all(ends):
+                break
+        if step + 1 < max_new_tokens:
+            logits = decoder.advance(ids)
+    return ids, ends
