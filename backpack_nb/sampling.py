@@ -12,8 +12,9 @@ import torch
 
 from . import paths
 from .loading import load_model
-from .devices import device_problem, resolve_device
+from .devices import DTYPES, autocast, device_problem, resolve_device
 from .errors import UserError, command
+from .models.generation import Intervention, decode
 from .params import MAX_SEED
 from .tokenizer import Tokenizer
 
@@ -24,7 +25,8 @@ MIN_TEMPERATURE = 1e-6
 
 
 def sampling_problems(*, num_samples: int, max_new_tokens: int, temperature: float,
-                      top_k: int | None, seed: int, flag_prefix: str = "") -> list[str]:
+                      top_k: int | None, seed: int, top_p: float = 1.0,
+                      stop: Sequence[str] = (), flag_prefix: str = "") -> list[str]:
     """What is wrong with these sampling settings, one entry per setting, each naming the
     setting (with ``flag_prefix``, ``--`` on the command line) and what is allowed."""
     def bad(name: str, allowed: str, value: object) -> str:
@@ -40,46 +42,122 @@ def sampling_problems(*, num_samples: int, max_new_tokens: int, temperature: flo
                             f">= {MIN_TEMPERATURE:g}", temperature))
     if top_k is not None and top_k < 1:
         problems.append(bad("top_k", ">= 1", top_k))
+    if not 0 < top_p <= 1:  # NaN too
+        problems.append(bad("top_p", "in (0, 1] (1 keeps every token)", top_p))
     if not 0 <= seed <= MAX_SEED:
         problems.append(bad("seed", f"in 0..{MAX_SEED}", seed))
+    if isinstance(stop, str):
+        problems.append(bad("stop", "a list of texts", repr(stop)))
+    elif not all(isinstance(s, str) and s for s in stop):
+        problems.append(bad("stop", "non-empty text", ", ".join(map(repr, stop))))
     return problems
 
 
 def sample_text(
     model: torch.nn.Module,
     tok: Tokenizer,
-    start: str = "\n",
+    start: str | Sequence[str] = "\n",
     *,
     num_samples: int = 3,
     max_new_tokens: int = 100,
     temperature: float = 0.8,
     top_k: int | None = 200,
+    top_p: float = 1.0,
     seed: int = 1337,
     device: str | torch.device = "cpu",
+    dtype: str = "float32",
+    stop_at_eot: bool = False,
+    stop: Sequence[str] = (),
+    intervention: Intervention | None = None,
+    use_cache: bool = True,
     warn: Callable[[str], None] | None = None,
 ) -> list[str]:
-    """``num_samples`` continuations of ``start`` (prompt included), deterministic per seed.
-    A prompt longer than the model's block_size conditions the samples through its last
-    block_size tokens only; ``warn`` (default: a Python warning) is told so."""
+    """``num_samples`` continuations of ``start`` (prompt included), deterministic per seed;
+    with several starts (a list), ``num_samples`` of each, in the order of the starts, drawn
+    in one batch (each row continues its own prompt exactly as it would alone).
+
+    ``temperature``, ``top_k`` and ``top_p``: :func:`~backpack_nb.models.generation.next_tokens`.
+    A sample ends after ``max_new_tokens`` tokens (any number: the model sees its last
+    ``block_size``), or earlier with ``stop_at_eot`` at the end-of-text token (left out of
+    the text) or just after the first of the ``stop`` texts it writes (kept). ``dtype``:
+    autocast (float16 on a CPU runs in float32). ``intervention``: a Backpack's steering
+    (:class:`~backpack_nb.models.generation.Intervention`). ``use_cache=False`` recomputes
+    the whole context for every token (the reference). A prompt longer than the model's
+    block_size conditions the samples through its last block_size tokens only; ``warn``
+    (default: a Python warning) is told so, and of a dtype fallback."""
+    starts = [start] if isinstance(start, str) else list(start)
     problems = sampling_problems(num_samples=num_samples, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_k=top_k, seed=seed)
+                                 temperature=temperature, top_k=top_k, seed=seed, top_p=top_p,
+                                 stop=stop)
+    if not starts or not all(isinstance(s, str) for s in starts):
+        problems.append(f"start must be a text or a non-empty list of texts, got {start!r}")
+    if stop_at_eot and tok.eot_id is None:
+        problems.append("stop_at_eot: this tokenizer has no end-of-text token")
     if problems:
         raise UserError("; ".join(problems))
-    prompt = tok.encode(start) or ([tok.eot_id] if tok.eot_id is not None else [0])
-    note = cropped_prompt_note(len(prompt), model.config.block_size)
-    if note:
-        (warn or _python_warning)(note)
-    x = torch.tensor([prompt] * num_samples, dtype=torch.long, device=device)  # (B, T)
-    gen_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
+    say = warn or _python_warning
+    device, dtype, notes = resolve_device(str(device), dtype, task="sampling")
+    prompts = [tok.encode(s) or [tok.eot_id if tok.eot_id is not None else 0] for s in starts]
+    notes += [n for p in prompts if (n := cropped_prompt_note(len(p), model.config.block_size))]
+    for note in notes:
+        say(note)
+    rows = [p for p in prompts for _ in range(num_samples)]
+    width = max(map(len, rows))
+    first = [width - len(p) for p in rows]  # left padding: every prompt ends at one column
+    ids = torch.tensor([[0] * f + p for f, p in zip(first, rows)], dtype=torch.long,
+                       device=device)  # (B, width)
     was_training = model.training
     model.eval()
     try:
-        out = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k)
+        with autocast(device, dtype):
+            out, ends = decode(
+                model, ids, max_new_tokens, starts=first, temperature=temperature, top_k=top_k,
+                top_p=top_p, generator=torch.Generator(device=device).manual_seed(seed),
+                use_cache=use_cache, intervention=intervention,
+                until=stop_condition(tok, width, tok.eot_id if stop_at_eot else None, stop))
     finally:
         model.train(was_training)
-        torch.random.set_rng_state(gen_state)
-    return [tok.decode(row.tolist()) for row in out]
+    eot = tok.eot_id if stop_at_eot else None
+    return [finished_text(tok, row[f:end].tolist(), width - f, eot, stop)
+            for row, f, end in zip(out, first, ends)]
+
+
+def stop_condition(tok: Tokenizer, prompt_width: int, eot_id: int | None,
+                   stop: Sequence[str]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """generation's ``until`` for rows whose prompts fill the first ``prompt_width`` columns:
+    rows whose newest token is ``eot_id`` or whose generated text now holds one of ``stop``
+    (None when neither is asked for)."""
+    if eot_id is None and not stop:
+        return None
+    wanted = [s.encode("utf-8") for s in stop]
+    tail = max(map(len, wanted), default=0)  # a token is at least one byte
+
+    def until(ids: torch.Tensor) -> torch.Tensor:
+        done = torch.zeros(len(ids), dtype=torch.bool)
+        if eot_id is not None:
+            done |= (ids[:, -1] == eot_id).cpu()
+        if wanted:
+            recent = ids[:, max(prompt_width, ids.shape[1] - tail):].tolist()
+            for b, row in enumerate(recent):
+                text = tok.decode_bytes(row)
+                done[b] |= any(s in text for s in wanted)
+        return done
+
+    return until
+
+
+def finished_text(tok: Tokenizer, ids: list[int], prompt_len: int, eot_id: int | None,
+                  stop: Sequence[str]) -> str:
+    """A sample's text: the prompt and what was generated, up to the end-of-text token (left
+    out) or just after the first stop text (kept)."""
+    generated = ids[prompt_len:]
+    if eot_id is not None and eot_id in generated:
+        generated = generated[: generated.index(eot_id)]
+    data = tok.decode_bytes(ids[:prompt_len] + generated)
+    head = len(tok.decode_bytes(ids[:prompt_len]))
+    ends = [at + len(s) for s in (s.encode("utf-8") for s in stop)
+            if (at := data.find(s, head)) >= 0]
+    return data[: min(ends, default=len(data))].decode("utf-8", errors="replace")
 
 
 def cropped_prompt_note(prompt_tokens: int, block_size: int) -> str | None:
@@ -123,40 +201,59 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="sample.py", description="Print text samples from a checkpoint.")
     ap.add_argument("--model_path", required=True,
                     help="ckpt.pt or best.pt (a relative path is taken from the project root)")
-    ap.add_argument("--start", default="\n",
+    ap.add_argument("--start", action="append", default=None,
                     help="prompt text, or FILE:path to read it from a UTF-8 file (a relative "
-                         "path is taken from the project root)")
-    ap.add_argument("--num_samples", type=int, default=3, help="how many continuations (>= 1)")
+                         "path is taken from the project root); give it several times for "
+                         "several prompts, each getting --num_samples samples (default: a "
+                         "newline)")
+    ap.add_argument("--num_samples", type=int, default=3,
+                    help="how many continuations of each start (>= 1)")
     ap.add_argument("--max_new_tokens", type=int, default=100,
-                    help="tokens added to the prompt in each (>= 1)")
+                    help="tokens added to the prompt in each (>= 1; may exceed the model's "
+                         "block_size)")
     ap.add_argument("--temperature", type=float, default=0.8,
                     help=f"0 (always the most likely token) or >= {MIN_TEMPERATURE:g}")
     ap.add_argument("--top_k", type=int, default=200, help="sample among the k most likely, >= 1")
+    ap.add_argument("--top_p", type=float, default=1.0,
+                    help="nucleus sampling: among the smallest set of the most likely tokens "
+                         "whose probability reaches p, in (0, 1] (default 1: all)")
+    ap.add_argument("--stop_at_eot", action="store_true",
+                    help="end a sample at the end-of-text token (not printed)")
+    ap.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                    help="end a sample just after this text (printed); give it several times "
+                         "for several")
     ap.add_argument("--seed", type=int, default=1337,
                     help=f"0..{MAX_SEED}; the same seed gives the same samples")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="cpu, cuda, cuda:N or mps; without CUDA, cuda falls back to the CPU")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES),
+                    help="autocast precision; float16 on a CPU runs in float32")
     ap.add_argument("--strict_device", action="store_true",
-                    help="refuse to fall back to the CPU")
+                    help="refuse to fall back to the CPU (or to another dtype)")
     args = ap.parse_args(argv)
     # every bad value at once, before the checkpoint is read
     problems = sampling_problems(
         num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, seed=args.seed, flag_prefix="--")
+        temperature=args.temperature, top_k=args.top_k, seed=args.seed, top_p=args.top_p,
+        stop=args.stop, flag_prefix="--")
     if device_problem(args.device):
         problems.append(f"--{device_problem(args.device)}")
     if problems:
         raise UserError("; ".join(problems))
-    device, _, notes = resolve_device(args.device, strict=args.strict_device, task="sampling")
+    device, dtype, notes = resolve_device(args.device, args.dtype, strict=args.strict_device,
+                                          task="sampling")
     for note in notes:
         _warning_line(note)
-    start = read_prompt(args.start)
+    starts = [read_prompt(start) for start in args.start or ["\n"]]
     model, tok, _ = load_model(args.model_path, device)
-    texts = sample_text(model, tok, start, num_samples=args.num_samples,
+    texts = sample_text(model, tok, starts, num_samples=args.num_samples,
                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                        top_k=args.top_k, seed=args.seed, device=device, warn=_warning_line)
+                        top_k=args.top_k, top_p=args.top_p, seed=args.seed, device=device,
+                        dtype=dtype, stop_at_eot=args.stop_at_eot, stop=args.stop,
+                        warn=_warning_line)
     for i, text in enumerate(texts):
-        print(f"---------- sample {i + 1}\n{text}")
+        which = f" (start {i // args.num_samples + 1})" if len(starts) > 1 else ""
+        print(f"---------- sample {i + 1}{which}\n{text}")
     return 0
 
 
