@@ -12,7 +12,8 @@ import torch
 from backpack_nb import sampling
 from backpack_nb.errors import UserError
 from backpack_nb.models import GPT, BackpackLM, ModelConfig
-from backpack_nb.models.generation import Intervention, UncachedDecoder, decode, next_tokens
+from backpack_nb.models.generation import (BackpackDecoder, Intervention, UncachedDecoder, decode,
+                                           next_tokens)
 from backpack_nb.sampling import finished_text, sample_text, stop_condition
 
 KINDS = ["transformer", "backpack/network", "backpack/table"]
@@ -61,6 +62,18 @@ def test_cached_logits_equal_the_uncached_models_at_every_step(kind, prompt):
     worst = stepwise_difference(model, text, prompt)
     print(f"{kind}, prompt {prompt}: max |cached - uncached| logit {worst:.1e}")
     assert worst < 1e-10
+
+
+@pytest.mark.parametrize("sum_by", ["token", "position"])
+def test_both_ways_of_summing_the_senses_are_exact(sum_by, monkeypatch):
+    """The Backpack's new output summed over the senses of each distinct token or of each
+    column (the decoder picks the cheaper): both equal the uncached model's to 1e-10, with
+    tokens repeated (few distinct) and not."""
+    monkeypatch.setattr(BackpackDecoder, "sum_by", sum_by)
+    model = tiny_model("backpack/network")
+    repeated = tokens(2, 30) % 4  # 4 distinct tokens
+    assert stepwise_difference(model, repeated, 5) < 1e-10
+    assert stepwise_difference(model, tokens(2, 30, seed=3), 5) < 1e-10
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -385,3 +398,36 @@ def test_sample_py_takes_several_starts(capsys):
         "1 (start 1)", "2 (start 1)", "3 (start 2)", "4 (start 2)"]
     assert all(s.split("\n", 1)[1].startswith("The Commission") for s in samples[:2])
     assert all(s.split("\n", 1)[1].startswith("Le") for s in samples[2:])
+
+
+# -- against transformers (importing it takes seconds: the slow tier) -------------------------
+
+
+@pytest.mark.slow
+def test_an_exported_transformer_generates_the_tokens_transformers_generates(tok, tmp_path):
+    """A random Transformer exported (backpack_nb.hub.export) and loaded by transformers:
+    our greedy tokens equal its generate(do_sample=False), for prompts shorter than the
+    block, batch 2, 12 new tokens (transformers' GPT-2 stops at its n_positions)."""
+    transformers = pytest.importorskip("transformers")
+    from backpack_nb.hub.export import export
+
+    ours = word_model("transformer", tok.vocab_size)
+    export(ours, tok, {"model_type": "transformer"}, tmp_path / "gpt")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gpt").eval()
+    prompt = torch.tensor([tok.encode("The Commission has")] * 2)
+    with torch.no_grad():
+        expected = theirs.generate(prompt, attention_mask=torch.ones_like(prompt),
+                                   do_sample=False, max_new_tokens=BLOCK - prompt.shape[1],
+                                   min_new_tokens=BLOCK - prompt.shape[1],
+                                   pad_token_id=tok.eot_id)
+    assert torch.equal(ours.generate(prompt, BLOCK - prompt.shape[1], temperature=0), expected)
+
+
+@pytest.mark.slow
+def test_top_p_keeps_what_transformers_top_p_keeps():
+    transformers = pytest.importorskip("transformers")
+    logits = torch.randn(8, 300, generator=torch.Generator().manual_seed(4)) * 3
+    for p in (0.1, 0.5, 0.9, 0.99):
+        kept = transformers.TopPLogitsWarper(top_p=p)(None, logits.clone()) > float("-inf")
+        for row in range(8):
+            assert set(kept[row].nonzero().flatten().tolist()) == nucleus_by_definition(logits[row], p)

@@ -145,8 +145,12 @@ class Decoder:
         self.starts: list[int] = []  # each row's first column
         self.offset = 0  # the first visible column
 
-    def start(self, ids: torch.Tensor, starts: Sequence[int]) -> torch.Tensor:
+    def start(self, ids: torch.Tensor, starts: Sequence[int],
+              max_new_tokens: int | None = None) -> torch.Tensor:
+        """Logits after the prompts; ``max_new_tokens`` (if known) sizes the caches."""
         self.starts = list(starts)
+        longest = ids.shape[1] - min(self.starts) + (max_new_tokens or self.block_size)
+        self._new_caches(min(self.block_size, longest))
         return self._recompute(ids)
 
     def advance(self, ids: torch.Tensor) -> torch.Tensor:
@@ -160,6 +164,9 @@ class Decoder:
         self.offset = max(min(self.starts), ids.shape[1] - self.block_size)
         self._reset()
         return self._run(ids, self.offset, ids.shape[1] - self.offset)
+
+    def _new_caches(self, columns: int) -> None:
+        """Caches for up to ``columns`` visible columns."""
 
     def _reset(self) -> None:
         """Empty the caches."""
@@ -191,8 +198,10 @@ class TransformerDecoder(Decoder):
     def __init__(self, model: nn.Module, intervention: Intervention | None = None) -> None:
         if intervention is not None:
             intervention.check(model)  # refuses: a Transformer has no senses
-        super().__init__(model)
-        self.cache = [KVCache(self.block_size) for _ in model.transformer.h]
+        super().__init__(model, intervention)
+
+    def _new_caches(self, columns: int) -> None:
+        self.cache = [KVCache(columns) for _ in self.model.transformer.h]
 
     def _reset(self) -> None:
         for kv in self.cache:
@@ -208,74 +217,96 @@ class TransformerDecoder(Decoder):
 class BackpackDecoder(TransformerDecoder):
     """A Backpack: the contextualization network's key/value caches, the alpha heads' keys
     and the senses of every visible column (unweighted: an intervention's weights, which may
-    change at every step, enter alpha), and each distinct token's senses computed once."""
+    change at every step, enter alpha), and each distinct token's senses computed once.
 
-    def __init__(self, model: nn.Module, intervention: Intervention | None = None) -> None:
-        if intervention is not None:
-            intervention.check(model)
-        Decoder.__init__(self, model, intervention)
-        self.cache = [KVCache(self.block_size) for _ in model.transformer.h]
-        self.alpha = KVCache(self.block_size)  # alpha keys (B, k, L, d/k), senses (B, k, L, d)
-        self.senses = SenseCache(model, intervention.sense_blocks if intervention else {})
+    The new row of alpha weighs the senses of every visible column. Summed by position, that
+    reads B k L d numbers; when the distinct tokens met so far (U) are no more than the
+    columns (L), alpha is first summed per token (a token met twice is weighed once with the
+    sum of its alphas) and the sum reads the k U d senses of the tokens instead: the same
+    value, summed in another order."""
+
+    sum_by: str = "auto"
+    """``"token"``, ``"position"``, or ``"auto"``: by token when U <= L."""
+
+    def _new_caches(self, columns: int) -> None:
+        super()._new_caches(columns)
+        self.alpha = KVCache(columns)  # alpha keys (B, k, L, d/k), senses (B, k, L, d)
+        self.where: torch.Tensor | None = None  # (B, columns): each column's row of senses
+        steer = self.intervention
+        self.senses = SenseCache(self.model, steer.sense_blocks if steer else {})
 
     def _reset(self) -> None:
         super()._reset()
         self.alpha.reset()
 
     def _run(self, ids: torch.Tensor, offset: int, n: int) -> torch.Tensor:
-        m, L = self.model, ids.shape[1] - offset
+        m, B, L = self.model, ids.shape[0], ids.shape[1] - offset
         positions, mask, own = self._layout(offset, L, n, ids.device)
         new = ids[:, -n:]  # (B, n)
         h = m.transformer(m.wte(new), positions=positions, cache=self.cache, mask=mask)
         q, key = m.alpha_heads(h)  # 2 x (B, k, n, d/k)
-        senses = self.senses(new).transpose(1, 2)  # (B, k, n, d)
+        where, senses = self.senses(new)  # (B, n), (B, k, n, d)
         keys, values = self.alpha.extend(key, senses)  # (B, k, L, d/k), (B, k, L, d)
+        if self.where is None:
+            self.where = where.new_empty(B, self.alpha.capacity)
+        self.where[:, L - n:L] = where
         # one row of alpha: the last position's weights over every visible column
         scores = q[:, :, -1:] @ keys.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, k, 1, L)
         if own is not None:
             scores = scores.masked_fill(~own[:, None, None, :], float("-inf"))
-        alpha = scores.softmax(dim=-1)  # (B, k, 1, L)
+        alpha = scores.softmax(dim=-1)[:, :, 0]  # (B, k, L)
         if self.intervention is not None:
             weights = self.intervention.weights(ids, self.starts, m.config.n_senses)  # (B, W, k)
             if weights is not None:
-                alpha = alpha * weights[:, offset:].transpose(1, 2)[:, :, None].to(alpha.dtype)
-        o = (alpha @ values).sum(dim=1)  # (B, k, 1, d) -> (B, 1, d): the sum over senses
-        return F.linear(o[:, -1], m.wte.weight)  # (B, V)
+                alpha = alpha * weights[:, offset:].transpose(1, 2).to(alpha.dtype)
+        U = self.senses.count
+        if self.sum_by == "token" or (self.sum_by == "auto" and U <= L):
+            columns = self.where[:, None, :L].expand(-1, alpha.shape[1], -1)  # (B, k, L)
+            per_token = alpha.new_zeros(*alpha.shape[:2], U).scatter_add_(2, columns, alpha)
+            o = (per_token.transpose(0, 1) @ self.senses.table()).sum(dim=0)  # (k, B, d) -> (B, d)
+        else:
+            o = (alpha[:, :, None] @ values).sum(dim=1)[:, 0]  # (B, k, 1, d) -> (B, d)
+        return F.linear(o, m.wte.weight)  # (B, V)
 
 
 class SenseCache:
     """C(x) of the tokens met so far, each computed once (edited blocks in place of the
-    computed ones): token ids (B, n) -> senses (B, n, k, d)."""
+    computed ones), stored sense-major: :meth:`table` (k, U, d)."""
 
     def __init__(self, model: nn.Module, blocks: Mapping[int, torch.Tensor]) -> None:
         self.model, self.blocks = model, blocks
         device = model.wte.weight.device
         self.slot = torch.full((model.config.vocab_size,), -1, dtype=torch.long, device=device)
-        self.rows: torch.Tensor | None = None  # (capacity, k*d), first `count` rows used
+        self.rows: torch.Tensor | None = None  # (k, capacity, d), the first `count` used
         self.count = 0
 
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids (B, n) -> their rows of the table (B, n) and senses (B, k, n, d)."""
         slots = self.slot[ids]  # (B, n)
         missing = slots < 0
         if missing.any():
             self._add(torch.unique(ids[missing]))
             slots = self.slot[ids]
-        k, d = self.model.config.n_senses, self.model.config.n_embd
-        return F.embedding(slots, self.rows[: self.count]).view(*ids.shape, k, d)
+        return slots, self.table()[:, slots].transpose(0, 1)  # (k, B, n, d) -> (B, k, n, d)
+
+    def table(self) -> torch.Tensor:
+        return self.rows[:, : self.count]  # (k, U, d)
 
     def _add(self, tokens: torch.Tensor) -> None:
         senses = self.model.senses_of_tokens(tokens)  # (u, k*d)
         for i, token in enumerate(tokens.tolist()):
             if token in self.blocks:
                 senses[i] = self.blocks[token].reshape(-1).to(senses.dtype)
+        k = self.model.config.n_senses
+        senses = senses.view(len(tokens), k, -1).transpose(0, 1)  # (k, u, d)
         end = self.count + len(tokens)
         if self.rows is None:
-            self.rows = senses.new_empty(max(64, end), senses.shape[1])
-        elif end > len(self.rows):  # grow by doubling: each sense is copied O(1) times
-            grown = self.rows.new_empty(max(2 * len(self.rows), end), self.rows.shape[1])
-            grown[: self.count] = self.rows[: self.count]
+            self.rows = senses.new_empty(k, max(64, end), senses.shape[-1])
+        elif end > self.rows.shape[1]:  # grow by doubling: each sense is copied O(1) times
+            grown = self.rows.new_empty(k, max(2 * self.rows.shape[1], end), self.rows.shape[-1])
+            grown[:, : self.count] = self.table()
             self.rows = grown
-        self.rows[self.count:end] = senses
+        self.rows[:, self.count:end] = senses
         self.slot[tokens] = torch.arange(self.count, end, device=self.slot.device)
         self.count = end
 
@@ -377,7 +408,7 @@ def decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
             intervention.check(model)
         decoder = UncachedDecoder(model, intervention)
     ends: list[int | None] = [None] * ids.shape[0]
-    logits = decoder.start(ids, starts)
+    logits = decoder.start(ids, starts, max_new_tokens)
     for step in range(max_new_tokens):
         token = next_tokens(logits, temperature, top_k, top_p, generator)  # (B,)
         ids = torch.cat((ids, token[:, None]), dim=1)
