@@ -168,8 +168,9 @@ def run_generate(*, rounds: int, uncached_rounds: int, batches: Sequence[int], n
                 seconds, _ = _timed(ours_call(kind, B, use_cache=False), device)
                 times.setdefault(f"{kind} uncached", []).append(seconds)
                 log(f"batch {B}, {kind} uncached: {seconds:.2f} s")
-        generated = [tok.encode(s) for s in outputs["backpack"]]
-        distinct = len({t for row in generated for t in row})
+        # the tokens the Backpack met (prompt and generated), untimed
+        met = ours["backpack"].generate(prompt.expand(B, -1), new_tokens, temperature=0)
+        distinct = len(torch.unique(met))
         context = PROMPT_TOKENS + (new_tokens - 1) / 2  # mean context of the new tokens
         flops = {kind: generation_flops(ours[kind], context, distinct / (B * new_tokens))
                  for kind in ours}

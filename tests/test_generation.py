@@ -431,3 +431,24 @@ def test_top_p_keeps_what_transformers_top_p_keeps():
         kept = transformers.TopPLogitsWarper(top_p=p)(None, logits.clone()) > float("-inf")
         for row in range(8):
             assert set(kept[row].nonzero().flatten().tolist()) == nucleus_by_definition(logits[row], p)
+
+
+def test_a_steered_batch_of_prompts_gives_each_row_what_it_gets_alone(tok):
+    """The hook sees each row's own tokens (rows of different lengths in groups of equal
+    length, never the padding): a greedy steered batch equals each prompt steered alone,
+    and steering changes the samples."""
+    model = word_model("backpack/network", tok.vocab_size)
+    favoured = tok.encode(" Commission")[0]
+
+    def towards(ids: torch.Tensor) -> torch.Tensor:
+        assert ids.shape[1] >= 1 and not (ids == 0).all(dim=1).any()
+        w = torch.ones(*ids.shape, 2, dtype=torch.float64)
+        w[..., 0] += 3.0 * (ids == favoured) + ids.shape[1] / 10  # anneals with the length
+        return w
+
+    steer = Intervention(sense_weights=towards)
+    kwargs = dict(num_samples=1, max_new_tokens=20, temperature=0, intervention=steer)
+    batch = sample_text(model, tok, PROMPTS, **kwargs)
+    assert batch == [sample_text(model, tok, start, **kwargs)[0] for start in PROMPTS]
+    assert batch != sample_text(model, tok, PROMPTS, num_samples=1, max_new_tokens=20,
+                                temperature=0)
