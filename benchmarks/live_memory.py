@@ -92,10 +92,8 @@ class LiveMemory(TorchDispatchMode):
             blocks.append(block)
         return blocks
 
-    def _free(self, key: int) -> None:
-        block = self._live.pop(key, None)
-        if block is not None:
-            self.current -= block.nbytes
+    def _free(self, key: int) -> None:  # its storage was freed
+        self.current -= getattr(self._live.pop(key, None), "nbytes", 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

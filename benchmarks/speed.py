@@ -266,8 +266,8 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
                log: Callable[[str], Any]) -> dict[str, Any]:
     batches, setup = _batches(setup)
     distinct = statistics.mean(len(torch.unique(b[:, :-1])) for b in batches)
-    log(f"{setup.describe()}: {distinct:.0f} distinct tokens a batch on average; "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+    log(f"{setup.data} batches ({distinct:.0f} distinct tokens each), V {setup.vocab_size:,}, "
+        f"{setup.device} {setup.dtype}, {torch.get_num_threads()} threads")
     runners, dropped = _warm_up(setup, variants, batches, log)
     names = [v.name for v in variants if v.name in runners]
     load = os.getloadavg()[0]
@@ -310,6 +310,7 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
         })
     return {"section": "speed", "setup": setup.describe(), "threads": torch.get_num_threads(),
             "load_average": [load, os.getloadavg()[0]], "distinct_tokens": distinct,
+            "torch": torch.__version__,
             "peak_gflops": round(peak_gflops, 1), "mfu_peak_gflops": round(mfu_peak, 1),
             "mfu_peak_of": (f"{gpu_peak_name(device, setup.dtype)} peak" if named
                             else "measured fp32 matmul peak"),
