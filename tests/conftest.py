@@ -30,28 +30,13 @@ os.environ.setdefault("MULTISIMLEX_SOURCE", str(ROOT.parent / "shared" / "multis
 # own; a test that trains, prepares, compiles or runs a notebook inline is marked slow itself.
 SLOW_FIXTURES = frozenset({"europarl_source", "prepared_europarl", "tiny_backpack_run",
                            "tiny_transformer_run"})
-# Tests that compile or take seconds in files being reworked elsewhere (issue 23), by name
-# until those files mark them themselves.
-SLOW_BY_NAME = frozenset({
-    "test_models.py::test_compiled_backpack_trains_and_keeps_state_dict_keys",
-    "test_models.py::test_generate_shape_and_token_range",
-    "test_levers.py::test_fused_loss_chunks_equal_the_eager_chunks_in_float64",
-    "test_levers.py::test_fused_loss_lever_gives_the_models_same_loss_and_gradients",
-    "test_gpu_plan.py::test_guard_reports_the_recompile_limit_instead_of_a_silent_eager_run",
-    "test_gpu_plan.py::test_guard_stops_a_compile_over_its_cap_and_passes_an_eager_warmup",
-    "test_gpu_plan.py::test_device_script_with_no_phase_only_summarizes",
-    "test_gpu_plan.py::test_a_spent_budget_drops_variants_by_name_and_still_writes_the_result",
-    "test_bench.py::test_live_memory_on_fake_tensors_equals_the_same_step_on_real_ones",
-    "test_bench.py::test_memory_traces_the_shape_of_the_params_file_it_is_given",
-})
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m selects on the markers
 def pytest_collection_modifyitems(config, items):
     for item in items:
         slow = SLOW_FIXTURES.union(getattr(getattr(item, "module", None), "SLOW_FIXTURES", ()))
-        name = f"{item.path.name}::{getattr(item, 'originalname', item.name)}"
-        if slow.intersection(getattr(item, "fixturenames", ())) or name in SLOW_BY_NAME:
+        if slow.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

@@ -111,6 +111,7 @@ def test_the_benchmarks_measure_the_shape_of_the_seeds_params_file():
     assert [c.params for c in memory.memory_cases(seed, [97])] == [seed] * 7
 
 
+@pytest.mark.slow
 def test_memory_traces_the_shape_of_the_params_file_it_is_given(tmp_path, capsys):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({"model_type": "backpack", **TINY_SHAPE, "dtype": "float32"}))
@@ -124,6 +125,7 @@ def test_memory_traces_the_shape_of_the_params_file_it_is_given(tmp_path, capsys
     assert "VERDICT backpack: FITS" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_live_memory_on_fake_tensors_equals_the_same_step_on_real_ones():
     params = {**common.seed_params(), **TINY_SHAPE}
     case = memory.MemoryCase("backpack", vocab_size=97, params=params, dtype="float32",

@@ -101,6 +101,7 @@ def test_summary_lays_out_the_goals_the_speed_tables_train_py_and_curves(plan_di
     assert "transformer: levers" in text
 
 
+@pytest.mark.slow
 def test_a_spent_budget_drops_variants_by_name_and_still_writes_the_result(tmp_path, capsys):
     out = tmp_path / "speed.json"
     speed.main(["--tiny", "--budget", "0.001", "--only", "backpack", "transformer",
@@ -147,6 +148,7 @@ def test_device_script_names_only_known_variants_and_flags():
     assert flags <= speed_flags | curve_flags | train_flags | memory_flags | other
 
 
+@pytest.mark.slow
 def test_device_script_with_no_phase_only_summarizes(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True,
                           env={"PATH": f"{Path(__import__('sys').executable).parent}:/usr/bin:/bin",

@@ -372,6 +372,7 @@ def test_cli_prints_parts_and_rejects_unknown_config(capsys):
 
 
 @pytest.mark.parametrize("kind", ALL_KINDS)
+@pytest.mark.slow
 def test_generate_shape_and_token_range(kind):
     model = tiny_model(kind, dtype=torch.float32)
     idx = torch.randint(0, 37, (2, 5))
@@ -400,6 +401,7 @@ def test_bfloat16_autocast_training_step(kind):
     assert abs(loss.item() - math.log(37)) < 0.5
 
 
+@pytest.mark.slow
 def test_compiled_backpack_trains_and_keeps_state_dict_keys():
     model = tiny_model("backpack/network", dtype=torch.float32, n_layer=1).train()
     compiled = torch.compile(model)
