@@ -30,12 +30,13 @@ def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     the model's; under DDP pass the wrapped module's). Returns the last micro-batch's loss
     (divided by ``accum``) and the number of non-finite micro-batch losses, both tensors on
     the device, so that nothing waits for the device."""
-    nonfinite = torch.zeros((), dtype=torch.int32)
-    loss = torch.zeros(())
+    if accum < 1:
+        raise ValueError(f"accum must be >= 1, got {accum}")
+    nonfinite = loss = torch.zeros(())  # both set at the first micro-batch
     for micro in range(accum):
         x, y, kwargs = next_batch()
-        if micro == 0:
-            nonfinite = nonfinite.to(x.device)
+        if micro == 0:  # made on the batch's device: no host-to-device copy, no sync
+            nonfinite = torch.zeros((), dtype=torch.int32, device=x.device)
         skip_sync = ddp and micro < accum - 1  # under DDP all-reduce on the last micro-batch only
         with model.no_sync() if skip_sync else contextlib.nullcontext():
             with autocast():
