@@ -72,13 +72,8 @@ def read_params_file(name_or_path: str) -> dict[str, Any]:
     return _resolve(name_or_path, ())
 
 
-def read_own_keys(name_or_path: str) -> dict[str, Any]:
-    """The keys a params file writes itself (``base`` included), as papermill -f injects them."""
-    return _read_one(name_or_path)
-
-
 def _resolve(name_or_path: str, chain: tuple[Path, ...]) -> dict[str, Any]:
-    own = _read_one(name_or_path)
+    own = read_own_keys(name_or_path)
     if BASE_KEY not in own:
         return own
     path = params_path(name_or_path)
@@ -86,18 +81,20 @@ def _resolve(name_or_path: str, chain: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(base, str) or not base.strip():
         raise UserError(f"{path}: {BASE_KEY}: {brief(base)} is not a params name; write the "
                         "name of the preset this one builds on, e.g. base: tiny_backpack")
-    if params_path(base).resolve() in (*chain, path.resolve()):
-        names = " -> ".join(p.stem for p in (*chain, path.resolve(), params_path(base).resolve()))
+    here, there = path.resolve(), params_path(base).resolve()
+    if there in (*chain, here):
+        names = " -> ".join(p.stem for p in (*chain, here, there))
         raise UserError(f"{path}: {BASE_KEY}: {base} leads back to itself ({names}); a preset "
                         "builds on another that does not build on it")
     try:
-        under = _resolve(base, (*chain, path.resolve()))
+        under = _resolve(base, (*chain, here))
     except UserError as exc:
         raise UserError(f"{path}: {BASE_KEY}: {exc}") from None
     return {**under, **own}
 
 
-def _read_one(name_or_path: str) -> dict[str, Any]:
+def read_own_keys(name_or_path: str) -> dict[str, Any]:
+    """The keys a params file writes itself (``base`` included), as papermill -f injects them."""
     path = params_path(name_or_path)
     try:
         found = path.is_file()

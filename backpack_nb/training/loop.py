@@ -101,7 +101,7 @@ class Trainer:
         self.tok, self.splits = run_data.tok, run_data.splits
         # Until its first save, a run that replaces another changes nothing in out_dir: its
         # training log and run.json wait, its curves are held back (written at that save).
-        self.replacing = replacing and cfg.init_from != "resume"
+        self.replacing = replacing  # check_out_dir: never for a resume
         if cfg.init_from != "resume" and not self.replacing and rt.master:
             loggers.clear(self.out_dir)  # a new run draws new curves
 

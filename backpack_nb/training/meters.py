@@ -131,7 +131,7 @@ class Throughput:
         self.tokens_per_iter = tokens_per_iter
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.windows: list[tuple[float, int]] = []  # (seconds, tokens) per log window
-        self._start, self._paused, self._iters = time.perf_counter(), 0.0, 0
+        self.begin()
 
     def begin(self) -> None:
         """Start a window now (the loop starts)."""
