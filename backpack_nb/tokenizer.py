@@ -233,6 +233,12 @@ class Tokenizer:
         pieces.append(ids[start:])
         return np.concatenate(pieces)
 
+    def out_of_vocabulary(self, text: str) -> list[str]:
+        """The pieces of ``text`` the encoding has tokens for but this vocabulary does not
+        (:meth:`to_compact` spells them in byte tokens); empty when every token is real."""
+        return [self.enc.decode_single_token_bytes(b).decode("utf-8", errors="replace")
+                for b in self.enc.encode_ordinary(text) if self._to_compact[b] < 0]
+
     def encode_array(self, text: str) -> np.ndarray:
         return self.to_compact(self.enc.encode_ordinary(text))
 

@@ -3,8 +3,9 @@
 The shape is :mod:`backpack_nb.model_config` (no torch). Read in this order: :mod:`.layers`
 (shared blocks), :mod:`.gpt` and :mod:`.backpack` (the two models), :mod:`.mixing` (the
 weighted sum of senses), :mod:`.base` (head, loss and counting they share),
-:mod:`.generation` (cached decoding, sampling, the Backpack's intervention hook), :mod:`.loss`
-(chunked linear cross-entropy), :mod:`.init` (weights), :mod:`.flops` (useful FLOPs).
+:mod:`.generation` (cached decoding, sampling), :mod:`.intervention` (steering: sense
+weights, edited senses and input rows), :mod:`.loss` (chunked linear cross-entropy),
+:mod:`.init` (weights), :mod:`.flops` (useful FLOPs).
 ``python -m backpack_nb.models --config <name> --vocab-size N`` prints parameter counts.
 """
 

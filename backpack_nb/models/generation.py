@@ -21,22 +21,21 @@ so once a row is longer than that every cached key changes at every step: from t
 step recomputes the last ``block_size`` columns (exact, at the uncached cost; the Backpack
 still reuses its senses).
 
-A Backpack can be steered while it generates (:class:`Intervention`): sense weights for every
-position, recomputed from the tokens so far at every step, and edited sense blocks.
+A Backpack can be steered while it generates
+(:class:`~backpack_nb.models.intervention.Intervention`): sense weights for every position,
+recomputed from the tokens so far at every step, and edited sense blocks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backpack_nb.errors import UserError
-from backpack_nb.models.mixing import Senses, weighted_sum_of_senses
+from backpack_nb.models.intervention import Intervention
 
 
 class KVCache:
@@ -69,65 +68,6 @@ class KVCache:
         self.v[:, :, self.length:end] = v
         self.length = end
         return self.k[:, :, :end], self.v[:, :, :end]
-
-
-@dataclass(frozen=True)
-class Intervention:
-    """How to steer a Backpack while it generates (see ``../shared/design/steering.md``).
-
-    ``sense_weights``: token ids so far (G, T), prompt and generated, -> weights (G, T, k):
-    sense l of the token at position j enters every output with its alpha times
-    ``weights[g, j, l]``. Called at every step with the whole text so far, so the weights of
-    past positions may change as the text grows; rows of a batch whose prompts have
-    different lengths are passed in groups of equal length. Past ``block_size`` the model
-    uses the weights of the positions it sees (the last ``block_size``).
-
-    ``sense_blocks``: token id -> a (k, d) block that replaces that token's senses C(x)
-    wherever it occurs (knowledge editing).
-
-    No weights (or all weights 1) and no blocks generate exactly what no intervention does.
-    """
-
-    sense_weights: Callable[[torch.Tensor], torch.Tensor] | None = None
-    sense_blocks: Mapping[int, torch.Tensor] = field(default_factory=dict)
-
-    def check(self, model: nn.Module) -> None:
-        """A UserError unless ``model`` is a Backpack these edits fit."""
-        if not hasattr(model, "senses_of_tokens"):
-            raise UserError("sense interventions need a Backpack: a Transformer has no senses")
-        k, d, V = model.config.n_senses, model.config.n_embd, model.config.vocab_size
-        if self.sense_weights is not None and not callable(self.sense_weights):
-            raise UserError("Intervention.sense_weights must be a function of the token ids "
-                            f"(B, T) returning weights (B, T, {k}), got {self.sense_weights!r}")
-        for token, block in self.sense_blocks.items():
-            if not (isinstance(token, int) and 0 <= token < V):
-                raise UserError(f"Intervention.sense_blocks: token id {token!r} is not in 0..{V - 1}")
-            if not isinstance(block, torch.Tensor) or tuple(block.shape) != (k, d):
-                shape = tuple(block.shape) if isinstance(block, torch.Tensor) else type(block).__name__
-                raise UserError(f"Intervention.sense_blocks[{token}] must be a ({k}, {d}) tensor "
-                                f"(the token's k senses), got {shape}")
-
-    def weights(self, ids: torch.Tensor, starts: Sequence[int], k: int) -> torch.Tensor | None:
-        """The weights (B, W, k) of every column of ``ids`` (B, W), whose row b starts at
-        column ``starts[b]`` (ones on the padding); None without ``sense_weights``."""
-        if self.sense_weights is None:
-            return None
-        if not any(starts):
-            return self._call(ids, k)
-        out = torch.ones(*ids.shape, k, dtype=torch.float64, device=ids.device)  # (B, W, k)
-        for start in sorted(set(starts)):
-            rows = torch.tensor([b for b, s in enumerate(starts) if s == start], device=ids.device)
-            out[rows, start:] = self._call(ids[rows, start:], k)
-        return out
-
-    def _call(self, ids: torch.Tensor, k: int) -> torch.Tensor:
-        w = self.sense_weights(ids)
-        if not isinstance(w, torch.Tensor) or tuple(w.shape) != (*ids.shape, k):
-            got = tuple(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-            raise UserError(f"Intervention.sense_weights returned {got} for token ids of shape "
-                            f"{tuple(ids.shape)}: it must return one weight per sense, "
-                            f"{(*ids.shape, k)}")
-        return w.to(device=ids.device, dtype=torch.float64)
 
 
 # -- decoders --------------------------------------------------------------------------------
@@ -197,7 +137,7 @@ class TransformerDecoder(Decoder):
 
     def __init__(self, model: nn.Module, intervention: Intervention | None = None) -> None:
         if intervention is not None:
-            intervention.check(model)  # refuses: a Transformer has no senses
+            intervention.check(model, generating=True)  # a Transformer has no senses
         super().__init__(model, intervention)
 
     def _new_caches(self, columns: int) -> None:
@@ -333,29 +273,9 @@ class UncachedDecoder(Decoder):
     def _logits(self, text: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Next-token logits (G, V) of the visible ``context`` (G, T), the end of ``text``."""
         steer = self.intervention
-        if steer is None or (steer.sense_weights is None and not steer.sense_blocks):
+        if steer is None or steer.is_empty:
             return self.model(context)[0][:, -1]
-        weights = steer.weights(text, [0] * len(text), self.model.config.n_senses)
-        return intervened_logits(self.model, context, steer.sense_blocks,
-                                 None if weights is None else weights[:, -context.shape[1]:])
-
-
-def intervened_logits(model: nn.Module, idx: torch.Tensor, blocks: Mapping[int, torch.Tensor],
-                      weights: torch.Tensor | None) -> torch.Tensor:
-    """A Backpack's next-token logits (B, V) for ``idx`` (B, T) with the senses of the tokens
-    in ``blocks`` replaced and every position's senses scaled by ``weights`` (B, T, k): the
-    model's own computation (:meth:`BackpackLM.hidden_states`) with edited senses. Scaling the
-    senses of position j scales its terms alpha_l[i, j] C(x_j)_l in every output alike."""
-    B, T = idx.shape
-    senses = model.sense_vectors(idx)  # (B, T, k, d), as the model computes them
-    for token, block in blocks.items():
-        senses = torch.where((idx == token)[..., None, None], block.to(senses), senses)
-    if weights is not None:
-        senses = senses * weights.to(senses.dtype)[..., None]  # (B, T, k, 1)
-    q, key = model.alpha_heads(model.transformer(model.wte(idx)))  # 2 x (B, k, T, d/k)
-    flat = Senses(senses.reshape(B * T, -1), None, tuple(senses.shape))
-    o = weighted_sum_of_senses(q, key, flat, model.mixing)  # (B, T, d)
-    return F.linear(o[:, -1], model.wte.weight)  # (B, V)
+        return F.linear(steer.hidden_states(self.model, context, text)[:, -1], self.model.wte.weight)
 
 
 # -- choosing the next token -----------------------------------------------------------------
@@ -405,7 +325,7 @@ def decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
         decoder = model.decoder(intervention)
     else:
         if intervention is not None:
-            intervention.check(model)
+            intervention.check(model, generating=True)
         decoder = UncachedDecoder(model, intervention)
     ends: list[int | None] = [None] * ids.shape[0]
     logits = decoder.start(ids, starts, max_new_tokens)
