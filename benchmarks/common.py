@@ -1,26 +1,58 @@
-"""What the benchmark commands share: the seed's configuration (read from its params file),
-units, device synchronisation, the float32 matmul peak that MFU is measured against, token
-batches, and writing results. Every benchmark that trains takes the trainer's own steps
-(:func:`backpack_nb.training.step.optimizer_step`): it measures the step training runs."""
+"""What the benchmark commands share: their command line (flags, errors, output), the seed's
+configuration, units, device synchronisation, the float32 matmul peak MFU is measured
+against, token batches, and writing results."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from backpack_nb import data, dataset
-from backpack_nb.errors import UserError
+from backpack_nb.errors import UserError, exit_on_user_error
 from backpack_nb.paramfile import read_params_file
 from backpack_nb.paths import outputs_root
 
 GiB, MiB = 2**30, 2**20
+DTYPES = ("float32", "bfloat16", "float16")
+TINY = dict(batch_size=2, block_size=32, n_layer=2, n_head=2, n_embd=32, n_senses=4)  # tests
+# flags several benchmarks take, by keyword (``compile_cap`` is ``--compile-cap``)
+SHARED_FLAGS: dict[str, dict[str, Any]] = {
+    "device": {}, "dtype": {"choices": DTYPES}, "threads": {"type": int},
+    "compile_cap": {"type": float, "default": 0.0, "metavar": "SECONDS"},
+    "budget": {"type": float, "default": 0.0, "metavar": "SECONDS"},
+}
+
+
+def new_parser(name: str, doc: str, **shared: str) -> argparse.ArgumentParser:
+    """The parser of ``python -m benchmarks.<name>`` (described by ``doc``'s first line), with
+    the :data:`SHARED_FLAGS` named by ``shared`` (keyword: the flag, value: its help) and
+    ``--json``."""
+    p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}",
+                                description=doc.split("\n")[0])
+    for flag, help in shared.items():
+        p.add_argument("--" + flag.replace("_", "-"), help=help, **SHARED_FLAGS[flag])
+    p.add_argument("--json", help="where to write the JSON (default outputs/bench/)")
+    return p
+
+
+def run_main(run: Callable[[], dict[str, Any]], fmt: Callable[[Any], str], json_path: str | None,
+             section: str) -> None:
+    """Run a measurement: a UserError ends in one line and exit status 2; otherwise print its
+    table and write its JSON (:func:`write_json`)."""
+    try:
+        result = run()
+    except UserError as exc:
+        exit_on_user_error(exc)
+    print(fmt(result))
+    print(f"wrote {write_json(result, json_path, section)}")
 
 
 def seed_params(config: str = "train_europarl_scratch") -> dict[str, Any]:

@@ -1,8 +1,5 @@
 """Do the speed levers keep the training loss curve? Short runs with and without them.
 
-    python -m benchmarks.curves [--models backpack transformer] [--steps 200] [--device cuda]
-        [--dtype float16] [--tiny] [--json PATH]
-
 Three runs of each model from the same weights on the same Europarl batches (the sample,
 its compact V) at the seed's shape, batch and dropout, AdamW at 6e-4 after a 20-step warm-up,
 each step the trainer's own (:func:`backpack_nb.training.step.optimizer_step`): ``levers``
@@ -27,12 +24,12 @@ import torch
 
 from backpack_nb import optim
 from backpack_nb.devices import autocast
-from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.errors import UserError
 from backpack_nb.models import BackpackLM, ModelConfig, build_model
 from backpack_nb.models.mixing import distinct_tokens
 from backpack_nb.training.step import optimizer_step
 
-from benchmarks.common import check_device, europarl_batches, seed_params, write_json
+from benchmarks.common import TINY, check_device, europarl_batches, new_parser, run_main, seed_params
 from benchmarks.compile_guard import guarded_warmup
 
 TAIL = 50  # the steps whose mean loss the verdict compares
@@ -50,9 +47,6 @@ class CurveSetup:
     dtype: str = "float16"  # the seed's (its params file's)
     compile_cap_s: float = 0.0
     budget_s: float = 0.0  # runs stop starting past this (0: none)
-
-
-TINY = dict(batch_size=2, block_size=32, n_layer=2, n_head=2, n_embd=32, n_senses=4)
 
 
 def train_curve(model_type: str, setup: CurveSetup, batches: list[torch.Tensor], vocab: int,
@@ -152,41 +146,39 @@ def format_curves(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.curves",
-                                description=__doc__.split("\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = new_parser("curves", __doc__, device="cuda (default) or cpu", dtype="autocast dtype "
+                   "(default the seed's float16; float32 with --tiny)", compile_cap="a run whose "
+                   "first step (its compilation) takes longer is dropped",
+                   budget="runs stop starting when this is spent (0: no limit)")
     add = p.add_argument
     add("--models", nargs="+", choices=["backpack", "transformer"],
         default=["backpack", "transformer"])
     add("--steps", type=int, help="steps per run (default 200; 60 with --tiny)")
-    add("--device", help="cuda (default) or cpu")
-    add("--dtype", choices=["float32", "bfloat16", "float16"],
-        help="autocast dtype (default the seed's float16; float32 with --tiny)")
-    add("--compile-cap", type=float, default=0.0, metavar="SECONDS",
-        help="a run whose first step (its compilation) takes longer is dropped")
-    add("--budget", type=float, default=0.0, metavar="SECONDS",
-        help="runs stop starting when this is spent (0: no limit)")
     add("--tiny", action="store_true", help="a tiny shape on the CPU, for tests")
-    add("--json", help="where to write the JSON (default outputs/bench/)")
-    args = p.parse_args(argv)
-    try:
-        seed = seed_params()
-        setup = CurveSetup(seed, dtype=seed["dtype"])
-        if args.tiny:
-            setup = CurveSetup({**seed, **TINY}, steps=60, lr=3e-3, warmup=4, device="cpu",
-                               dtype="float32")
-        changes = {k: v for k, v in (("steps", args.steps), ("device", args.device),
-                                     ("dtype", args.dtype)) if v is not None}
-        setup = dataclasses.replace(setup, compile_cap_s=args.compile_cap,
-                                    budget_s=args.budget, **changes)
-        if setup.steps < TAIL:
-            raise UserError(f"--steps {setup.steps}: the verdict needs at least {TAIL}")
-        check_device(setup.device, setup.dtype, args.compile_cap, args.budget)
-        result = run_curves(args.models, setup)
-    except UserError as exc:
-        exit_on_user_error(exc)
-    print(format_curves(result))
-    print(f"wrote {write_json(result, args.json, 'curves')}")
+    return p
+
+
+def setup_of(args: argparse.Namespace) -> CurveSetup:
+    """The plan the flags ask for (UserError for one this machine cannot run)."""
+    seed = seed_params()
+    setup = CurveSetup(seed, dtype=seed["dtype"])
+    if args.tiny:
+        setup = CurveSetup({**seed, **TINY}, steps=60, lr=3e-3, warmup=4, device="cpu",
+                           dtype="float32")
+    changes = {k: v for k, v in (("steps", args.steps), ("device", args.device),
+                                 ("dtype", args.dtype)) if v is not None}
+    setup = dataclasses.replace(setup, compile_cap_s=args.compile_cap, budget_s=args.budget,
+                                **changes)
+    if setup.steps < TAIL:
+        raise UserError(f"--steps {setup.steps}: the verdict needs at least {TAIL}")
+    check_device(setup.device, setup.dtype, args.compile_cap, args.budget)
+    return setup
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    run_main(lambda: run_curves(args.models, setup_of(args)), format_curves, args.json, "curves")
 
 
 if __name__ == "__main__":

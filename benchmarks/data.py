@@ -1,11 +1,7 @@
 """Europarl preparation throughput, end to end, next to a bare tiktoken batch encode.
 
-    python -m benchmarks.data [--sample PATH] [--copies 20] [--repeats 3] [--json PATH]
-
-Times :func:`backpack_nb.data.prepare` (read, clean, split, encode, compact, write) on
-``--copies`` copies of the Europarl sample against ``encode_ordinary_batch`` over the same
-cleaned documents, on the same threads. Writes JSON to ``--json`` (default
-``<outputs root>/bench/data.json``).
+Times :func:`backpack_nb.data.prepare` on ``--copies`` copies of the Europarl sample against
+``encode_ordinary_batch`` over the same cleaned documents, on the same threads.
 """
 
 from __future__ import annotations
@@ -20,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from backpack_nb import data
-from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.errors import UserError
 from backpack_nb.europarl import read_source
 from backpack_nb.tokenizer import get_encoding
 
-from benchmarks.common import MiB, default_europarl_source, write_json
+from benchmarks.common import MiB, default_europarl_source, new_parser, run_main
 
 
 def build_corpus(sample: Path, dest: Path, copies: int) -> None:
@@ -45,7 +41,7 @@ def run_data(sample: Path, copies: int = 20, repeats: int = 3, *,
     write) and of a bare ``encode_ordinary_batch`` over the same cleaned documents, both on
     the same threads."""
     if not (sample / "raw" / "txt" / "en").is_dir():
-        raise UserError(f"no Europarl sample at {sample}: pass --sample or set EUROPARL_SOURCE")
+        raise UserError(f"no Europarl sample at {sample}: set EUROPARL_SOURCE")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         build_corpus(sample, tmp / "src", copies)
@@ -78,21 +74,17 @@ def format_data(r: dict[str, Any]) -> str:
     ])
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.data",
-                                description=__doc__.split("\n")[0])
-    p.add_argument("--sample", type=Path, help="the Europarl sample folder (default: "
-                   "EUROPARL_SOURCE, else ../shared/europarl)")
+def parser() -> argparse.ArgumentParser:
+    p = new_parser("data", __doc__)
     p.add_argument("--copies", type=int, default=20)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--json", help="where to write the JSON (default outputs/bench/)")
-    args = p.parse_args(argv)
-    try:
-        result = run_data(args.sample or default_europarl_source(), args.copies, args.repeats)
-    except UserError as exc:
-        exit_on_user_error(exc)
-    print(format_data(result))
-    print(f"wrote {write_json(result, args.json, 'data')}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    run_main(lambda: run_data(default_europarl_source(), args.copies, args.repeats),
+             format_data, args.json, "data")
 
 
 if __name__ == "__main__":

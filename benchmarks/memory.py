@@ -1,13 +1,9 @@
 """Peak training memory of a configuration, part by part, and whether it fits a 16 GB T4.
 
-    python -m benchmarks.memory [--config train_europarl_scratch] [--vocab 50257 100277]
-        [--batch N] [--distinct U] [--json PATH]
-
 Two training steps (:func:`backpack_nb.training.step.optimizer_step`) of the real models of
-a params file's configuration (default the seed's: 6 layers, 384 wide, block 512, batch 32,
-float16) traced by :class:`~benchmarks.live_memory.LiveMemory` on fake tensors (shapes
-only: seconds on a laptop), the CPU standing in for CUDA (its memory-efficient attention and
-autocast's float32 ops patched in). JSON: ``--json`` (default ``outputs/bench/memory.json``).
+a params file's configuration (default the seed's) traced by
+:class:`~benchmarks.live_memory.LiveMemory` on fake tensors (shapes only: seconds), the CPU
+standing in for CUDA (its memory-efficient attention and autocast's float32 ops patched in).
 """
 
 from __future__ import annotations
@@ -27,11 +23,10 @@ from torch.overrides import TorchFunctionMode
 
 from backpack_nb import optim
 from backpack_nb.devices import autocast
-from backpack_nb.errors import UserError, exit_on_user_error
 from backpack_nb.models import LOSS_CHUNK_ROWS, BackpackLM, ModelConfig, build_model
 from backpack_nb.training.step import optimizer_step
 
-from benchmarks.common import GiB, seed_params, write_json
+from benchmarks.common import GiB, new_parser, run_main, seed_params
 from benchmarks.live_memory import KINDS, LiveMemory
 
 # What a step may peak at (``torch.cuda.max_memory_allocated``) on a 16 GB T4: PyTorch sees
@@ -202,32 +197,31 @@ def format_memory(results: list[dict[str, Any]], budget_gib: float = T4_BUDGET_G
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.memory",
-                                description=__doc__.split("\n")[0])
+def parser() -> argparse.ArgumentParser:
+    p = new_parser("memory", __doc__)
     add = p.add_argument
     add("--config", default="train_europarl_scratch",
         help="name under params/ or a .yaml path (shape, batch, dtype)")
     add("--vocab", type=int, nargs="+", default=[50_257, 100_277])
-    add("--batch", type=int, help="override the config's batch size")
     add("--distinct", type=int, metavar="U", help="distinct tokens a batch (default: every "
         "token distinct, the bound; a Zipf batch of 32 x 512 holds about 6,500)")
-    add("--json", help="where to write the JSON (default outputs/bench/)")
-    args = p.parse_args(argv)
-    try:
-        params = seed_params(args.config)
-        if args.batch is not None:
-            params = {**params, "batch_size": args.batch}
-        cases = memory_cases(params, args.vocab, args.distinct)
-        print(f"memory accounting of {args.config}: traced on fake tensors (the real models, "
-              "no memory used); CUDA's memory-efficient attention; float32 master weights")
-        results = [trace_memory(c) for c in cases]
-    except UserError as exc:
-        exit_on_user_error(exc)
-    print(format_memory(results))
-    result = {"section": "memory", "config": args.config, "budget_gib": T4_BUDGET_GIB,
-              "cases": results}
-    print(f"wrote {write_json(result, args.json, 'memory')}")
+    return p
+
+
+def run_memory(config: str, vocab_sizes: Sequence[int],
+               distinct: int | None = None) -> dict[str, Any]:
+    """The traced cases of a params file (:func:`memory_cases`) at ``vocab_sizes``."""
+    cases = memory_cases(seed_params(config), vocab_sizes, distinct)
+    print(f"memory accounting of {config}: traced on fake tensors (the real models, no memory "
+          "used); CUDA's memory-efficient attention; float32 master weights")
+    return {"section": "memory", "config": config, "budget_gib": T4_BUDGET_GIB,
+            "cases": [trace_memory(c) for c in cases]}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    run_main(lambda: run_memory(args.config, args.vocab, args.distinct),
+             lambda result: format_memory(result["cases"]), args.json, "memory")
 
 
 if __name__ == "__main__":

@@ -1,15 +1,10 @@
 """Training-step time, MFU and the headline ratios, measured within one run.
 
-    python -m benchmarks.speed [--quick] [--tiny] [--rounds N] [--data zipf|europarl|europarl-en]
-        [--threads N] [--device cpu|cuda] [--dtype D] [--seed-config] [--only VARIANT ...]
-
 Times training steps (:func:`backpack_nb.training.step.optimizer_step`) of the Backpack, the
 Transformer and a nanoGPT-style GPT of the same architecture (:mod:`benchmarks.nanogpt`),
-interleaved round by round (the same machine load), beside a float32 matmul peak measured in
-the same rounds (MFU's denominator on the CPU; on CUDA the GPU's peak for the dtype): the
-seed's shape (``params/train_europarl_scratch.yaml``) at block 256, batch 4, V 16,000,
-dropout 0; without ``--quick`` a row per performance lever too. ``--seed-config``: the seed's
-own training (32 x 512, dropout 0.1, float16) at V 13,034, for a GPU. JSON: ``--json``.
+interleaved round by round, beside a float32 matmul peak measured in the same rounds (MFU's
+denominator on the CPU; on CUDA the GPU's peak for the dtype): the seed's shape at block 256,
+batch 4, V 16,000, dropout 0, and without ``--quick`` a row per performance lever.
 """
 
 from __future__ import annotations
@@ -28,15 +23,15 @@ import torch
 
 from backpack_nb import optim
 from backpack_nb.devices import autocast
-from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.errors import UserError
 from backpack_nb.models import BackpackLM, ModelConfig, build_model
 from backpack_nb.models.flops import train_flops
 from backpack_nb.models.mixing import distinct_tokens
 from backpack_nb.training.meters import gpu_peak_name, peak_flops
 from backpack_nb.training.step import optimizer_step
 
-from benchmarks.common import (MiB, check_device, europarl_batches, matmul_gflops, seed_params,
-                               sync, write_json, zipf_batches)
+from benchmarks.common import (TINY, MiB, check_device, europarl_batches, matmul_gflops, new_parser,
+                               run_main, seed_params, sync, zipf_batches)
 from benchmarks.compile_guard import (drop_compiled_state, graphs_compiled, guarded_warmup,
                                       recompile_limit_at_least)
 from benchmarks.nanogpt import NanoGPT
@@ -90,8 +85,7 @@ LEVERS = [
 
 @dataclasses.dataclass(frozen=True)
 class SpeedSetup:
-    """The measurement plan: a params file's values (``params``: the model shape,
-    ``block_size``, ``batch_size``, ``dropout``) at ``vocab_size``, and how steps are timed."""
+    """The plan: a params file's values (shape, batch, dropout) at ``vocab_size``, and timing."""
 
     params: dict[str, Any]
     vocab_size: int = 16_000
@@ -121,9 +115,7 @@ def preset(name: str) -> SpeedSetup:
         return SpeedSetup(seed, vocab_size=13_034, dtype=seed["dtype"], rounds=5)
     cpu = {**seed, "block_size": 256, "batch_size": 4, "dropout": 0.0}
     if name == "tiny":
-        tiny = {"block_size": 32, "batch_size": 2, "n_layer": 2, "n_head": 2, "n_embd": 64,
-                "n_senses": 4}
-        return SpeedSetup({**cpu, **tiny}, vocab_size=512, rounds=2, threads=1)
+        return SpeedSetup({**cpu, **TINY, "n_embd": 64}, vocab_size=512, rounds=2, threads=1)
     return SpeedSetup(cpu, rounds=3 if name == "quick" else 7)
 
 
@@ -176,8 +168,7 @@ class _Runner:
         sync(self.device)
         return time.perf_counter() - t0
 
-    def peak_bytes(self) -> int | None:
-        """CUDA's allocator peak over one step (None elsewhere: ``benchmarks.memory``)."""
+    def peak_bytes(self) -> int | None:  # CUDA's allocator peak over a step (else None)
         if self.device.type != "cuda":
             return None
         torch.cuda.reset_peak_memory_stats()
@@ -185,8 +176,7 @@ class _Runner:
         return torch.cuda.max_memory_allocated()
 
     def count_syncs(self) -> int | None:
-        """Synchronising CUDA calls in one step (``torch.unique``'s data-dependent size,
-        ``.item()``...: each stalls the host until the GPU catches up). None off CUDA."""
+        """Host-synchronising CUDA calls in one step (``torch.unique``, ``.item()``...)."""
         if self.device.type != "cuda":
             return None
         torch.cuda.synchronize()
@@ -202,9 +192,8 @@ class _Runner:
 
 def run_speed(setup: SpeedSetup, variants: Sequence[Variant], *,
               log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Time ``variants`` interleaved (each round runs each variant once, in a rotating
-    order, plus a matmul peak): rows with ms/step, tokens/s, useful FLOPs, MFU and (CUDA)
-    peak memory and syncs a step, and the headline ratios."""
+    """Time ``variants`` interleaved (each round runs each once, in a rotating order, plus a
+    matmul peak): ms/step, tokens/s, useful FLOPs, MFU, (CUDA) peak memory and syncs a step."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(setup.threads or threads_before)
     # Variants share the models' code (forward), and dynamo's recompile limit counts the
@@ -232,9 +221,7 @@ def _warm_up(setup: SpeedSetup, variants: Sequence[Variant], batches: list[torch
              log: Callable[[str], Any]) -> tuple[dict[str, _Runner], dict[str, dict]]:
     """A runner per variant, warmed up (a compiled one sees every batch, under a cap, with
     dynamo's recompile limit an error); the variants dropped, with why."""
-    runners: dict[str, _Runner] = {}
-    dropped: dict[str, dict[str, Any]] = {}
-    t_start = time.perf_counter()
+    runners, dropped, t_start = {}, {}, time.perf_counter()
     for v in variants:
         cap = setup.compile_cap_s
         if setup.budget_s:  # keep a sixth of the budget for timing, profiling and memory
@@ -381,15 +368,19 @@ def format_speed(result: dict[str, Any]) -> str:
         lines.append(f"MFU (useful FLOPs / {result['mfu_peak_of']}, "
                      f"{result['mfu_peak_gflops']:,.0f} GFLOP/s): {', '.join(mfu)} (goal on a "
                      "GPU at the seed's shape: transformer >= 30%)")
-    lines.append("ratios are medians over rounds of times measured in the same round; "
-                 "ms/step are medians; 'vs base': the variant's time over its base's (for a "
-                 "lever switched off, the lever's speed-up)")
+    lines.append("ratios: medians over rounds of times of the same round; ms/step: medians; "
+                 "'vs base': the variant's time over its base's")
     return "\n".join(lines)
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.speed",
-                                description=__doc__.split("\n")[0])
+    p = new_parser(
+        "speed", __doc__, device="cpu, or cuda", threads="torch threads (default: torch's; 1 "
+        "with --tiny)", dtype="autocast dtype (float16: with a GradScaler, CUDA only); default "
+        "float32, the seed's with --seed-config", compile_cap="drop a compiled variant whose "
+        "warm-up takes longer (dynamo's recompile limit is always an error)", budget="variants "
+        "whose warm-up would start after 5/6 of this are dropped (named)")
+    p.set_defaults(device="cpu")
     add = p.add_argument
     add("--quick", action="store_true", help="the three main models, 3 rounds (minutes)")
     add("--tiny", action="store_true", help="a tiny shape, for tests (seconds)")
@@ -397,20 +388,11 @@ def parser() -> argparse.ArgumentParser:
     add("--data", choices=["zipf", "europarl", "europarl-en"], default="zipf",
         help="token batches: Zipf(1) over V (about 550 distinct a batch, like en+fr "
         "Europarl), the en+fr sample (its compact V), or English only (about 450 distinct)")
-    add("--threads", type=int, help="torch threads (default: torch's; 1 with --tiny)")
-    add("--device", default="cpu", help="cpu, or cuda")
-    add("--dtype", choices=["float32", "bfloat16", "float16"], help="autocast dtype (float16: "
-        "with a GradScaler, CUDA only); default float32, the seed's with --seed-config")
     add("--seed-config", action="store_true", help="the seed's training (batch 32 x 512, "
         "dropout 0.1, float16) at V 13,034, for a GPU")
     add("--vocab", type=int, help="V of Zipf batches (default 16,000; 13,034 with --seed-config)")
     add("--compile-all", action="store_true", help="compile every variant, as train.py on CUDA")
-    add("--compile-cap", type=float, default=0.0, metavar="SECONDS", help="drop a compiled "
-        "variant whose warm-up takes longer (dynamo's recompile limit is always an error)")
-    add("--budget", type=float, default=0.0, metavar="SECONDS", help="variants whose warm-up "
-        "would start after 5/6 of this are dropped (named): a leased GPU's run ends in time")
     add("--only", nargs="+", metavar="VARIANT", help="time only these variants")
-    add("--json", help="where to write the JSON (default outputs/bench/)")
     return p
 
 
@@ -442,12 +424,7 @@ def setup_and_variants(args: argparse.Namespace) -> tuple[SpeedSetup, list[Varia
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parser().parse_args(argv)
-    try:
-        result = run_speed(*setup_and_variants(args))
-    except UserError as exc:
-        exit_on_user_error(exc)
-    print(format_speed(result))
-    print(f"wrote {write_json(result, args.json, 'speed')}")
+    run_main(lambda: run_speed(*setup_and_variants(args)), format_speed, args.json, "speed")
 
 
 if __name__ == "__main__":
