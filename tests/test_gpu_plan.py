@@ -4,9 +4,12 @@ summary of a run's files, and the device script's own wiring. No timing assertio
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -129,30 +132,46 @@ def test_bad_plan_flags_are_one_error_and_exit_2(main, argv, expected, capsys):
     assert err.startswith("error: ") and expected in err and "Traceback" not in err
 
 
-def test_device_script_names_only_known_variants_and_flags():
-    text = SCRIPT.read_text()
-    assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+def _script(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    path = f"{Path(sys.executable).parent}:/usr/bin:/bin"
+    return subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True,
+                          env={"PATH": path, "OUT": str(tmp_path / "out"), **env}, timeout=120)
+
+
+@pytest.mark.parametrize("tiny", ["", "1"])
+def test_every_benchmark_the_dry_plan_names_parses_with_its_own_parser(tmp_path, tiny):
+    """DRY=1 prints the plan, a command a line, and runs nothing; each benchmark command
+    parses with that benchmark's parser, and the speed variants it names exist."""
+    proc = _script(tmp_path, DRY="1", TINY=tiny)
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "out").exists()  # nothing ran
+    commands = [shlex.split(line) for line in proc.stdout.splitlines()]
+    assert (["nvidia-smi"] == commands[0][:1]) != bool(tiny)
+    parsed = {}
+    for argv in commands:
+        if "-m" not in argv or not argv[argv.index("-m") + 1].startswith("benchmarks."):
+            continue
+        name, rest = argv[argv.index("-m") + 1], argv[argv.index("-m") + 2:]
+        try:
+            args = importlib.import_module(name).parser().parse_args(rest)
+        except SystemExit:
+            pytest.fail(f"{name} does not parse {rest}")
+        parsed.setdefault(name, []).append(args)
+    assert set(parsed) == {"benchmarks.speed", "benchmarks.curves", "benchmarks.gpu_summary"}
     known = {v.name for v in speed.MAIN + speed.LEVERS}
-    named = set(re.findall(r"\b((?:backpack|transformer|nanogpt)(?:/[\w-]+)?)\b", text))
-    assert {n for n in named if "/" in n} <= known
-    flags = set(re.findall(r"(--[a-z][\w-]*)", text))
-    speed_flags = {a for action in speed.parser()._actions for a in action.option_strings}
-    curve_flags = {"--tiny", "--device", "--compile-cap", "--budget", "--json"}
-    train_flags = {"--model_type", "--config", "--out_dir", "--data_dir", "--init_from",
-                   "--dtype", "--compile", "--max_iters", "--log_interval", "--eval_iters",
-                   "--eval_interval", "--batch_size", "--block_size", "--n_layer", "--n_head",
-                   "--n_embd", "--n_senses"}
-    memory_flags = {"--vocab"}
-    other = {"--query-gpu", "--format", "--no-index", "--no-deps", "--no-compile",
-             "--no-cache-dir", "--upgrade", "--target"}
-    assert flags <= speed_flags | curve_flags | train_flags | memory_flags | other
+    assert all(set(a.only) <= known for a in parsed["benchmarks.speed"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only without CUDA")
+def test_the_device_script_refuses_in_one_line_without_cuda(tmp_path):
+    proc = _script(tmp_path)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert len(proc.stderr.splitlines()) == 1 and "no CUDA device here" in proc.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
 def test_device_script_with_no_phase_only_summarizes(tmp_path):
-    proc = subprocess.run(["bash", str(SCRIPT)], cwd=ROOT, capture_output=True, text=True,
-                          env={"PATH": f"{Path(__import__('sys').executable).parent}:/usr/bin:/bin",
-                               "OUT": str(tmp_path), "PHASES": "none", "DRY": "1"},
-                          timeout=120)
+    proc = _script(tmp_path, PHASES="none", TINY="1")
     assert proc.returncode == 0, proc.stderr
-    assert "nothing measured" in proc.stdout and (tmp_path / "summary.md").exists()
+    assert "nothing measured" in proc.stdout and (tmp_path / "out" / "summary.md").exists()
