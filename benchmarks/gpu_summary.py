@@ -2,8 +2,8 @@
 
 ``DIR`` holds what ``benchmarks/device_check.sh`` wrote: ``speed_13034.json`` and
 ``speed_100277.json`` (:mod:`benchmarks.speed`), ``train.json`` (train.py's own runs, collected
-with ``--train-runs``), and ``curves.json`` (:mod:`benchmarks.curves`). A missing file leaves
-its part out. Prints Markdown.
+with ``--train-runs``), ``curves.json`` (:mod:`benchmarks.curves`) and ``generate.json``
+(:mod:`benchmarks.generate`). A missing file leaves its part out. Prints Markdown.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.curves import format_curves
+from benchmarks.generate import format_generate
 from benchmarks.speed import format_speed
 
 GOAL_TRAIN = 0.10  # train.py's tokens/s within 10% of the benchmark's
@@ -60,7 +61,7 @@ def train_lines(train: dict[str, Any] | None, speed: dict[str, Any] | None) -> l
 
 def summarize(folder: Path) -> str:
     speeds = [s for s in (_load(folder / f"speed_{v}.json") for v in (13034, 100277)) if s]
-    curves = _load(folder / "curves.json")
+    curves, generate = _load(folder / "curves.json"), _load(folder / "generate.json")
     parts = [("Goals", [f"- V {s['setup']['vocab_size']:,}: {line}" for s in speeds
                         for line in format_speed(s).splitlines() if "goal" in line])]
     parts += [(f"Speed at V {s['setup']['vocab_size']:,} ({s['setup']['data']} batches)",
@@ -68,7 +69,8 @@ def summarize(folder: Path) -> str:
     parts += [("train.py", train_lines(_load(folder / "train.json"),
                                        speeds[0] if speeds else None)),
               ("Loss curves with and without the levers",
-               ["```", format_curves(curves), "```"] if curves else [])]
+               ["```", format_curves(curves), "```"] if curves else []),
+              ("Generation", [format_generate(generate)] if generate else [])]
     out = ["# GPU measurement"]
     for title, lines in parts:
         if lines:

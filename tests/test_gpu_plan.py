@@ -157,9 +157,11 @@ def test_every_benchmark_the_dry_plan_names_parses_with_its_own_parser(tmp_path,
         except SystemExit:
             pytest.fail(f"{name} does not parse {rest}")
         parsed.setdefault(name, []).append(args)
-    assert set(parsed) == {"benchmarks.speed", "benchmarks.curves", "benchmarks.gpu_summary"}
+    assert set(parsed) == {"benchmarks.speed", "benchmarks.curves", "benchmarks.generate",
+                           "benchmarks.gpu_summary"}
     known = {v.name for v in speed.MAIN + speed.LEVERS}
     assert all(set(a.only) <= known for a in parsed["benchmarks.speed"])
+    assert [a.device for a in parsed["benchmarks.generate"]] == ["cpu" if tiny else "cuda"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="refuses only without CUDA")
