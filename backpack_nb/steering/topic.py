@@ -12,6 +12,7 @@ is steered on), :func:`sense_scores` (how much each sense of each token promotes
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 
 import matplotlib.pyplot as plt
@@ -105,6 +106,7 @@ def _chunks(model: nn.Module, chunk: int | None, desc: str, progress: bool):
 
 def _eval_no_grad(fn):
     """Run ``fn(model, ...)`` in eval mode without gradients, the model's mode restored."""
+    @functools.wraps(fn)
     def wrapped(model, *args, **kwargs):
         training = model.training
         model.eval()
@@ -113,7 +115,6 @@ def _eval_no_grad(fn):
                 return fn(model, *args, **kwargs)
         finally:
             model.train(training)
-    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
     return wrapped
 
 
