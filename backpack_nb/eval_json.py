@@ -1,6 +1,6 @@
 """eval.json: which file an evaluation may write to, and how its sections are merged.
 
-evaluate.py and ``python -m backpack_nb.lexsim`` both write their results as sections of an
+evaluate.py, ``python -m backpack_nb.lexsim`` and ``python -m backpack_nb.steering`` write their results as sections of an
 ``eval.json`` (``--out`` elsewhere). A path the user gives is written only when it is new or
 already an evaluation: a checkpoint, a params file, a run's ``run.json`` or
 ``training_log.json`` is never replaced by one. Both commands call :func:`eval_json_path`
@@ -43,12 +43,13 @@ def eval_json_path(out: str | os.PathLike, flag_prefix: str = "") -> Path:
 
 def is_eval_json(path: Path) -> bool:
     """An existing file an evaluation may rewrite: a JSON object that is an evaluation (a
-    ``splits`` or ``lexsim`` section). A run's run.json or training_log.json is not one."""
+    ``splits``, ``lexsim`` or ``steering`` section). A run's run.json or training_log.json is
+    not one."""
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(content, dict) and ("splits" in content or "lexsim" in content)
+    return isinstance(content, dict) and any(key in content for key in ("splits", "lexsim", "steering"))
 
 
 def merge_eval_json(target: Path, model_path: Path, sections: dict, flag_prefix: str = "") -> None:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import UserError
+from .models.intervention import Intervention, occurrences
 from .spelling import where
 
 # Frequent function words that a "length >= 4 letters" filter lets through; probing them
@@ -363,34 +364,22 @@ def contextualization_heatmap(model: nn.Module, tok, sentence: str, senses=None)
     return fig, alpha, tokens
 
 
-def _occurrences(ids: list[int], pattern: list[int]) -> list[int]:
-    """Positions of every token of every occurrence of ``pattern`` in ``ids``."""
-    n = len(pattern)
-    hits = []
-    for i in range(len(ids) - n + 1):
-        if ids[i : i + n] == pattern:
-            hits += range(i, i + n)
-    return sorted(set(hits))
-
-
 @torch.no_grad()
 def next_token_logits(model: nn.Module, idx: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Logits (V,) of the token after ``idx`` (1, T) from the Backpack equation, with the
     sense vectors optionally scaled: ``scale`` (T, k) multiplies C(x_j)_l. Exactly
-    ``E sum_j sum_l alpha_l[T-1, j] scale[j, l] C(x_j)_l``."""
-    bare = _unwrap(model)
-    senses = bare.sense_vectors(idx)[0]  # (T, k, d)
-    alpha = bare.contextualization(idx)[0, :, -1, :]  # (k, T): weights of the last position
-    if scale is not None:
-        senses = senses * scale[..., None]
-    o = torch.einsum("lj,jld->d", alpha.to(senses.dtype), senses)  # (d,)
-    return o @ bare.wte.weight.T  # (V,)
+    ``E sum_j sum_l alpha_l[T-1, j] scale[j, l] C(x_j)_l``
+    (:class:`~backpack_nb.models.intervention.Intervention` with those weights)."""
+    steer = Intervention() if scale is None else Intervention(sense_weights=lambda ids: scale[None])
+    return steer.next_token_logits(_unwrap(model), idx)[0]  # (V,)
 
 
 def reweight(model: nn.Module, tok, prompt: str, word: str, sense: int, factor: float, top: int = 10,
              exact: bool = False) -> dict:
     """The paper's intervention: scale sense ``sense`` of ``word`` by ``factor`` wherever the
-    word occurs in ``prompt`` and compare the next-token distribution before and after.
+    word occurs in ``prompt`` (every token of each occurrence of its token sequence) and
+    compare the next-token distribution before and after: a thin case of
+    :class:`~backpack_nb.models.intervention.Intervention`.
     Returns the positions changed, top tokens before/after with probabilities, and
     KL(before || after) in nats. ``factor`` 1 changes nothing; 0 removes that sense."""
     bare = _unwrap(model)
@@ -400,16 +389,16 @@ def reweight(model: nn.Module, tok, prompt: str, word: str, sense: int, factor: 
     ids = tok.encode(prompt)[-bare.config.block_size :]
     if not ids:
         raise UserError("give a non-empty prompt")
-    positions = _occurrences(ids, word_token_ids(tok, word, exact))
-    device = bare.wte.weight.device
-    idx = torch.tensor([ids], device=device)
-    scale = torch.ones(len(ids), k, device=device)
-    scale[positions, sense] = factor
+    hits = occurrences(word_token_ids(tok, word, exact))
+    idx = torch.tensor([ids], device=bare.wte.weight.device)
+    positions = hits(idx)[0].nonzero().flatten().tolist()
+    steer = Intervention.scaling(hits, sense, factor, k)
     was_training = bare.training
     bare.eval()
     try:
-        before = next_token_logits(bare, idx).float()
-        after = next_token_logits(bare, idx, scale).float()
+        with torch.no_grad():
+            before = Intervention().next_token_logits(bare, idx)[0].float()
+            after = steer.next_token_logits(bare, idx)[0].float()
     finally:
         bare.train(was_training)
     p, q = before.log_softmax(-1), after.log_softmax(-1)

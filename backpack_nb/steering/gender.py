@@ -138,6 +138,7 @@ def projection(model: nn.Module, noun: Word, pair: Sequence[int], w: float) -> I
     return Intervention(input_rows=rows)
 
 
+@torch.no_grad()
 def find_gender_sense(model: nn.Module, nouns: Sequence[Word], pair: Sequence[int]) -> tuple[int, list[float]]:
     """The sense l maximising the mean over nouns (of the mean over each noun's tokens) of
     |(E C(x)_l)[he] - (E C(x)_l)[she]|; returns it and every sense's score."""
