@@ -41,7 +41,7 @@ from .spelling import RUNNER_ENV, runner_spelling
 
 # Short names accepted wherever a notebook is named.
 ALIASES = {"train": "01_train", "resume": "02_resume", "evaluate": "03_evaluate",
-           "senses": "04_senses", "compare": "05_compare"}
+           "senses": "04_senses", "compare": "05_compare", "steering": "06_steering"}
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 FAILED = ".failed"  # 01_train.failed.ipynb / .html: the notebook of the last run that failed
 ENGINE = "backpack-nb"  # the papermill engine registered by _engine()

@@ -184,14 +184,15 @@ def run(notebook: str, params_file: str | None, overrides: Mapping[str, Any], *,
                         progress=progress)
 
 
-PIPELINE = ("01_train", "03_evaluate", "04_senses")
+PIPELINE = ("01_train", "03_evaluate", "04_senses", "06_steering")
 
 
 def pipeline(params_file: str, overrides: Mapping[str, Any], *, html: bool = True,
              log_output: bool = False, verbose: bool = True, progress: bool = True,
              command: str | None = None) -> list[NotebookRun]:
     """Train (resuming when ``out_dir`` holds a checkpoint) -> evaluate -> senses (Backpack
-    only) for the model of ``params_file``; the batch run of one model. ``command``: the
+    only) -> steering (a Transformer gets its projection baseline) for the model of
+    ``params_file``; the batch run of one model. ``command``: the
     command line that started it, which its notes extend (default: this pipeline's own)."""
     injected, cfg = resolve_parameters(PIPELINE, params_file, overrides)
     out_dir = paths.resolve_in_root(cfg.out_dir)
@@ -365,7 +366,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="no line per cell while a notebook runs (the reports' paths and errors only)")
 
     r = sub.add_parser("run", help="execute one notebook into outputs/<run_name>/")
-    r.add_argument("notebook", help="01_train, 02_resume, 03_evaluate, 04_senses, 05_compare (or train, resume, ...)")
+    r.add_argument("notebook", help="01_train, 02_resume, 03_evaluate, 04_senses, 05_compare, 06_steering (or train, resume, ...)")
     r.add_argument("--run_name", default=None, help="outputs folder name (default: the parameters' run_name)")
     common(r, need_file=False)
     p = sub.add_parser("pipeline", help="train (resume if possible) -> evaluate -> senses for one model")

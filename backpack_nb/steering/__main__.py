@@ -7,30 +7,19 @@ which has no run folder). docs/steering.md has the protocols, commands and costs
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
 from .. import paths
 from ..devices import resolve_device
 from ..errors import UserError, command
-from ..eval_json import eval_json_path, merge_eval_json
+from ..eval_json import eval_json_path
 from ..model_source import is_pretrained
 from ..params import MAX_SEED
+from .report import gender_key, summary, write_steering
 
 log = logging.getLogger(__name__)
-
-# The paper's numbers where the protocol is the paper's (steering.md; Table 5 and Table 3).
-PAPER = {
-    "gender": {"Transformer (projection)": {"bias_before": 7.02, "bias_project": 6.72,
-                                            "bias_project_optimize": 7.02},
-               "Backpack (sense 10)": {"bias_before": 4.34, "bias_remove": 2.88,
-                                       "bias_optimize": 2.16}},
-    "topic": {"0": 0.000, "1": 0.002, "2": 0.015, "3": 0.035},  # Toks-in-vocab by strength
-}
-
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m backpack_nb.steering", description=__doc__.split("\n\n")[0])
@@ -173,36 +162,6 @@ def run(args: argparse.Namespace, model, tok, state: dict) -> dict:
                     heldout=_heldout(args, state, tok), name=name)
 
 
-def summary(experiment: str, result: dict, compare_paper: bool) -> str:
-    """A few lines for the terminal; the whole result is in the JSON."""
-    lines = []
-    if experiment == "gender":
-        lines.append(f"gender sense: {result.get('sense')}; nouns used {len(result['nouns'])}, "
-                     f"skipped {len(result['skipped'])}")
-        for key, value in result["mean"].items():
-            lines.append(f"  mean {key:24s} {value:.4g}")
-        if compare_paper:
-            for model_name, numbers in PAPER["gender"].items():
-                lines.append(f"  paper, {model_name}: " + ", ".join(f"{k} {v}" for k, v in numbers.items()))
-    elif experiment == "topic":
-        for bag, entry in result["bags"].items():
-            shares = {s: v["bag_share"] for s, v in entry.get("strengths", {}).items()}
-            lines.append(f"  {bag:14s} bag share by strength " +
-                         ", ".join(f"{s}: {v:.3f}" for s, v in shares.items()))
-        if compare_paper:
-            lines.append("  paper (Backpack-Small, all topics, Toks-in-vocab): " +
-                         ", ".join(f"{s}: {v:.3f}" for s, v in PAPER["topic"].items()))
-    else:
-        lines.append(f"edit {result['word']}: {result['from']} -> {result['to']}")
-        for key in ("p_from_before", "p_from_after", "p_to_before", "p_to_after",
-                    "heldout_loss_before", "heldout_loss_after"):
-            if key in result:
-                lines.append(f"  {key:20s} {result[key]:.4g}")
-        if compare_paper:
-            lines.append("  paper: Table 6 shows samples only; no numbers to compare")
-    return "\n".join(lines)
-
-
 @command
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
@@ -217,36 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tok, state = load_model(model_path, device)
     result = run(args, model, tok, state)
     target = target or Path(model_path).parent / "eval.json"
-    write_steering(target, Path(str(model_path)), state, args.experiment, result)
+    key = gender_key(result) if args.experiment == "gender" else args.experiment
+    write_steering(target, Path(str(model_path)), state["model_type"], key, result)
     print(summary(args.experiment, result, args.compare_paper))
-    print(f"wrote steering.{args.experiment} of {target}")
+    print(f"wrote steering.{key} of {target}")
     return 0
-
-
-def write_steering(target: Path, model_path: Path, state: dict, experiment: str, result: dict) -> None:
-    """``result`` as ``steering.<experiment>`` of ``target``, keeping the other experiments
-    already in its steering section and every other section (same checkpoint)."""
-    previous = {}
-    if target.is_file():
-        try:
-            previous = json.loads(target.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            previous = {}
-    steering = previous.get("steering", {}) if previous.get("checkpoint") == str(model_path) else {}
-    steering = {**steering, experiment: _finite(result)} if isinstance(steering, dict) else {experiment: result}
-    merge_eval_json(target, model_path, {"model_type": state["model_type"],
-                                         "checkpoint": str(model_path), "steering": steering}, "--")
-
-
-def _finite(value):
-    """JSON cannot hold inf or NaN: they become None."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":
