@@ -414,3 +414,28 @@ def reweight(model: nn.Module, tok, prompt: str, word: str, sense: int, factor: 
         "before": top_tokens(p), "after": top_tokens(q), "kl": kl,
         "logits_before": before, "logits_after": after,
     }
+
+
+@torch.no_grad()
+def continuations(model: nn.Module, tok, prompt: str, word: str, sense: int, factor: float,
+                  max_new_tokens: int = 12, exact: bool = False) -> tuple[str, str]:
+    """Greedy continuations of ``prompt`` unchanged and with sense ``sense`` of ``word``
+    scaled by ``factor`` (at every occurrence, in the prompt and in the generated text):
+    the reweighting of :func:`reweight` carried through generation."""
+    bare = _unwrap(model)
+    if not 0 <= sense < bare.config.n_senses:
+        raise UserError(f"sense must be in 0..{bare.config.n_senses - 1}, got {sense}")
+    ids = tok.encode(prompt)[-bare.config.block_size:]
+    if not ids:
+        raise UserError("give a non-empty prompt")
+    idx = torch.tensor([ids], device=bare.wte.weight.device)
+    steer = Intervention.scaling(occurrences(word_token_ids(tok, word, exact)), sense, factor,
+                                 bare.config.n_senses)
+    was_training = bare.training
+    bare.eval()
+    try:
+        texts = [tok.decode(bare.generate(idx, max_new_tokens, temperature=0, intervention=i)[0, len(ids):].tolist())
+                 for i in (None, steer)]
+    finally:
+        bare.train(was_training)
+    return texts[0], texts[1]

@@ -3,7 +3,8 @@
 ``SenseBrowser(model, tok)`` shows, for a word typed or picked from a list of frequent words,
 the top and bottom words of every sense (the chosen one highlighted), the similarity of its
 senses with a second word's, and the reweighting intervention: a slider scales the chosen
-sense wherever the word occurs in a prompt and the next-token prediction updates. Everything
+sense wherever the word occurs in a prompt, and the next-token prediction and a short greedy
+continuation (next to the unchanged one) update. Everything
 reacts to changes without re-running cells. The displayed parts are HTML widgets whose
 ``value`` tests can read.
 """
@@ -61,16 +62,19 @@ class SenseBrowser(W.VBox):
         self.table = W.HTML()
         self.similarity = W.HTML()
         self.prediction = W.HTML()
+        self.continuation = W.HTML()
+        self.new_tokens = W.BoundedIntText(value=12, min=1, max=64, description="continue",
+                                           layout=W.Layout(width="160px"))
         for control in (self.word, self.sense):
             control.observe(self._refresh_all, names="value")
         self.other.observe(self._refresh_similarity, names="value")
-        for control in (self.prompt, self.factor):
+        for control in (self.prompt, self.factor, self.new_tokens):
             control.observe(self._refresh_prediction, names="value")
         super().__init__([
             W.HTML(_STYLE + "<b>Sense browser</b>: the words each sense promotes (top) and suppresses (bottom)"),
             W.HBox([self.word, self.sense]), self.table,
             W.HBox([self.other]), self.similarity,
-            W.HBox([self.prompt, self.factor]), self.prediction,
+            W.HBox([self.prompt, self.factor, self.new_tokens]), self.prediction, self.continuation,
         ])
         self._refresh_all()
 
@@ -143,3 +147,9 @@ class SenseBrowser(W.VBox):
             for b, a in zip(r["before"], r["after"]))
         self.prediction.value = (f"{note}<table class='bnb-table'><tr><th>next token before</th>"
                                  f"<th>after</th></tr>{rows}</table>")
+        plain, steered = S.continuations(self.model, self.tok, self.prompt.value, self.word.value,
+                                         self.sense.value, self.factor.value, self.new_tokens.value)
+        self.continuation.value = (
+            "<table class='bnb-table'><tr><th>continuation (greedy), unchanged</th>"
+            f"<th>with sense {r['sense']} scaled by {r['factor']:.1f}</th></tr><tr>"
+            f"<td>{html.escape(plain)}</td><td>{html.escape(steered)}</td></tr></table>")

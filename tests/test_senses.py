@@ -3,6 +3,8 @@ session's tiny trained Backpack."""
 
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pytest
 import torch
@@ -147,8 +149,14 @@ def test_sense_browser_reacts(bp):
     w.word.value = "vote"
     pred = w.prediction.value
     assert "positions [1]" in pred and "KL 0.0000" in pred
+    sense = w.sense.value
+    plain, same = S.continuations(model, tok, "The vote on the", "vote", sense, 1.0)
+    assert plain == same and html.escape(plain) in w.continuation.value  # scale 1: unchanged
     w.factor.value = 0.0
     assert w.prediction.value != pred and "scaled by 0.0" in w.prediction.value
+    assert f"sense {sense} scaled by 0.0" in w.continuation.value
+    plain, removed = S.continuations(model, tok, "The vote on the", "vote", sense, 0.0)
+    assert html.escape(removed) in w.continuation.value
     w.word.value = ""  # an empty word shows an error, not a traceback
     assert "give a word" in w.table.value
 

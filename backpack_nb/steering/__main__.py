@@ -11,13 +11,20 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from .. import paths
+from ..dataset import load_tokens, resolve_data_dir
 from ..devices import resolve_device
 from ..errors import UserError, command
 from ..eval_json import eval_json_path
+from ..loading import load_model
 from ..model_source import is_pretrained
 from ..params import MAX_SEED
+from .edit import load_edit, run_edit
+from .gender import run_gender
 from .report import gender_key, summary, write_steering
+from .topic import run_topic
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +115,6 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _train_tokens(state: dict):
     """The run's training tokens, when its dataset is known and on disk (else None)."""
-    from ..dataset import load_tokens, resolve_data_dir
-
     data_dir = state.get("data", {}).get("data_dir")
     if not data_dir:
         return None
@@ -121,14 +126,10 @@ def _train_tokens(state: dict):
 
 
 def _heldout(args, state: dict, tok):
-    import numpy as np
-
     if args.heldout is not None:
         return np.asarray(tok.encode(Path(args.heldout).read_text(encoding="utf-8")))
     if args.heldout_tokens == 0:
         return None
-    from ..dataset import load_tokens, resolve_data_dir
-
     data_dir = state.get("data", {}).get("data_dir")
     if not data_dir:
         log.warning("no held-out loss: %s has no dataset; give --heldout TEXT_FILE", args.model_path)
@@ -144,18 +145,12 @@ def _heldout(args, state: dict, tok):
 def run(args: argparse.Namespace, model, tok, state: dict) -> dict:
     progress = not args.no_progress
     if args.experiment == "gender":
-        from .gender import run_gender
-
         return run_gender(model, tok, args.nouns, sense=args.sense, single_token=args.single_token,
                           train_tokens=_train_tokens(state), progress=progress)
     if args.experiment == "topic":
-        from .topic import run_topic
-
         return run_topic(model, tok, bags=args.bags, topics=args.topics, strengths=args.strengths,
                          n_samples=args.samples, max_new_tokens=args.tokens, prompt=args.prompt,
                          seed=args.seed, batch_size=args.batch_size, progress=progress)
-    from .edit import load_edit, run_edit
-
     name = args.edit or ("macbook" if state.get("pretrained") else "europarl")
     entry = load_edit(name, args.edits)
     return run_edit(model, tok, entry["word"], entry["from"], entry["to"], entry["prompts"],
@@ -170,8 +165,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     device, _, notes = resolve_device(args.device, task="steering")
     for note in notes:
         log.warning(note)
-    from ..loading import load_model
-
     model_path = args.model_path if is_pretrained(args.model_path) else paths.resolve_in_root(args.model_path)
     model, tok, state = load_model(model_path, device)
     result = run(args, model, tok, state)

@@ -27,8 +27,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from scipy.optimize import minimize
 
+from ..console import progress_bar
 from ..errors import UserError
 from ..models.intervention import Intervention, has_senses, occurrences
 from .words import Word, read_data, word
@@ -120,14 +121,12 @@ def bias_ratio(logits: torch.Tensor, pair: Sequence[int]) -> float:
 
 def fit_weight(bias_of_w) -> float:
     """Nelder-Mead from w = 1 on (bias ratio at w) + |1 - w| (the paper's fit)."""
-    from scipy.optimize import minimize
-
     result = minimize(lambda w: bias_of_w(float(w[0])) + abs(1.0 - float(w[0])), x0=[1.0],
                       method="Nelder-Mead", options={"xatol": 1e-4, "fatol": 1e-6})
     return float(result.x[0])
 
 
-def projection(model: nn.Module, noun: Word, pair: Sequence[int], w: float) -> Intervention:
+def projected(model: nn.Module, noun: Word, pair: Sequence[int], w: float) -> Intervention:
     """The noun's input rows with (1 - w) of the gender direction E[she] - E[he] removed."""
     E = model.wte.weight.detach()
     g = E[pair[1]] - E[pair[0]]  # (d,)
@@ -168,8 +167,9 @@ def off_target(before: torch.Tensor, after: torch.Tensor, skip: Sequence[int]) -
 
 @torch.no_grad()
 def measure_noun(model: nn.Module, tok, noun: Word, gset: GenderSet, pair: Sequence[int],
-                 neutral: int | None, sense: int | None) -> dict:
-    """Every measure of one noun (the ``nouns`` entries of the result)."""
+                 neutral: int | None, sense: int | None, projection: bool = True) -> dict:
+    """Every measure of one noun (the ``nouns`` entries of the result); ``projection``: the
+    projection baseline too (a Backpack without a sense gets it regardless)."""
     device = model.wte.weight.device
     T = model.config.block_size
     fit, test = Prompts(tok, gset.fitting, noun, device, T), Prompts(tok, gset.test, noun, device, T)
@@ -184,12 +184,13 @@ def measure_noun(model: nn.Module, tok, noun: Word, gset: GenderSet, pair: Seque
         chosen = test_0 + w * (test_1 - test_0)
         row.update(bias_remove=bias_ratio(test_0, pair), bias_optimize=bias_ratio(chosen, pair),
                    weight=w)
-    row["bias_project"] = bias_ratio(test.logits(model, projection(model, noun, pair, 0.0)), pair)
-    w_p = fit_weight(lambda w: bias_ratio(fit.logits(model, projection(model, noun, pair, w)), pair))
-    project_opt = test.logits(model, projection(model, noun, pair, w_p))
-    row.update(bias_project_optimize=bias_ratio(project_opt, pair), weight_project=w_p)
-    if sense is None:
-        chosen = project_opt
+    if projection or sense is None:
+        row["bias_project"] = bias_ratio(test.logits(model, projected(model, noun, pair, 0.0)), pair)
+        w_p = fit_weight(lambda w: bias_ratio(fit.logits(model, projected(model, noun, pair, w)), pair))
+        project_opt = test.logits(model, projected(model, noun, pair, w_p))
+        row.update(bias_project_optimize=bias_ratio(project_opt, pair), weight_project=w_p)
+        if sense is None:
+            chosen = project_opt
     if neutral is not None:
         row.update(p_they_before=mean_prob(test_1, neutral), p_they_after=mean_prob(chosen, neutral))
     row["off_target"] = off_target(test_1, chosen, pair)
@@ -203,10 +204,10 @@ def reduction(before: float, after: float) -> float:
 
 def run_gender(model: nn.Module, tok, nouns: str = "gender_en", *, sense: int | None = None,
                single_token: bool = False, train_tokens: np.ndarray | None = None,
-               progress: bool = True) -> dict:
+               projection: bool = True, progress: bool = True) -> dict:
     """The gender-bias protocol on ``model`` (eval mode) with the data file ``nouns``.
     ``sense``: the gender sense (None: found, for a Backpack; a Transformer gets the
-    projection baseline only). ``train_tokens``: the model's training tokens, to count each
+    projection baseline only). ``projection``: the projection baseline on a Backpack too. ``train_tokens``: the model's training tokens, to count each
     pronoun in them. The result's names are issue 25's (``gender`` of the ``steering``
     section)."""
     gset = load_set(nouns)
@@ -238,11 +239,14 @@ def run_gender(model: nn.Module, tok, nouns: str = "gender_en", *, sense: int | 
             result["sense_score"] = find_gender_sense(model, used, pair)[1][sense] if used else None
     result["sense"] = sense
     rows = []
-    for noun in tqdm(used, desc="gender: nouns", disable=not progress):
+    bar = progress_bar(len(used), "gender: nouns", "noun", progress)
+    for noun in used:
         try:
-            rows.append(measure_noun(model, tok, noun, gset, pair, neutral, sense))
+            rows.append(measure_noun(model, tok, noun, gset, pair, neutral, sense, projection))
         except NounLost as exc:
             skipped[noun.word] = str(exc)
+        bar.update(1)
+    bar.close()
     result.update(skipped=skipped, nouns=rows,
                   single_token_nouns=[r["noun"] for r in rows if len(r["tokens"]) == 1])
     keys = ["bias_before", "bias_remove", "bias_optimize", "bias_project", "bias_project_optimize",
