@@ -157,12 +157,12 @@ def test_the_pipeline_keeps_only_a_finished_training_report(monkeypatch, tmp_pat
             "-p", "run_name", "runner_pipeline"]
     training_report("runner_pipeline", exception=True)
     assert reports.main(argv) == 0
-    assert fake.ran == ["01_train", "03_evaluate"]
+    assert fake.ran == ["01_train", "03_evaluate", "06_steering"]  # a Transformer: no 04_senses
     assert "already reached" not in capsys.readouterr().out
 
     fake.ran.clear()
     assert reports.main(argv) == 0  # 01_train.ipynb is a finished report now
-    assert fake.ran == ["03_evaluate"]
+    assert fake.ran == ["03_evaluate", "06_steering"]
     out = capsys.readouterr().out
     assert "already reached max_iters 200" in out
     command = out.split("raise it: `")[1].split("`")[0]
@@ -171,7 +171,7 @@ def test_the_pipeline_keeps_only_a_finished_training_report(monkeypatch, tmp_pat
     fake.ran.clear()
     fake.parameters.clear()
     assert reports.main(words[3:]) == 0  # as printed, it trains the same run on to 300
-    assert fake.ran == ["01_train", "03_evaluate"]
+    assert fake.ran == ["01_train", "03_evaluate", "06_steering"]
     got = fake.parameters[0]
     assert (got["out_dir"], got["run_name"], got["max_iters"]) == (str(out_dir), "runner_pipeline", 300)
 

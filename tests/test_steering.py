@@ -299,9 +299,12 @@ def test_command_writes_steering_sections_and_keeps_the_others(run_dir, capsys):
     assert steering_main(["gender", "--model_path", str(ckpt), "--no-progress", "--compare-paper"]) == 0
     assert "paper, Backpack (sense 10)" in capsys.readouterr().out
     assert steering_main(["edit", "--model_path", str(ckpt), "--heldout_tokens", "0"]) == 0
+    assert steering_main(["topic", "--model_path", str(ckpt), "--topics", "budget", "--samples", "1",
+                          "--tokens", "4", "--strengths", "0,3", "--no-progress"]) == 0
     saved = json.loads((run_dir / "eval.json").read_text())
     assert saved["splits"] == {"val": {"bpb": 2.0}}
-    assert set(saved["steering"]) == {"gender", "edit"}
+    assert set(saved["steering"]) == {"gender", "edit", "topic"}
+    assert set(saved["steering"]["topic"]["bags"]["budget"]["strengths"]) == {"0", "3"}
     assert {"sense", "sense_score", "pronouns", "skipped", "nouns", "mean"} <= set(saved["steering"]["gender"])
     assert {"word", "from", "to", "prompts", "p_from_before", "p_from_after", "p_to_before",
             "p_to_after", "per_prompt"} <= set(saved["steering"]["edit"])
