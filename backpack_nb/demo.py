@@ -4,7 +4,8 @@ sample, CPU by default, in a few minutes.
 For ``tiny_transformer`` then ``tiny_backpack`` (``params/tiny_*.yaml``) it runs the batch
 pipeline of :mod:`backpack_nb.reports`: train (01; resumed, or left as it is when finished,
 if the run exists), evaluate (03; the Backpack's report shows the Transformer beside it),
-senses (04, Backpack only). Europarl comes from ``EUROPARL_SOURCE``, else the official
+senses (04, Backpack only), steering (06, at a tiny size; the Transformer's shows the
+projection baseline). Europarl comes from ``EUROPARL_SOURCE``, else the official
 archives. It ends by printing where the reports are. ``-p KEY VALUE`` changes a setting of
 both runs (``-p max_iters 50`` for a quicker look; the tests shrink the demo this way).
 """

@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {"max_iters": 20, "lr_decay_iters": 20, "warmup_iters": 2, "eval_interval": 10,
         "eval_iters": 2, "checkpoint_interval": 10, "log_interval": 5}
 TINY_P = [w for k, v in {**TINY, "max_tokens": 2000}.items() for w in ("-p", k, str(v))]
+# the steering report of a pipeline at its smallest: one noun set, one sample per topic
+STEER_P = ["-p", "nouns", "[gender_en]", "-p", "topic_samples", "1", "-p", "topic_tokens", "8"]
 TINY_FLAGS = {"train.py": [w for k, v in TINY.items() for w in (f"--{k}", str(v))],
               "evaluate.py": ["--max_tokens", "2000"],
               "sample.py": ["--max_new_tokens", "20"]}
@@ -83,7 +85,7 @@ def tiny(words: list[str]) -> list[str]:
     """``words`` with the tiny sizes appended, in the spelling of the command (a pipeline's
     evaluation notebook also takes max_tokens; one notebook, only what it declares)."""
     if words[:3] == ["python", "-m", "backpack_nb.reports"] and words[3] == "pipeline":
-        return words + TINY_P
+        return words + TINY_P + STEER_P
     if words[:2] == ["python", "-m"] and words[2] in ("backpack_nb.reports", "papermill"):
         return words + TINY_P[:-3]
     script = next((w for w in words[1:2] if w.endswith(".py")), None)
@@ -109,7 +111,7 @@ def test_the_readme_tour_after_the_demo(europarl_source, tmp_path):
     # make demo: the Makefile's recipe, at tiny sizes
     recipe = re.search(r"^demo:.*\n\t(.*)$", (ROOT / "Makefile").read_text(), flags=re.M)
     assert recipe and recipe.group(1) == "$(PY) -m backpack_nb.demo", recipe
-    run(["python", "-m", "backpack_nb.demo", *TINY_P], "make demo")
+    run(["python", "-m", "backpack_nb.demo", *TINY_P, *STEER_P], "make demo")
     assert (clone / "out" / "tiny_backpack" / "ckpt.pt").is_file()
 
     for line in tour_commands():
@@ -135,4 +137,4 @@ def test_the_readme_tour_after_the_demo(europarl_source, tmp_path):
     assert (clone / "data" / "europarl" / "meta.json").is_file()
     reports = sorted(p.name for p in (tmp_path / "outputs" / "tiny_backpack").iterdir())
     assert reports == ["01_train.html", "01_train.ipynb", "03_evaluate.html", "03_evaluate.ipynb",
-                       "04_senses.html", "04_senses.ipynb"]
+                       "04_senses.html", "04_senses.ipynb", "06_steering.html", "06_steering.ipynb"]
