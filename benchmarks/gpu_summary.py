@@ -1,10 +1,7 @@
 """The GPU measurement's report: its goals met or missed, and every table, from one run's files.
 
-``DIR`` holds what ``benchmarks/device_check.sh`` wrote: ``speed_13034.json`` and
-``speed_100277.json`` (:mod:`benchmarks.speed`), ``train.json`` (train.py's own runs, collected
-with ``--train-runs``), ``curves.json`` (:mod:`benchmarks.curves`) and ``generate.json``
-(:mod:`benchmarks.generate`). A missing file leaves its part out. Prints Markdown.
-"""
+``DIR``: what ``benchmarks/device_check.sh`` wrote (speed_13034.json, speed_100277.json,
+train.json, curves.json, generate.json); a missing file leaves its part out. Prints Markdown."""
 
 from __future__ import annotations
 
@@ -26,8 +23,7 @@ def _load(path: Path) -> Any:
 
 
 def collect_train(runs: Path) -> dict[str, Any]:
-    """What train.py's runs under ``runs`` recorded (``run.json``): each model's first run
-    (``<model>.scratch.json``, copied before resuming) and how its resumption ended."""
+    """Each model's first train.py run under ``runs`` (<model>.scratch.json), its resumption."""
     out = {}
     for m in ("backpack", "transformer"):
         info = _load(runs / f"{m}.scratch.json") or {}

@@ -1,10 +1,5 @@
-"""Live tensor storage during a training step, traced op by op, and what was live at the peak.
-
-:class:`LiveMemory` is a dispatch mode: it sees every op's outputs after autograd (forward,
-backward and optimizer alike), counts each storage once however many views share it, and
-drops it when the storage is freed. It works on real tensors and on fake ones
-(``FakeTensorMode``), so the memory of a large configuration is accounted without having it.
-"""
+"""Live tensor storage during a training step, traced op by op (after autograd: forward,
+backward, optimizer), each storage counted once; on real or fake tensors (``FakeTensorMode``)."""
 
 from __future__ import annotations
 
@@ -25,45 +20,36 @@ KINDS = ("weights", "gradients", "optimizer state", "activations", "weight copie
 
 
 @dataclasses.dataclass(eq=False)
-class _Block:
-    """One tensor storage: its size, what it holds, and a weak reference to it."""
-
+class _Block:  # one tensor storage: its size, what it holds, a weak reference to it
     nbytes: int
     kind: str
     ref: Any = None
 
 
 class LiveMemory(TorchDispatchMode):
-    """Bytes of live tensor storage while a training step runs, and what was live at the
-    peak, by :data:`KINDS`: weights, gradients and optimizer state (tagged by the caller),
-    activations (saved for backward, in :meth:`saved_tensors`), weight copies (autocast's),
-    logits (a vocabulary-sized last dimension), temporaries. The caller sets :attr:`phase`
-    ("forward", "backward", "optimizer"): each one's peak is kept."""
+    """Bytes of live storage, and what was live at the peak by :data:`KINDS` (weights,
+    gradients, optimizer state: tagged by the caller; activations: saved for backward, in
+    :meth:`saved_tensors`; logits: a last dimension of V). Each :attr:`phase`'s peak is kept."""
 
     def __init__(self, vocab_size: int | None = None, round_to: int = 1) -> None:
         super().__init__()
-        self.vocab_size = vocab_size
-        self.round_to = round_to  # CUDA's allocator hands out multiples of 512 bytes
+        self.vocab_size, self.round_to = vocab_size, round_to  # CUDA's: 512-byte multiples
         self._blocks: WeakIdKeyDictionary = WeakIdKeyDictionary()  # storage -> _Block
-        self._live: dict[int, _Block] = {}
+        self._live: dict[int, _Block] = {}  # id(block) -> block, while its storage lives
         self.current = self.peak = 0
         self.at_peak: list[_Block] = []
         self.phase = self.peak_phase = "setup"
         self.phase_peaks: dict[str, int] = {}
 
     def tag(self, tensors: Iterable[torch.Tensor], kind: str) -> None:
-        """Label ``tensors`` as ``kind`` (counting them if they are new: the weights, made
-        before tracing began)."""
+        """Label ``tensors`` as ``kind`` (counted if new: weights made before tracing)."""
         for t in tensors:
             for block in self._track(t):
                 block.kind = kind
 
     def by_kind(self) -> dict[str, int]:
         """Bytes by kind among the storages live at the peak."""
-        out = dict.fromkeys(KINDS, 0)
-        for b in self.at_peak:
-            out[b.kind] += b.nbytes
-        return out
+        return {kind: sum(b.nbytes for b in self.at_peak if b.kind == kind) for kind in KINDS}
 
     def _storages(self, t: torch.Tensor) -> list[torch.UntypedStorage]:
         if t.is_sparse:
@@ -81,8 +67,7 @@ class LiveMemory(TorchDispatchMode):
                 key = id(block)
                 # the count follows the storage's life: freed storage leaves it
                 block.ref = weakref.ref(st, lambda _, key=key: self._free(key))
-                self._blocks[st] = block
-                self._live[key] = block
+                self._blocks[st] = self._live[key] = block
                 self.current += block.nbytes
                 if self.current > self.phase_peaks.get(self.phase, 0):
                     self.phase_peaks[self.phase] = self.current
@@ -99,11 +84,10 @@ class LiveMemory(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         copy_of_weight = (func is torch.ops.aten._to_copy.default
                           and self._kind(args[0]) == "weights")
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                for block in self._track(t):
-                    if copy_of_weight:
-                        block.kind = "weight copies"
+        for t in (t for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+            for block in self._track(t):
+                if copy_of_weight:
+                    block.kind = "weight copies"
         return out
 
     def _kind(self, t: Any) -> str | None:
@@ -111,15 +95,12 @@ class LiveMemory(TorchDispatchMode):
         return getattr(self._blocks.get(st[0]) if st else None, "kind", None)
 
     def saved_tensors(self) -> contextlib.AbstractContextManager:
-        """A context in which tensors saved for backward are counted as ``activations``
-        (unless they are weights, weight copies or logits)."""
+        """A context counting tensors saved for backward as ``activations`` (temporaries only)."""
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             for block in self._track(t):
                 if block.kind == "temporaries":
                     block.kind = "activations"
-            # detach: the same storage, without the reference cycle that saving the output
-            # of an op as itself would make
-            return t.detach()
+            return t.detach()  # the same storage, without a reference cycle
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)

@@ -1,10 +1,7 @@
 """Peak training memory of a configuration, part by part, and whether it fits a 16 GB T4.
 
-Two training steps (:func:`backpack_nb.training.step.optimizer_step`) of the real models of
-a params file's configuration (default the seed's) traced by
-:class:`~benchmarks.live_memory.LiveMemory` on fake tensors (shapes only: seconds), the CPU
-standing in for CUDA (its memory-efficient attention and autocast's float32 ops patched in).
-"""
+Two trainer steps of a params file's models (default the seed's), traced on fake tensors
+(seconds) with CUDA's memory-efficient attention and autocast's float32 ops patched in."""
 
 from __future__ import annotations
 
@@ -26,18 +23,16 @@ from backpack_nb.devices import autocast
 from backpack_nb.models import LOSS_CHUNK_ROWS, BackpackLM, ModelConfig, build_model
 from backpack_nb.training.step import optimizer_step
 
-from benchmarks.common import GiB, new_parser, run_main, seed_params
+from benchmarks.common import DTYPES, GiB, new_parser, run_main, seed_params
 from benchmarks.live_memory import KINDS, LiveMemory
 
-# What a step may peak at (``torch.cuda.max_memory_allocated``) on a 16 GB T4: PyTorch sees
-# 14.75 GiB, and the CUDA context, cuBLAS workspaces and fragmentation take some of that.
+# a step's allocator peak on a 16 GB T4: 14.75 GiB seen, less context, workspaces, fragments
 T4_BUDGET_GIB = 14.0
 
 
 def _efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False):
-    """CUDA's memory-efficient attention (it saves q, k, v, the output and a logsumexp, never
-    the T x T weights) with autocast's cast of q, k, v, callable on CPU and fake tensors."""
+    """CUDA's memory-efficient attention (no T x T weights saved), autocast, on CPU and fake."""
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
@@ -46,8 +41,7 @@ def _efficient_sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, sca
 
 
 class _CudaAutocastFloat32Ops(TorchFunctionMode):
-    """The ops the models call under autocast that CUDA autocast runs in float32 (inputs cast
-    up, the cast recorded by autograd) and CPU autocast, standing in for it, would not."""
+    """The ops CUDA autocast runs in float32 (inputs cast up) and CPU autocast would not."""
 
     FLOAT32_OPS = {torch.sum, torch.Tensor.sum, torch.softmax, torch.Tensor.softmax, F.softmax,
                    torch.log_softmax, torch.Tensor.log_softmax, F.log_softmax, F.layer_norm,
@@ -64,8 +58,7 @@ class _CudaAutocastFloat32Ops(TorchFunctionMode):
 
 @dataclasses.dataclass(frozen=True)
 class MemoryCase:
-    """One configuration whose training step is traced: a params file's values (``params``:
-    the model shape, ``batch_size``, ``dropout``) for one model at one vocabulary."""
+    """One traced configuration: a params file's values (shape, batch, dropout), a model, V."""
 
     model: str  # "backpack" or "transformer"
     vocab_size: int
@@ -88,9 +81,8 @@ class MemoryCase:
 
 
 def trace_memory(case: MemoryCase, *, real: bool = False, steps: int = 2) -> dict[str, Any]:
-    """Trace ``steps`` training steps of ``case`` (the peak is the step's peak with the
-    optimizer state of the previous step alive) with :class:`LiveMemory`, on fake tensors
-    (or real ones with ``real``). Returns the peak, its parts, the parameter count and U."""
+    """Trace ``steps`` steps of ``case`` (from the second, the optimizer state is alive) on
+    fake tensors (real with ``real``): the peak, its parts, the parameter count and U."""
     config = ModelConfig.from_params({**case.params, "sense_source": case.sense_source},
                                      case.vocab_size)
     B, T = case.params["batch_size"], config.block_size
@@ -135,23 +127,20 @@ def trace_memory(case: MemoryCase, *, real: bool = False, steps: int = 2) -> dic
                                params=params_to_clip)
                 tracker.tag((t for s in opt.state.values() for t in s.values()
                              if isinstance(t, torch.Tensor)), "optimizer state")
-    parts = tracker.by_kind()
     case_values = {k: v for k, v in dataclasses.asdict(case).items() if k != "params"}
     return {"case": {**case_values, **config.to_dict(), "batch_size": B},
             "label": case.label, "params": n_params, "distinct_tokens": U,
-            "peak_bytes": tracker.peak, "parts": parts, "peak_phase": tracker.peak_phase,
-            "phase_peaks": dict(tracker.phase_peaks)}
+            "peak_bytes": tracker.peak, "parts": tracker.by_kind(),
+            "peak_phase": tracker.peak_phase, "phase_peaks": dict(tracker.phase_peaks)}
 
 
 def memory_cases(params: dict[str, Any], vocab_sizes: Sequence[int],
                  distinct_tokens: int | None = None) -> list[MemoryCase]:
-    """The cases printed for a params file: both default models (network senses, chunked
-    CE, its autocast dtype) and, as information, the table with dense and sparse updates,
-    full logits, and activation checkpointing."""
+    """Both default models of a params file and, as information, full logits, the sense
+    table (dense and sparse updates) and activation checkpointing."""
     dtype = params.get("dtype", "float16")
     case = functools.partial(MemoryCase, params=params, distinct_tokens=distinct_tokens,
-                             dtype=dtype if dtype in ("float16", "bfloat16", "float32") else
-                             "float16")
+                             dtype=dtype if dtype in DTYPES else "float16")
     return [c for V in vocab_sizes for c in (
         case("transformer", V), case("backpack", V), case("transformer", V, chunked=False),
         case("backpack", V, chunked=False), case("backpack", V, sense_source="table"),
@@ -160,10 +149,8 @@ def memory_cases(params: dict[str, Any], vocab_sizes: Sequence[int],
 
 
 def format_memory(results: list[dict[str, Any]], budget_gib: float = T4_BUDGET_GIB) -> str:
-    """One table per vocabulary size (GiB by part at the peak), notes, and a T4 verdict for
-    each default model at the largest vocabulary."""
-    lines = []
-    by_v: dict[int, list[dict]] = {}
+    """A table per V (GiB by part at the peak) and each default model's T4 verdict."""
+    lines, by_v = [], {}
     for r in results:
         by_v.setdefault(r["case"]["vocab_size"], []).append(r)
     for V, rows in by_v.items():
@@ -188,12 +175,11 @@ def format_memory(results: list[dict[str, Any]], budget_gib: float = T4_BUDGET_G
               f"logits: vocabulary-sized buffers (one chunk of {LOSS_CHUNK_ROWS} rows when "
               "chunked)", f"budget: {budget_gib} GiB for the step's allocator peak on a 16 GB T4"]
     for r in by_v[max(by_v)]:
-        c = r["case"]
+        c, gib = r["case"], r["peak_bytes"] / GiB
         if c["sense_source"] == "network" and c["chunked"] and not c["checkpointing"]:
-            gib = r["peak_bytes"] / GiB
-            verdict = (f"FITS ({gib:.1f} GiB of 16)" if gib <= budget_gib else
-                       f"DOES NOT FIT ({gib:.1f} GiB needed, {budget_gib} GiB usable of 16)")
-            lines.append(f"VERDICT {c['model']}: {verdict}")
+            lines.append(f"VERDICT {c['model']}: " + (
+                f"FITS ({gib:.1f} GiB of 16)" if gib <= budget_gib else
+                f"DOES NOT FIT ({gib:.1f} GiB needed, {budget_gib} GiB usable of 16)"))
     return "\n".join(lines)
 
 
@@ -211,11 +197,11 @@ def parser() -> argparse.ArgumentParser:
 def run_memory(config: str, vocab_sizes: Sequence[int],
                distinct: int | None = None) -> dict[str, Any]:
     """The traced cases of a params file (:func:`memory_cases`) at ``vocab_sizes``."""
-    cases = memory_cases(seed_params(config), vocab_sizes, distinct)
     print(f"memory accounting of {config}: traced on fake tensors (the real models, no memory "
           "used); CUDA's memory-efficient attention; float32 master weights")
     return {"section": "memory", "config": config, "budget_gib": T4_BUDGET_GIB,
-            "cases": [trace_memory(c) for c in cases]}
+            "cases": [trace_memory(c) for c in memory_cases(seed_params(config), vocab_sizes,
+                                                            distinct)]}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

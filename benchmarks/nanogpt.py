@@ -1,7 +1,6 @@
-"""The speed reference for the Transformer baseline: a straightforward nanoGPT-style GPT,
-the architecture of :class:`backpack_nb.models.GPT` (pre-LN, tanh GELU, SDPA causal
-attention, tied head, same init) trained the plain way: all logits, then ``F.cross_entropy``.
-Written after karpathy/nanoGPT's ``model.py``, in this project's names."""
+"""The speed reference for the Transformer baseline, after karpathy/nanoGPT's ``model.py``: the
+architecture of :class:`backpack_nb.models.GPT` (pre-LN, tanh GELU, SDPA, tied head, same init)
+trained the plain way: all logits, then ``F.cross_entropy``."""
 
 from __future__ import annotations
 
@@ -65,25 +64,16 @@ class _NanoAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 
 
-class _NanoMLP(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
-        super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate="tanh")))
-
-
 class _NanoBlock(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = _NanoAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.mlp = _NanoMLP(config)
+        d, bias = config.n_embd, config.bias
+        self.ln_1, self.attn = nn.LayerNorm(d, bias=bias), _NanoAttention(config)
+        self.ln_2 = nn.LayerNorm(d, bias=bias)
+        self.c_fc, self.c_proj = nn.Linear(d, 4 * d, bias=bias), nn.Linear(4 * d, d, bias=bias)
+        self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.ln_1(x))
-        return x + self.mlp(self.ln_2(x))
+        h = F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh")  # the MLP: (B, T, 4d)
+        return x + self.dropout(self.c_proj(h))

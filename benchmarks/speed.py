@@ -1,66 +1,50 @@
 """Training-step time, MFU and the headline ratios, measured within one run.
 
-Times training steps (:func:`backpack_nb.training.step.optimizer_step`) of the Backpack, the
-Transformer and a nanoGPT-style GPT of the same architecture (:mod:`benchmarks.nanogpt`),
-interleaved round by round, beside a float32 matmul peak measured in the same rounds (MFU's
-denominator on the CPU; on CUDA the GPU's peak for the dtype): the seed's shape at block 256,
-batch 4, V 16,000, dropout 0, and without ``--quick`` a row per performance lever.
+Trainer steps of the Backpack, the Transformer and a nanoGPT-style GPT interleaved round by
+round beside a float32 matmul peak (MFU's denominator on the CPU; on CUDA the GPU's peak for
+the dtype): the seed's shape at block 256, batch 4, V 16,000, dropout 0, and a row per lever.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import os
 import statistics
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
-from backpack_nb import optim
-from backpack_nb.devices import autocast
 from backpack_nb.errors import UserError
-from backpack_nb.models import BackpackLM, ModelConfig, build_model
+from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.models.flops import train_flops
-from backpack_nb.models.mixing import distinct_tokens
 from backpack_nb.training.meters import gpu_peak_name, peak_flops
-from backpack_nb.training.step import optimizer_step
 
-from benchmarks.common import (TINY, MiB, check_device, europarl_batches, matmul_gflops, new_parser,
-                               run_main, seed_params, sync, zipf_batches)
+from benchmarks.common import (TINY, Levers, MiB, Trainee, check_device, europarl_batches,
+                               matmul_gflops, new_parser, run_main, seed_params, timed,
+                               zipf_batches)
 from benchmarks.compile_guard import (drop_compiled_state, graphs_compiled, guarded_warmup,
-                                      recompile_limit_at_least)
+                                      recompile_limit_at_least, warmup_caps)
 from benchmarks.nanogpt import NanoGPT
 
 
 @dataclasses.dataclass(frozen=True)
-class Variant:
+class Variant(Levers):
     """One timed training setup: a model and the performance switches it runs with."""
 
     name: str
     model: str  # "backpack", "transformer", "nanogpt" or "backpack-table"
     lever: str = ""  # what this row isolates ("" for the three main rows)
     base: str = ""  # the row it is compared with
-    dedup: bool = True
-    mixing: str = "sdpa"
-    chunked: bool = True
-    optimizer: str = "fused"  # "fused" or "foreach" AdamW, or "sparse" (table only)
-    compile: bool = False
-    checkpointing: bool = False
-    fused_loss: bool = False  # off by default: its row is the lever switched on
-    distinct_on_host: bool = False  # likewise (Backpack): distinct tokens found on the host
 
 
 def _pair(lever: str, what: str, **switches: Any) -> list[Variant]:  # a row for each model
     return [Variant(f"{m}/{lever}", m, what, m, **switches) for m in ("backpack", "transformer")]
 
 
-MAIN = [Variant("backpack", "backpack"), Variant("transformer", "transformer"),
-        Variant("nanogpt", "nanogpt")]
+MAIN = [Variant(m, m) for m in ("backpack", "transformer", "nanogpt")]
 LEVERS = [
     Variant("backpack/plain", "backpack", "all levers off (straightforward)", "backpack",
             dedup=False, chunked=False, optimizer="foreach"),
@@ -108,8 +92,7 @@ class SpeedSetup:
 
 
 def preset(name: str) -> SpeedSetup:
-    """``reference`` (the CPU plan), ``quick``, ``seed`` (the seed's own training, for a GPU)
-    or ``tiny`` (seconds, for tests: the code paths, not the numbers)."""
+    """``reference`` (the CPU plan), ``quick``, ``seed`` (its training, for a GPU) or ``tiny``."""
     seed = seed_params()
     if name == "seed":  # its batch 32 x 512, dropout 0.1 and float16, at the sample's V
         return SpeedSetup(seed, vocab_size=13_034, dtype=seed["dtype"], rounds=5)
@@ -119,54 +102,21 @@ def preset(name: str) -> SpeedSetup:
     return SpeedSetup(cpu, rounds=3 if name == "quick" else 7)
 
 
-class _Runner:
-    """A model, its optimizer and its training step, for one :class:`Variant`."""
+class _Runner(Trainee):
+    """The model of one :class:`Variant`, trained with its switches."""
 
     def __init__(self, variant: Variant, setup: SpeedSetup, batches: list[torch.Tensor]):
-        self.variant, self.device = variant, torch.device(setup.device)
-        # x on the host (its distinct tokens are found there, as the trainer does) and
-        # (x, y) contiguous on the device, as a data loader delivers them
-        self.host_x = [b[:, :-1].contiguous() for b in batches]
-        self.batches = [(x.to(self.device), b[:, 1:].contiguous().to(self.device))
-                        for x, b in zip(self.host_x, batches)]
         torch.manual_seed(0)
         config = setup.model_config(variant.model)
         model = (NanoGPT(config) if variant.model == "nanogpt" else
                  build_model("backpack" if variant.model.startswith("backpack") else
                              "transformer", config))
-        if isinstance(model, BackpackLM):
-            model.dedup_senses, model.mixing = variant.dedup, variant.mixing
-        if variant.checkpointing:
-            model.set_activation_checkpointing(True)
-        model.fused_loss = variant.fused_loss
-        self.model = model.to(self.device).train()
-        self.opt = optim.make_optimizer(model, lr=1e-4, fused=variant.optimizer == "fused",
-                                        sparse_table=variant.optimizer == "sparse")
-        self.compiled = variant.compile or setup.compile_all
+        super().__init__(model, batches, setup.device, setup.dtype,
+                         dataclasses.replace(variant, compile=variant.compile or setup.compile_all))
         self.compile_report: dict[str, Any] = {}  # its warm-up's, for a compiled variant
-        self.forward = torch.compile(model) if self.compiled else model
-        self.kwargs = {} if variant.model == "nanogpt" else {"chunked_loss": variant.chunked}
-        self.autocast = functools.partial(autocast, self.device, setup.dtype)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=setup.dtype == "float16")
-        self.i = 0
-
-    def _next_batch(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
-        i, self.i = self.i % len(self.batches), self.i + 1
-        if not self.variant.distinct_on_host:
-            return *self.batches[i], self.kwargs
-        distinct = tuple(t.to(self.device) for t in distinct_tokens(self.host_x[i]))
-        return *self.batches[i], {**self.kwargs, "distinct": distinct}
-
-    def step(self) -> None:
-        optimizer_step(self.forward, self.opt, self.scaler, self._next_batch,
-                       autocast=self.autocast, params=self.model.parameters)
 
     def timed_step(self) -> float:
-        sync(self.device)
-        t0 = time.perf_counter()
-        self.step()
-        sync(self.device)
-        return time.perf_counter() - t0
+        return timed(self.step, self.device)
 
     def peak_bytes(self) -> int | None:  # CUDA's allocator peak over a step (else None)
         if self.device.type != "cuda":
@@ -196,9 +146,7 @@ def run_speed(setup: SpeedSetup, variants: Sequence[Variant], *,
     matmul peak): ms/step, tokens/s, useful FLOPs, MFU, (CUDA) peak memory and syncs a step."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(setup.threads or threads_before)
-    # Variants share the models' code (forward), and dynamo's recompile limit counts the
-    # compilations of one code object: 8 serve one model, not a dozen variants of it.
-    try:
+    try:  # dynamo's recompile limit counts per code object: 8 serve one model, not a dozen
         with recompile_limit_at_least(8 * len(variants)):
             return _run_speed(setup, variants, log)
     finally:
@@ -210,28 +158,24 @@ def _batches(setup: SpeedSetup) -> tuple[list[torch.Tensor], SpeedSetup]:
     B, T = setup.params["batch_size"], setup.params["block_size"]
     if setup.data == "zipf":
         return zipf_batches(setup.vocab_size, B, T, 4), setup
-    # English windows keep the reference V (the ids fit: V_en < V); en+fr its compact V
-    langs = ("en",) if setup.data == "europarl-en" else ("en", "fr")
-    batches, vocab = europarl_batches(B, T, 4, langs=langs)
-    vocab = max(vocab, setup.vocab_size) if setup.data == "europarl-en" else vocab
-    return batches, dataclasses.replace(setup, vocab_size=vocab)
+    en = setup.data == "europarl-en"  # English keeps the reference V (ids fit: V_en < V)
+    batches, vocab = europarl_batches(B, T, 4, langs=("en",) if en else ("en", "fr"))
+    return batches, dataclasses.replace(setup, vocab_size=max(vocab, setup.vocab_size) if en
+                                        else vocab)
 
 
 def _warm_up(setup: SpeedSetup, variants: Sequence[Variant], batches: list[torch.Tensor],
              log: Callable[[str], Any]) -> tuple[dict[str, _Runner], dict[str, dict]]:
-    """A runner per variant, warmed up (a compiled one sees every batch, under a cap, with
-    dynamo's recompile limit an error); the variants dropped, with why."""
-    runners, dropped, t_start = {}, {}, time.perf_counter()
+    """A runner per variant, warmed up (compiled: every batch, guarded); those dropped, why."""
+    runners, dropped = {}, {}
+    # a sixth of the budget kept for timing, profiling and memory
+    next_cap = warmup_caps(setup.compile_cap_s, setup.budget_s, share=5 / 6)
     for v in variants:
-        cap = setup.compile_cap_s
-        if setup.budget_s:  # keep a sixth of the budget for timing, profiling and memory
-            left = setup.budget_s * 5 / 6 - (time.perf_counter() - t_start)
-            if left < 5:
-                dropped[v.name] = {"status": "no time left",
-                                   "message": "the --budget ran out before its warm-up"}
-                log(f"{v.name}: dropped, no time left in the --budget")
-                continue
-            cap = min(cap, left) if cap else left
+        if (cap := next_cap()) is None:
+            dropped[v.name] = {"status": "no time left",
+                               "message": "the --budget ran out before its warm-up"}
+            log(f"{v.name}: dropped, no time left in the --budget")
+            continue
         runner = _Runner(v, setup, batches)
         report = guarded_warmup(runner.step, len(batches) if runner.compiled else 1,
                                 compiled=runner.compiled, cap_s=cap)
@@ -239,7 +183,7 @@ def _warm_up(setup: SpeedSetup, variants: Sequence[Variant], batches: list[torch
             log(f"{v.name}: dropped, {report['status']} ({report['message']})")
             dropped[v.name] = report
             del runner
-            drop_compiled_state()
+            drop_compiled_state()  # the next variant starts clean
             continue
         runners[v.name] = runner
         if runner.compiled:
@@ -261,8 +205,7 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
     log(f"timing {len(names)} variants x {setup.rounds} rounds, interleaved (load average "
         f"{load:.1f} on {os.cpu_count()} cores; on a busy machine --threads 1 keeps ratios stable)")
     times: dict[str, list[float]] = {n: [] for n in names}
-    recompiled = dict.fromkeys(names, 0)
-    peaks: list[float] = []
+    recompiled, peaks = dict.fromkeys(names, 0), []
     for r in range(setup.rounds):
         k = r % max(1, len(names))  # a rotating order: none always first (cold) or last
         for name in names[k:] + names[:k]:
@@ -270,25 +213,22 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
             times[name].append(runners[name].timed_step())
             recompiled[name] += graphs_compiled() - before
         peaks.append(matmul_gflops(device=setup.device))
-    peak_gflops = statistics.median(peaks)
-    # MFU's denominator: on a GPU its dense peak for the dtype (a table by name), elsewhere
-    # the fp32 matmul peak measured in the rounds
-    device = torch.device(setup.device)
+    peak_gflops, device = statistics.median(peaks), torch.device(setup.device)
+    # MFU's denominator: a GPU's dense peak for the dtype (by name), else the measured fp32 peak
     named = peak_flops(device, setup.dtype) if device.type == "cuda" else None
-    mfu_peak = named / 1e9 if named else peak_gflops
+    mfu_peak, peak_of = ((named / 1e9, f"{gpu_peak_name(device, setup.dtype)} peak") if named
+                         else (peak_gflops, "measured fp32 matmul peak"))
     B, T = setup.params["batch_size"], setup.params["block_size"]
     rows = []
     for v in (v for v in variants if v.name in runners):
-        runner = runners[v.name]
-        ms = statistics.median(times[v.name]) * 1000
-        flops = train_flops(runner.model, B, T, distinct)
-        mem = runner.peak_bytes()
+        runner, ms = runners[v.name], statistics.median(times[v.name]) * 1000
+        flops, mem = train_flops(runner.model, B, T, distinct)["total"], runner.peak_bytes()
         rows.append({
             "variant": v.name, "model": v.model, "lever": v.lever, "base": v.base,
             "ms_per_step": round(ms, 1), "ms_all": [round(t * 1000, 1) for t in times[v.name]],
             "tokens_per_s": round(B * T / ms * 1000),
-            "useful_gflop": round(flops["total"] / 1e9, 2),
-            "mfu": round(flops["total"] / (ms / 1000) / (mfu_peak * 1e9), 4),
+            "useful_gflop": round(flops / 1e9, 2),
+            "mfu": round(flops / (ms / 1000) / (mfu_peak * 1e9), 4),
             "peak_mib": None if mem is None else round(mem / MiB, 1),
             "syncs_per_step": runner.count_syncs(),
             "params": sum(p.numel() for p in runner.model.parameters()),
@@ -297,10 +237,8 @@ def _run_speed(setup: SpeedSetup, variants: Sequence[Variant],
         })
     return {"section": "speed", "setup": setup.describe(), "threads": torch.get_num_threads(),
             "load_average": [load, os.getloadavg()[0]], "distinct_tokens": distinct,
-            "torch": torch.__version__,
-            "peak_gflops": round(peak_gflops, 1), "mfu_peak_gflops": round(mfu_peak, 1),
-            "mfu_peak_of": (f"{gpu_peak_name(device, setup.dtype)} peak" if named
-                            else "measured fp32 matmul peak"),
+            "torch": torch.__version__, "peak_gflops": round(peak_gflops, 1),
+            "mfu_peak_gflops": round(mfu_peak, 1), "mfu_peak_of": peak_of,
             "peak_gflops_all": [round(p, 1) for p in peaks], "rows": rows, "dropped": dropped,
             "ratios": _ratios(rows, times)}
 
@@ -310,9 +248,8 @@ def _ratios(rows: list[dict[str, Any]], times: dict[str, list[float]]) -> dict[s
     by_name = {row["variant"]: row for row in rows}
 
     def paired(a: str, b: str) -> float | None:  # the median of per-round ratios
-        if a not in times or b not in times:
-            return None
-        return round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
+        return (round(statistics.median(x / y for x, y in zip(times[a], times[b])), 3)
+                if a in times and b in times else None)
 
     ratios: dict[str, Any] = {}
     if "backpack" in by_name and "transformer" in by_name:
@@ -329,33 +266,30 @@ def _ratios(rows: list[dict[str, Any]], times: dict[str, list[float]]) -> dict[s
 
 
 def format_speed(result: dict[str, Any]) -> str:
-    s, q = result["setup"], result["ratios"]
+    s, q, load = result["setup"], result["ratios"], result["load_average"]
+    head = (f"{'variant':<30}{'ms/step':>9}{'tokens/s':>10}{'GFLOP':>8}{'MFU':>7}"
+            f"{'peak MiB':>10}{'vs base':>9}  lever")
     lines = [f"config: {s['n_layer']}L/{s['n_head']}H/d{s['n_embd']}/k{s['n_senses']}, "
              f"block {s['block_size']}, batch {s['batch_size']}, V {s['vocab_size']:,}, "
              f"{s['data']} batches ({result['distinct_tokens']:.0f} distinct tokens a batch); "
              f"{result['threads']} threads; matmul peak {result['peak_gflops']:.0f} GFLOP/s "
-             f"(fp32, measured each round, median); load average "
-             f"{result['load_average'][0]:.1f} -> {result['load_average'][1]:.1f}"]
-    head = (f"{'variant':<30}{'ms/step':>9}{'tokens/s':>10}{'GFLOP':>8}{'MFU':>7}"
-            f"{'peak MiB':>10}{'vs base':>9}  lever")
-    lines += [head, "-" * len(head)]
+             f"(fp32, measured each round, median); load average {load[0]:.1f} -> {load[1]:.1f}",
+             head, "-" * len(head)]
     for r in result["rows"]:
+        c, ms = r.get("compile"), r["ms_per_step"]
         mem = "-" if r["peak_mib"] is None else f"{r['peak_mib']:,.0f}"
         vs = f"{r['time_vs_base']:.2f}x" if r.get("time_vs_base") else ""
-        ms = f"{r['ms_per_step']:.1f}" if r["ms_per_step"] < 100 else f"{r['ms_per_step']:.0f}"
-        c = r.get("compile")
         lever = r["lever"] + (f" (compiled in {c['seconds']:.0f} s)" if c else "")
-        lines.append(f"{r['variant']:<30}{ms:>9}{r['tokens_per_s']:>10,}"
+        lines.append(f"{r['variant']:<30}{ms:>9.{1 if ms < 100 else 0}f}{r['tokens_per_s']:>10,}"
                      f"{r['useful_gflop']:>8.1f}{r['mfu']:>7.0%}{mem:>10}{vs:>9}  {lever}")
         if r.get("syncs_per_step") is not None:
             lines.append(f"  {r['syncs_per_step']} host synchronisation(s) a step")
         if c and c.get("graphs_while_timing"):
             lines.append(f"  {c['graphs_while_timing']} graph(s) compiled while timing "
                          "(a recompile: its times include it)")
-    for name, report in result.get("dropped", {}).items():
-        lines.append(f"{name}: not timed, {report['status']} ({report['message']})")
+    lines += [f"{name}: not timed, {d['status']} ({d['message']})"
+              for name, d in result.get("dropped", {}).items()] + [""]
     met = {True: "met", False: "MISSED"}
-    lines.append("")
     if "backpack_over_transformer" in q:
         lines.append(f"Backpack / Transformer step time: {q['backpack_over_transformer']:.2f} "
                      f"(FLOP floor {q['flop_floor']:.2f}, so {q['over_floor']:.2f}x the floor; "
@@ -375,11 +309,10 @@ def format_speed(result: dict[str, Any]) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = new_parser(
-        "speed", __doc__, device="cpu, or cuda", threads="torch threads (default: torch's; 1 "
-        "with --tiny)", dtype="autocast dtype (float16: with a GradScaler, CUDA only); default "
-        "float32, the seed's with --seed-config", compile_cap="drop a compiled variant whose "
-        "warm-up takes longer (dynamo's recompile limit is always an error)", budget="variants "
-        "whose warm-up would start after 5/6 of this are dropped (named)")
+        "speed", __doc__, device="cpu, or cuda", threads="torch threads (default torch's; 1 with "
+        "--tiny)", dtype="autocast dtype (float16: CUDA only); default float32, the seed's with "
+        "--seed-config", compile_cap="drop a compiled variant whose warm-up takes longer",
+        budget="variants whose warm-up would start after 5/6 of this are dropped (named)")
     p.set_defaults(device="cpu")
     add = p.add_argument
     add("--quick", action="store_true", help="the three main models, 3 rounds (minutes)")
@@ -400,14 +333,12 @@ def setup_and_variants(args: argparse.Namespace) -> tuple[SpeedSetup, list[Varia
     """The measurement plan the flags ask for (UserError for a device or variant not here)."""
     setup = preset("tiny" if args.tiny else "seed" if args.seed_config else
                    "quick" if args.quick else "reference")
-    changes: dict[str, Any] = {"data": args.data, "device": args.device,
-                               "compile_all": args.compile_all,
-                               "compile_cap_s": args.compile_cap, "budget_s": args.budget}
-    for flag, field in (("dtype", "dtype"), ("threads", "threads"), ("rounds", "rounds"),
-                        ("vocab", "vocab_size")):
-        if getattr(args, flag) is not None:
-            changes[field] = getattr(args, flag)
-    setup = dataclasses.replace(setup, **changes)
+    given = {field: getattr(args, flag) for flag, field in (
+        ("dtype", "dtype"), ("threads", "threads"), ("rounds", "rounds"), ("vocab", "vocab_size"))
+        if getattr(args, flag) is not None}
+    setup = dataclasses.replace(setup, data=args.data, device=args.device, budget_s=args.budget,
+                                compile_all=args.compile_all, compile_cap_s=args.compile_cap,
+                                **given)
     check_device(setup.device, setup.dtype, args.compile_cap, args.budget)
     if args.vocab is not None and (args.data == "europarl" or args.vocab < 2):
         raise UserError("--vocab sets the vocabulary of --data zipf or europarl-en (at "
@@ -415,10 +346,8 @@ def setup_and_variants(args: argparse.Namespace) -> tuple[SpeedSetup, list[Varia
     if not args.only:
         return setup, MAIN if args.quick else MAIN + LEVERS
     known = {v.name: v for v in MAIN + LEVERS}
-    unknown = [n for n in args.only if n not in known]
-    if unknown:
-        raise UserError(f"unknown variant(s) {', '.join(unknown)}: use some of "
-                        f"{', '.join(known)}")
+    if unknown := [n for n in args.only if n not in known]:
+        raise UserError(f"unknown variant(s) {', '.join(unknown)}: use some of {', '.join(known)}")
     return setup, [known[n] for n in args.only]
 
 
