@@ -125,6 +125,27 @@ def test_03_evaluate(kernel, tiny_backpack_run, tiny_transformer_run, tmp_path):
         assert set(ev["splits"]["val"]) == {"all", "en", "fr"}
 
 
+def test_06_steering_runs_the_three_experiments_and_keeps_eval_json(kernel, tiny_backpack_run,
+                                                                      tiny_transformer_run, tmp_path):
+    """A Backpack run: the gender table and figures, topic and edit, written into its
+    eval.json beside the sections already there; a Transformer run: the projection baseline
+    and the reason the rest needs senses."""
+    bp = copy_run(tiny_backpack_run, tmp_path / "bp")
+    (bp / "eval.json").write_text(json.dumps({"checkpoint": str(bp / "best.pt"), "splits": {"val": {}}}))
+    small = {"nouns": ["gender_en"], "topic_samples": 1, "topic_tokens": 6, "strengths": [0, 3]}
+    r = reports.run("06_steering", None, {"out_dir": str(bp), **small}, run_name="nb_steering")
+    outs = check_executed(r, min_images=4)  # bias per noun, the sweep, bag share, the edit
+    assert "gender sense" in text_of(outs) and "held-out loss" in text_of(outs)
+    saved = json.loads((bp / "eval.json").read_text())
+    assert saved["splits"] == {"val": {}} and {"gender", "topic", "edit"} <= set(saved["steering"])
+    tf = copy_run(tiny_transformer_run, tmp_path / "tf")
+    r = reports.run("06_steering", None, {"out_dir": str(tf), **small}, run_name="nb_steering_tf")
+    outs = check_executed(r, min_images=1)
+    text = text_of(outs)
+    assert "A Transformer has no sense vectors" in text and "needs a Backpack" in text
+    assert set(json.loads((tf / "eval.json").read_text())["steering"]) == {"gender"}
+
+
 def test_04_senses_html_has_the_sense_tables(kernel, tiny_backpack_run, tmp_path):
     from backpack_nb.loading import load_model
     from backpack_nb.senses import sense_words
