@@ -14,8 +14,8 @@ ratio, so it is exp|logit(he) - logit(she)|.
 - *Project* (any model, the paper's baseline): the gender direction g = E[she] - E[he] of the
   output embedding removed from the noun's *input* embedding only (the head untied),
   e <- e - (1 - w) (e.g / g.g) g, with w = 0 or fitted as above (forward passes per w).
-- The gender sense: given, or found as the sense l that maximises, averaged over the nouns
-  (and each noun's tokens), |(E C(noun)_l)[he] - (E C(noun)_l)[she]|.
+- The gender sense: given, or found as the sense whose removal most reduces the bias ratio
+  on the fitting prompts, averaged over the nouns (:func:`find_gender_sense`).
 """
 
 from __future__ import annotations
@@ -139,18 +139,43 @@ def projected(model: nn.Module, noun: Word, pair: Sequence[int], w: float) -> In
 
 
 @torch.no_grad()
-def find_gender_sense(model: nn.Module, nouns: Sequence[Word], pair: Sequence[int]) -> tuple[int, list[float]]:
-    """The sense l maximising the mean over nouns (of the mean over each noun's tokens) of
-    |(E C(x)_l)[he] - (E C(x)_l)[she]|; returns it and every sense's score."""
+def sense_gaps(model: nn.Module, prompts: Prompts, noun: Word, pair: Sequence[int]) -> torch.Tensor:
+    """What each sense of the noun adds to each prompt's logit gap logit(he) - logit(she) at
+    its last position: sum over the noun's positions j of
+    alpha_l[last, j] ((E C(x_j)_l)[he] - (E C(x_j)_l)[she]), (B, k) float64. Removing sense l
+    subtracts exactly this (the logits are linear in each sense)."""
+    ids, rows = prompts.ids, torch.arange(len(prompts.ids))
+    alpha = model.contextualization(ids)[rows, :, prompts.last].double()  # (B, k, T)
+    E = model.wte.weight.double()
+    gap = model.sense_vectors(ids).double() @ (E[pair[0]] - E[pair[1]])  # (B, T, k)
+    T = ids.shape[1]
+    at = occurrences(noun.ids)(ids) & (torch.arange(T, device=ids.device) <= prompts.last[:, None])
+    return torch.einsum("bkt,btk,bt->bk", alpha, gap, at.double())
+
+
+@torch.no_grad()
+def find_gender_sense(model: nn.Module, tok, nouns: Sequence[Word], gset: GenderSet,
+                      pair: Sequence[int]) -> tuple[int, list[float]]:
+    """The sense whose removal most reduces the bias on the *fitting* prompts (never the test
+    prompts): for each sense l, the mean over nouns of (before - after) / (before - 1), the
+    bias ratio's reduction as steering.md defines it; returns l and every sense's score.
+    (Reading the senses' top words alone, |(E C(noun)_l)[he] - (E C(noun)_l)[she]|, can pick a
+    sense whose contextualization weight never reaches the predicted position.)"""
     per_noun = []
     for noun in nouns:
-        ids = torch.tensor(noun.ids, device=model.wte.weight.device)
-        senses = model.senses_of_tokens(ids).view(len(ids), model.config.n_senses, -1)  # (n, k, d)
-        E = model.wte.weight[list(pair)]  # (2, d)
-        gap = (senses @ E.T).double()  # (n, k, 2)
-        per_noun.append((gap[..., 0] - gap[..., 1]).abs().mean(0))  # (k,)
+        try:
+            fit = Prompts(tok, gset.fitting, noun, model.wte.weight.device, model.config.block_size)
+        except NounLost:
+            continue
+        logits = fit.logits(model)
+        g = logits[:, pair[0]] - logits[:, pair[1]]  # (B,)
+        before = torch.exp(g.abs()).mean()
+        after = torch.exp((g[:, None] - sense_gaps(model, fit, noun, pair)).abs()).mean(0)  # (k,)
+        per_noun.append((before - after) / max(float(before) - 1, 1e-12))
+    if not per_noun:
+        return 0, [0.0] * model.config.n_senses
     scores = torch.stack(per_noun).mean(0)  # (k,)
-    return int(scores.argmax()), [float(s) for s in scores]
+    return int(scores.argmax()), [float(x) for x in scores]
 
 
 def mean_prob(logits: torch.Tensor, token: int) -> float:
@@ -234,12 +259,12 @@ def run_gender(model: nn.Module, tok, nouns: str = "gender_en", *, sense: int | 
                     "pronouns": list(gset.pronouns), "neutral": gset.neutral}
     with torch.no_grad():
         if backpack and sense is None and used:
-            sense, scores = find_gender_sense(model, used, pair)
-            result.update(sense_found_by="max over senses of the mean |(E C(noun)_l)[he] - "
-                          "(E C(noun)_l)[she]| over the nouns", sense_scores=scores)
+            sense, scores = find_gender_sense(model, tok, used, gset, pair)
+            result.update(sense_found_by="the largest mean reduction of the bias ratio on the "
+                          "fitting prompts when the sense is removed", sense_scores=scores)
             result["sense_score"] = scores[sense]
         elif backpack:
-            result["sense_score"] = find_gender_sense(model, used, pair)[1][sense] if used else None
+            result["sense_score"] = find_gender_sense(model, tok, used, gset, pair)[1][sense] if used else None
     result["sense"] = sense
     rows = []
     bar = progress_bar(len(used), "gender: nouns", "noun", progress)
