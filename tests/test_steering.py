@@ -152,6 +152,7 @@ def direct_bias(model, tok, noun: str, prompts, sense=None, row=None) -> float:
     return float(np.mean(ratios))
 
 
+@pytest.mark.slow  # the whole protocol on a few nouns: seconds to tens of seconds
 def test_bias_ratio_remove_and_projection_match_a_direct_computation(backpack, tok, small_set):
     gset = gender.load_set(small_set)
     result = gender.run_gender(backpack, tok, small_set, sense=2, progress=False)
@@ -206,6 +207,7 @@ def test_the_gender_sense_is_the_one_whose_removal_most_reduces_the_fitting_bias
     assert np.allclose(scores, direct, atol=1e-9) and sense == int(np.argmax(direct))
 
 
+@pytest.mark.slow  # the whole protocol on a few nouns: seconds to tens of seconds
 def test_a_transformer_gets_the_projection_baseline_only(tok, small_set):
     model = tiny("transformer", tok.vocab_size)
     result = gender.run_gender(model, tok, small_set, progress=False)
@@ -215,6 +217,7 @@ def test_a_transformer_gets_the_projection_baseline_only(tok, small_set):
         gender.run_gender(model, tok, small_set, sense=0, progress=False)
 
 
+@pytest.mark.slow  # the whole protocol on a few nouns: seconds to tens of seconds
 def test_nouns_outside_the_vocabulary_and_several_token_nouns(backpack, tok, small_set):
     w = words.word(tok, "mechanic")
     assert not w.usable and "byte tokens" in w.skipped
@@ -267,26 +270,26 @@ def test_the_edit_moves_r_onto_a_and_leaves_the_rest(backpack, tok):
 
 def test_run_edit_measures_the_edited_model(backpack, tok):
     prompts = ["The Parliament meets in", "Parliament meets in"]
-    heldout = np.array(tok.encode(" Parliament meets in Strasbourg" * 20))
+    T = backpack.config.block_size
+    heldout = np.array(tok.encode(" Parliament meets in Strasbourg" * 20))[:2 * T + 1]  # 2 windows
     result = edit.run_edit(backpack, tok, "Parliament", "Strasbourg", "Brussels", prompts, heldout)
     x, r, a = tok.encode(" Parliament")[0], tok.encode(" Strasbourg")[0], tok.encode(" Brussels")[0]
     steer = Intervention(sense_blocks=edit.edited_senses(backpack, [x], r, a))
     idx = torch.tensor([tok.encode(prompts[0])])
     with torch.no_grad():
         after = steer.next_token_logits(backpack, idx)[0].softmax(-1)
-    before = backpack(idx)[0][0, -1].softmax(-1)
+        before = backpack(idx)[0][0, -1].softmax(-1)
     first = result["per_prompt"][0]
     assert first["p_to_after"] == pytest.approx(float(after[a]), abs=1e-12)
     assert first["p_from_before"] == pytest.approx(float(before[r]), abs=1e-12)
-    T = backpack.config.block_size
-    x0 = torch.tensor(heldout[:T])[None]
-    y0 = torch.tensor(heldout[1:T + 1])[None]
-    windows = (len(heldout) - 1) // T
-    assert windows >= 1
-    loss0 = F.cross_entropy(backpack(x0, all_logits=True)[0][0], y0[0]).item()
-    if windows == 1:
-        assert result["heldout_loss_before"] == pytest.approx(loss0, abs=1e-10)
-    assert result["heldout_loss_after"] != result["heldout_loss_before"]
+    x = torch.tensor(heldout[:-1]).view(2, T)  # the two windows and their targets
+    y = torch.tensor(heldout[1:]).view(2, T)
+    with torch.no_grad():
+        loss = F.cross_entropy(backpack(x, all_logits=True)[0].flatten(0, 1), y.flatten()).item()
+        edited = F.cross_entropy(steer.logits(backpack, x).flatten(0, 1), y.flatten()).item()
+    assert result["heldout_tokens"] == 2 * T + 1
+    assert result["heldout_loss_before"] == pytest.approx(loss, abs=1e-10)
+    assert result["heldout_loss_after"] == pytest.approx(edited, abs=1e-10) and edited != loss
     with pytest.raises(UserError, match="start with the same token"):
         edit.run_edit(backpack, tok, "Parliament", "Brussels", "Brussels", prompts)
 
@@ -300,6 +303,7 @@ def run_dir(tmp_path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow  # the whole protocol on a few nouns: seconds to tens of seconds
 def test_command_writes_steering_sections_and_keeps_the_others(run_dir, capsys):
     ckpt = run_dir / "best.pt"
     (run_dir / "eval.json").write_text(json.dumps({"checkpoint": str(ckpt), "splits": {"val": {"bpb": 2.0}}}))
