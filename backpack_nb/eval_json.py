@@ -56,12 +56,15 @@ def merge_eval_json(target: Path, model_path: Path, sections: dict, flag_prefix:
     """Write ``sections`` into ``target`` atomically, keeping the sections already there
     (``splits``, ``lexsim``...) when that file belongs to the same checkpoint. A failed write
     names the setting ``{flag_prefix}out`` as the other place to write to."""
-    previous: dict = {}
-    if target.is_file():
-        try:
-            previous = json.loads(target.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            previous = {}
-        if not isinstance(previous, dict) or previous.get("checkpoint") != str(model_path):
-            previous = {}
-    write_json(target, {**previous, **sections}, flag=f"{flag_prefix}out")
+    write_json(target, {**sections_of(target, model_path), **sections}, flag=f"{flag_prefix}out")
+
+
+def sections_of(target: Path, model_path: Path) -> dict:
+    """The sections ``target`` holds when it is an evaluation of ``model_path`` (else none)."""
+    try:
+        previous = json.loads(target.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return {}
+    if not isinstance(previous, dict) or previous.get("checkpoint") != str(model_path):
+        return {}
+    return previous

@@ -4,12 +4,11 @@ and ``notebooks/06_steering.ipynb`` both write through :func:`write_steering`)."
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..eval_json import merge_eval_json
+from ..eval_json import merge_eval_json, sections_of
 
 # The paper's numbers where the protocol is the paper's (steering.md; Table 5 and Table 3).
 PAPER = {
@@ -107,14 +106,7 @@ def summary(experiment: str, result: Mapping, compare_paper: bool) -> str:
 def write_steering(target: Path, model_path: Path, model_type: str, key: str, result: Mapping) -> None:
     """``result`` as ``steering.<key>`` of ``target``, keeping the other experiments already
     in its steering section and every other section (when it belongs to the same checkpoint)."""
-    previous: dict = {}
-    if target.is_file():
-        try:
-            previous = json.loads(target.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            previous = {}
-    same = isinstance(previous, dict) and previous.get("checkpoint") == str(model_path)
-    steering = previous.get("steering") if same else None
+    steering = sections_of(target, model_path).get("steering")
     steering = {**(steering if isinstance(steering, dict) else {}), key: finite(result)}
     merge_eval_json(target, model_path, {"model_type": model_type, "checkpoint": str(model_path),
                                          "steering": steering}, "--")
