@@ -294,6 +294,28 @@ def test_bad_interventions_are_one_clear_error():
         backpack.generate(prompt, 2, intervention=Intervention(sense_blocks={99: torch.ones(3, 12)}))
 
 
+@pytest.mark.slow  # compiles (tens of seconds on a CPU)
+@pytest.mark.parametrize("kind", ["transformer", "backpack/network"])
+def test_a_compiled_step_generates_the_same_tokens_and_does_not_compile_per_token(kind):
+    """Greedy tokens compiled equal eager ones, and 60 new tokens compile no more graphs than
+    20 (both past block_size 16; float32, prompts of different lengths in one batch)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = tiny_model(kind, torch.float32)
+    prompt = tokens(2, 5)
+    graphs = []
+    for new in (20, 60):
+        torch._dynamo.reset()
+        counters.clear()
+        eager, _ = decode(model, prompt, new, starts=[0, 2], temperature=0)
+        fast, _ = decode(model, prompt, new, starts=[0, 2], temperature=0, compile=True)
+        assert torch.equal(eager, fast)
+        graphs.append(counters["stats"]["unique_graphs"])
+    print(f"{kind}: graphs compiled for 20 and 60 new tokens: {graphs}")
+    assert 0 < graphs[1] == graphs[0] <= 16  # a few pieces around the eager sense cache
+
+
 # -- sample_text and sample.py: batches of prompts, stopping, top_p --------------------------
 
 

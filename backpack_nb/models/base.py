@@ -90,6 +90,7 @@ class LanguageModel(nn.Module):
         generator: torch.Generator | None = None,
         use_cache: bool = True,
         intervention: Intervention | None = None,
+        compile: bool = False,
     ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (B, T) -> (B, T + new).
 
@@ -100,12 +101,13 @@ class LanguageModel(nn.Module):
         (``use_cache=False``: the whole context every time, the reference).
         ``intervention``: a Backpack's sense weights and edited senses
         (:class:`~backpack_nb.models.generation.Intervention`). Call ``eval()`` first:
-        dropout is whatever mode the model is in. More (prompts of different lengths,
-        stopping): :func:`~backpack_nb.models.generation.decode`.
+        dropout is whatever mode the model is in. ``compile``: the cached step through
+        ``torch.compile``. More (prompts of different lengths, stopping):
+        :func:`~backpack_nb.models.generation.decode`.
         """
         out, _ = decode(self, idx, max_new_tokens, temperature=temperature, top_k=top_k,
                         top_p=top_p, generator=generator, use_cache=use_cache,
-                        intervention=intervention)
+                        intervention=intervention, compile=compile)
         return out
 
     def decoder(self, intervention: Intervention | None = None) -> Decoder:

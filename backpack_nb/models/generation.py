@@ -28,6 +28,7 @@ recomputed from the tokens so far at every step, and edited sense blocks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 
@@ -220,6 +221,7 @@ class SenseCache:
         self.rows: torch.Tensor | None = None  # (k, capacity, d), the first `count` used
         self.count = 0
 
+    @torch.compiler.disable  # data-dependent (which tokens are new): eager under torch.compile
     def __call__(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (B, n) -> their rows of the table (B, n) and senses (B, k, n, d)."""
         slots = self.slot[ids]  # (B, n)
@@ -304,6 +306,23 @@ def next_tokens(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]  # (B,)
 
 
+_COMPILED: dict[type, Callable] = {}
+
+
+def compiled(decoder: Decoder) -> Decoder:
+    """``decoder`` with its step compiled by ``torch.compile``: one compiled function per
+    decoder class, shared by every instance. The sizes that change at every step (the visible
+    columns, the distinct tokens met) turn dynamic at their first change (torch's automatic
+    dynamic shapes), so a generation compiles a handful of graphs once, not one per token; a
+    new batch size or prompt length may add a few. The sense cache stays eager (which tokens
+    are new is data-dependent)."""
+    cls = type(decoder)
+    if cls not in _COMPILED:
+        _COMPILED[cls] = torch.compile(cls._run)
+    decoder._run = functools.partial(_COMPILED[cls], decoder)
+    return decoder
+
+
 @torch.no_grad()
 def decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
            starts: Sequence[int] | None = None, temperature: float = 1.0,
@@ -311,6 +330,7 @@ def decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
            generator: torch.Generator | None = None, use_cache: bool = True,
            intervention: Intervention | None = None,
            until: Callable[[torch.Tensor], torch.Tensor] | None = None,
+           compile: bool = False,
            ) -> tuple[torch.Tensor, list[int | None]]:
     """Append up to ``max_new_tokens`` tokens to ``ids`` (B, W) -> (ids (B, W + new), ends).
 
@@ -318,11 +338,14 @@ def decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int, *,
     ids so far (B, W') -> (B,) bool, True for rows that are done; a row's end (its length
     W' when it was first done, None if never) is in ``ends``, and generation stops when every
     row is done (the columns of rows done earlier are filler). ``use_cache=False`` runs the
-    uncached reference. The rest: :func:`next_tokens` and :class:`Intervention`.
+    uncached reference. ``compile``: the cached step through ``torch.compile``
+    (:func:`compiled`). The rest: :func:`next_tokens` and :class:`Intervention`.
     """
     starts = [0] * ids.shape[0] if starts is None else list(starts)
     if use_cache:
         decoder = model.decoder(intervention)
+        if compile:
+            decoder = compiled(decoder)
     else:
         if intervention is not None:
             intervention.check(model, generating=True)
