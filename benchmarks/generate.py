@@ -109,7 +109,8 @@ def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
 
 
 def run_generate(*, rounds: int, uncached_rounds: int, batches: Sequence[int], new_tokens: int,
-                 device: str, log: Callable[[str], None] = print) -> dict[str, Any]:
+                 device: str, compile: bool = False,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
     transformers = _import_transformers()
     cfg = seed_config()
     tok = benchmark_tokenizer()
@@ -126,10 +127,11 @@ def run_generate(*, rounds: int, uncached_rounds: int, batches: Sequence[int], n
         f"{rounds} rounds after a warm-up, {torch.get_num_threads()} threads, load average "
         f"{load:.1f} on {os.cpu_count()} cores")
 
-    def ours_call(kind: str, B: int, use_cache: bool = True) -> Callable[[], list[str]]:
+    def ours_call(kind: str, B: int, use_cache: bool = True,
+                  compiled: bool = False) -> Callable[[], list[str]]:
         return lambda: sample_text(ours[kind], tok, text, num_samples=B, temperature=0,
                                    max_new_tokens=new_tokens, device=device,
-                                   use_cache=use_cache)
+                                   use_cache=use_cache, compile=compiled)
 
     def theirs_call(B: int) -> Callable[[], torch.Tensor]:
         ids = prompt.expand(B, -1)
@@ -151,7 +153,10 @@ def run_generate(*, rounds: int, uncached_rounds: int, batches: Sequence[int], n
     for B in batches:
         calls = {"transformer": ours_call("transformer", B), "transformers": theirs_call(B),
                  "backpack": ours_call("backpack", B)}
+        if compile:  # the warm-up round holds the one-time compile
+            calls.update({f"{k} compiled": ours_call(k, B, compiled=True) for k in ours})
         times: dict[str, list[float]] = {name: [] for name in calls}
+        warmup: dict[str, float] = {}
         outputs: dict[str, Any] = {}
         for r in range(rounds + 1):  # round 0: the warm-up
             names = list(calls)
@@ -160,6 +165,8 @@ def run_generate(*, rounds: int, uncached_rounds: int, batches: Sequence[int], n
                 seconds, outputs[name] = _timed(calls[name], device)
                 if r:
                     times[name].append(seconds)
+                else:
+                    warmup[name] = seconds
             log(f"batch {B}, round {r or 'warm-up'}: " + ", ".join(
                 f"{n} {times[n][-1]:.2f} s" for n in names if r))
         same = [tok.decode(row.tolist()) for row in outputs["transformers"]] == outputs["transformer"]
@@ -181,7 +188,7 @@ def run_generate(*, rounds: int, uncached_rounds: int, batches: Sequence[int], n
                                                              times["transformer"])],
         }
         result["batches"][str(B)] = {
-            "seconds": times, "same_tokens_as_transformers": same,
+            "seconds": times, "warmup_seconds": warmup, "same_tokens_as_transformers": same,
             "distinct_tokens": distinct, "mean_context": context, "flops_per_token": flops,
             "floor_ratio": flops["backpack"]["total"] / flops["transformer"]["total"],
             "ratios_per_round": per_round,
@@ -218,6 +225,8 @@ def format_generate(result: dict[str, Any]) -> str:
                 ("transformer", "our Transformer, cached", None),
                 ("transformers", "`transformers` generate, cached", None),
                 ("backpack", "our Backpack, cached", "backpack / transformer"),
+                ("transformer compiled", "our Transformer, cached, compiled", None),
+                ("backpack compiled", "our Backpack, cached, compiled", None),
                 ("transformer uncached", "our Transformer, uncached", None),
                 ("backpack uncached", "our Backpack, uncached", None)):
             if name not in t:
@@ -230,6 +239,12 @@ def format_generate(result: dict[str, Any]) -> str:
                          f"{med / base:.2f}x | {spread} |")
     lines.append("")
     for B, row in result["batches"].items():
+        for kind in ("transformer", "backpack"):
+            if f"{kind} compiled" in row["seconds"]:
+                once = row["warmup_seconds"][f"{kind} compiled"] - statistics.median(
+                    row["seconds"][f"{kind} compiled"])
+                lines.append(f"batch {B}: compiling the {kind}'s step costs {once:.1f} s once "
+                             "(its warm-up run minus its median run)")
         bp, tr = row["flops_per_token"]["backpack"], row["flops_per_token"]["transformer"]
         measured = statistics.median(row["ratios_per_round"]["backpack / transformer"])
         lines.append(
@@ -255,6 +270,7 @@ def parser() -> argparse.ArgumentParser:
     add("--new-tokens", type=int, default=256, help="tokens generated per row (default 256)")
     add("--threads", type=int, help="torch threads (default: torch's)")
     add("--device", default="cpu", help="cpu, or cuda")
+    add("--compile", action="store_true", help="also time both models with the step compiled")
     add("--json", help="where to write the JSON (default outputs/bench/generate.json)")
     return p
 
@@ -272,7 +288,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             torch.set_num_threads(args.threads)
         result = run_generate(rounds=args.rounds, uncached_rounds=args.uncached_rounds,
                               batches=args.batches, new_tokens=args.new_tokens,
-                              device=args.device)
+                              device=args.device, compile=args.compile)
     except UserError as exc:
         exit_on_user_error(exc)
     print(format_generate(result))
