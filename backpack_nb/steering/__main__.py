@@ -22,7 +22,7 @@ from ..loading import load_model
 from ..model_source import is_pretrained
 from ..params import MAX_SEED
 from .edit import load_edit, run_edit
-from .gender import run_gender
+from .gender import check_sense, load_set, run_gender
 from .report import gender_key, summary, write_steering
 from .topic import run_topic
 
@@ -145,6 +145,8 @@ def _heldout(args, state: dict, tok):
 def run(args: argparse.Namespace, model, tok, state: dict) -> dict:
     progress = not args.no_progress
     if args.experiment == "gender":
+        load_set(args.nouns)  # a bad --nouns or --sense before the training tokens are read
+        check_sense(model, args.sense)
         return run_gender(model, tok, args.nouns, sense=args.sense, single_token=args.single_token,
                           train_tokens=_train_tokens(state), progress=progress)
     if args.experiment == "topic":

@@ -230,6 +230,16 @@ def reduction(before: float, after: float) -> float:
     return (before - after) / (before - 1) if before != 1 else 0.0
 
 
+def check_sense(model: nn.Module, sense: int | None) -> None:
+    """A UserError unless ``sense`` is None or a sense of ``model`` (a Backpack)."""
+    if sense is None:
+        return
+    k = model.config.n_senses if has_senses(model) else 0
+    if not 0 <= sense < k:
+        raise UserError(f"--sense {sense}: " + (f"a sense in 0..{k - 1} (this model has {k})" if k
+                        else "a Transformer has no senses; leave --sense out"))
+
+
 def run_gender(model: nn.Module, tok, nouns: str = "gender_en", *, sense: int | None = None,
                single_token: bool = False, train_tokens: np.ndarray | None = None,
                projection: bool = True, progress: bool = True) -> dict:
@@ -242,10 +252,7 @@ def run_gender(model: nn.Module, tok, nouns: str = "gender_en", *, sense: int | 
     pair = pronoun_ids(tok, gset.pronouns)
     neutral = pronoun_ids(tok, [gset.neutral])[0] if gset.neutral else None
     backpack = has_senses(model)
-    k = model.config.n_senses if backpack else 0
-    if sense is not None and not (backpack and 0 <= sense < k):
-        raise UserError(f"--sense {sense}: " + (f"a sense in 0..{k - 1} (this model has {k})" if backpack
-                        else "a Transformer has no senses; leave --sense out"))
+    check_sense(model, sense)
     used, skipped = [], {}
     for text in gset.nouns:
         w = word(tok, text)
