@@ -113,33 +113,26 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("; ".join(problems))
 
 
-def _train_tokens(state: dict):
-    """The run's training tokens, when its dataset is known and on disk (else None)."""
+def _run_tokens(state: dict, split: str, what: str, fix: str = "") -> np.ndarray | None:
+    """The tokens of ``split`` of the run's dataset, when it is known and on disk; else a
+    warning that ``what`` is left out, and None."""
     data_dir = state.get("data", {}).get("data_dir")
-    if not data_dir:
-        return None
     try:
-        return load_tokens(resolve_data_dir(data_dir), "train")
+        if not data_dir:
+            raise UserError("the checkpoint names no dataset")
+        return load_tokens(resolve_data_dir(data_dir), split)
     except (UserError, OSError) as exc:
-        log.warning("pronoun counts left out: the training data %s cannot be read (%s)", data_dir, exc)
+        log.warning("%s left out: the run's %s data cannot be read (%s)%s", what, split, exc, fix)
         return None
 
 
-def _heldout(args, state: dict, tok):
+def _heldout(args, state: dict, tok) -> np.ndarray | None:
     if args.heldout is not None:
         return np.asarray(tok.encode(Path(args.heldout).read_text(encoding="utf-8")))
     if args.heldout_tokens == 0:
         return None
-    data_dir = state.get("data", {}).get("data_dir")
-    if not data_dir:
-        log.warning("no held-out loss: %s has no dataset; give --heldout TEXT_FILE", args.model_path)
-        return None
-    try:
-        return np.asarray(load_tokens(resolve_data_dir(data_dir), "val")[: args.heldout_tokens + 1])
-    except (UserError, OSError) as exc:
-        log.warning("no held-out loss: the run's data %s cannot be read (%s); give --heldout "
-                    "TEXT_FILE", data_dir, exc)
-        return None
+    tokens = _run_tokens(state, "val", "the held-out loss", "; give --heldout TEXT_FILE")
+    return None if tokens is None else np.asarray(tokens[: args.heldout_tokens + 1])
 
 
 def run(args: argparse.Namespace, model, tok, state: dict) -> dict:
@@ -148,7 +141,7 @@ def run(args: argparse.Namespace, model, tok, state: dict) -> dict:
         load_set(args.nouns)  # a bad --nouns or --sense before the training tokens are read
         check_sense(model, args.sense)
         return run_gender(model, tok, args.nouns, sense=args.sense, single_token=args.single_token,
-                          train_tokens=_train_tokens(state), progress=progress)
+                          train_tokens=_run_tokens(state, "train", "pronoun counts"), progress=progress)
     if args.experiment == "topic":
         return run_topic(model, tok, bags=args.bags, topics=args.topics, strengths=args.strengths,
                          n_samples=args.samples, max_new_tokens=args.tokens, prompt=args.prompt,
