@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from backpack_nb.errors import UserError
 from backpack_nb.models import GPT, BackpackLM, ModelConfig
 from backpack_nb.models.intervention import Intervention, occurrences
-from backpack_nb.steering import edit, gender, words
+from backpack_nb.steering import edit, gender, report, words
 from backpack_nb.steering.__main__ import main as steering_main
 from backpack_nb.tokenizer import Tokenizer, build_compact_vocab, get_encoding
 
@@ -345,3 +345,13 @@ def test_out_that_is_not_an_evaluation_is_refused_before_loading(run_dir, capsys
         steering_main(["gender", "--model_path", str(run_dir / "missing.pt"), "--out", str(params)])
     assert "is not an evaluation" in capsys.readouterr().err
     assert params.read_text() == "max_iters: 5\n"
+
+
+def test_run_tokens_says_what_is_left_out_and_why(tmp_path):
+    said = []
+    assert report.run_tokens({}, "train", "pronoun counts", say=said.append) is None
+    assert report.run_tokens({"data": {"data_dir": str(tmp_path / "gone")}}, "val", "the held-out loss",
+                             "; give --heldout TEXT_FILE", say=said.append) is None
+    assert said[0] == "pronoun counts left out: the run's train data cannot be read (the checkpoint names no dataset)"
+    assert said[1].startswith("the held-out loss left out: the run's val data cannot be read (")
+    assert str(tmp_path / "gone") in said[1] and said[1].endswith("; give --heldout TEXT_FILE")

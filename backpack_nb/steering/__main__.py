@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 
 from .. import paths
-from ..dataset import load_tokens, resolve_data_dir
 from ..devices import resolve_device
 from ..errors import UserError, command
 from ..eval_json import eval_json_path
@@ -23,7 +22,7 @@ from ..model_source import is_pretrained
 from ..params import MAX_SEED
 from .edit import load_edit, run_edit
 from .gender import check_sense, load_set, run_gender
-from .report import gender_key, summary, write_steering
+from .report import gender_key, run_tokens, summary, write_steering
 from .topic import run_topic
 
 log = logging.getLogger(__name__)
@@ -113,25 +112,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("; ".join(problems))
 
 
-def _run_tokens(state: dict, split: str, what: str, fix: str = "") -> np.ndarray | None:
-    """The tokens of ``split`` of the run's dataset, when it is known and on disk; else a
-    warning that ``what`` is left out, and None."""
-    data_dir = state.get("data", {}).get("data_dir")
-    try:
-        if not data_dir:
-            raise UserError("the checkpoint names no dataset")
-        return load_tokens(resolve_data_dir(data_dir), split)
-    except (UserError, OSError) as exc:
-        log.warning("%s left out: the run's %s data cannot be read (%s)%s", what, split, exc, fix)
-        return None
-
-
 def _heldout(args, state: dict, tok) -> np.ndarray | None:
     if args.heldout is not None:
         return np.asarray(tok.encode(Path(args.heldout).read_text(encoding="utf-8")))
     if args.heldout_tokens == 0:
         return None
-    tokens = _run_tokens(state, "val", "the held-out loss", "; give --heldout TEXT_FILE")
+    tokens = run_tokens(state, "val", "the held-out loss", "; give --heldout TEXT_FILE")
     return None if tokens is None else np.asarray(tokens[: args.heldout_tokens + 1])
 
 
@@ -141,7 +127,7 @@ def run(args: argparse.Namespace, model, tok, state: dict) -> dict:
         load_set(args.nouns)  # a bad --nouns or --sense before the training tokens are read
         check_sense(model, args.sense)
         return run_gender(model, tok, args.nouns, sense=args.sense, single_token=args.single_token,
-                          train_tokens=_run_tokens(state, "train", "pronoun counts"), progress=progress)
+                          train_tokens=run_tokens(state, "train", "pronoun counts"), progress=progress)
     if args.experiment == "topic":
         return run_topic(model, tok, bags=args.bags, topics=args.topics, strengths=args.strengths,
                          n_samples=args.samples, max_new_tokens=args.tokens, prompt=args.prompt,

@@ -4,11 +4,18 @@ and ``notebooks/06_steering.ipynb`` both write through :func:`write_steering`)."
 
 from __future__ import annotations
 
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
+
+from ..dataset import load_tokens, resolve_data_dir
+from ..errors import UserError
 from ..eval_json import merge_eval_json, sections_of
+
+log = logging.getLogger(__name__)
 
 # The paper's numbers where the protocol is the paper's (steering.md; Table 5 and Table 3).
 PAPER = {
@@ -22,6 +29,20 @@ PAPER = {
 GENDER_COLUMNS = (("bias_before", "before"), ("bias_remove", "Remove"), ("bias_optimize", "Optimize"),
                   ("weight", "w"), ("bias_project", "Project"), ("bias_project_optimize", "Proj.opt"),
                   ("p_they_before", "p(they)"), ("p_they_after", "p(they)'"))
+
+
+def run_tokens(state: Mapping, split: str, what: str, fix: str = "",
+               say: Callable[[str], object] = log.warning) -> np.ndarray | None:
+    """The tokens of ``split`` of the dataset a checkpoint was trained on (its ``state``), when
+    that is known and on disk; else ``say`` that ``what`` is left out and why, and None."""
+    data_dir = state.get("data", {}).get("data_dir")
+    try:
+        if not data_dir:
+            raise UserError("the checkpoint names no dataset")
+        return load_tokens(resolve_data_dir(data_dir), split)
+    except (UserError, OSError) as exc:
+        say(f"{what} left out: the run's {split} data cannot be read ({exc}){fix}")
+        return None
 
 
 def gender_key(result: Mapping) -> str:
