@@ -24,8 +24,7 @@ from backpack_nb.device_names import DTYPES, device_problem
 from backpack_nb.errors import UserError, command
 from backpack_nb.model_source import INIT_FROM, is_pretrained
 from backpack_nb.model_config import MODEL_KEYS, MODEL_TYPES, ModelShape, config_problems
-# params_path, available_configs and read_params_file are imported from here by most callers
-from backpack_nb.paramfile import available_configs, params_path, read_params_file
+from backpack_nb.paramfile import read_params_file
 
 # torch.manual_seed takes at most an unsigned 64-bit integer; the training adds the rank and
 # fixed offsets for evaluation to the seed, so seeds stop at the signed limit (as sample.py's)

@@ -43,7 +43,8 @@ from .notebook_run import (ALIASES, FAILED, NotebookFailed, NotebookInterrupted,
                            notebook_parameters, notebook_path, notebooks_dir, render_html,
                            run_notebook)
 from .dataset import require_typed_dataset
-from .params import TrainConfig, load_params, params_path, read_params_file
+from .paramfile import params_path, read_params_file
+from .params import TrainConfig, load_params
 from .results import config_from_notebook
 from .runfiles import read_json
 from .spelling import runner_spelling, setting

@@ -12,10 +12,8 @@ import yaml
 from backpack_nb.errors import UserError
 from backpack_nb.models import ModelConfig, build_model
 from backpack_nb.model_config import model_shape_keys
-from backpack_nb.params import (
-    TrainConfig, available_configs, config_from_argv, field_docs, load_params,
-    params_path, read_params_file,
-)
+from backpack_nb.paramfile import available_configs, params_path, read_params_file
+from backpack_nb.params import TrainConfig, config_from_argv, field_docs, load_params
 from backpack_nb.paths import params_dir
 
 SHIPPED = available_configs()

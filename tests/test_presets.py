@@ -12,7 +12,8 @@ import pytest
 
 from backpack_nb.errors import UserError
 from backpack_nb.paramfile import BASE_KEY, read_own_keys, read_params_file
-from backpack_nb.params import available_configs, load_params
+from backpack_nb.paramfile import available_configs
+from backpack_nb.params import load_params
 from backpack_nb.results import config_from_notebook
 from conftest import ROOT
 
