@@ -1,6 +1,7 @@
-"""What the steering experiments show and where they are kept: text tables of a result, the
-paper's numbers beside them, and the ``steering`` section of an eval.json (the command line
-and ``notebooks/06_steering.ipynb`` both write through :func:`write_steering`)."""
+"""What the steering experiments read and show, and where they are kept: the run's own data
+(:func:`run_tokens`), text tables of a result, the paper's numbers beside them, and the
+``steering`` section of an eval.json (the command line and ``notebooks/06_steering.ipynb`` both
+read through :func:`run_tokens` and write through :func:`write_steering`)."""
 
 from __future__ import annotations
 
