@@ -132,13 +132,13 @@ def sync(device: str | torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn: Callable[[], Any], device: str | torch.device) -> float:
-    """Seconds ``fn()`` takes, the CUDA work it queued included."""
+def timed(fn: Callable[[], Any], device: str | torch.device) -> tuple[float, Any]:
+    """Seconds ``fn()`` takes, the CUDA work it queued included, and what it returned."""
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     sync(device)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, out
 
 
 def matmul_gflops(n: int = 2048, reps: int = 3, device: str = "cpu") -> float:
@@ -146,7 +146,7 @@ def matmul_gflops(n: int = 2048, reps: int = 3, device: str = "cpu") -> float:
     gen = torch.Generator().manual_seed(0)
     a, b = (torch.randn(n, n, generator=gen).to(device) for _ in range(2))
     a @ b  # warm-up: the first call pays for the library's set-up
-    return 2 * n**3 / min(timed(lambda: a @ b, device) for _ in range(reps)) / 1e9
+    return 2 * n**3 / min(timed(lambda: a @ b, device)[0] for _ in range(reps)) / 1e9
 
 
 def zipf_batches(vocab_size: int, batch_size: int, block_size: int, n: int,

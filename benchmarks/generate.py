@@ -28,7 +28,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,7 +41,7 @@ from backpack_nb.models import BackpackLM, ModelConfig, build_model
 from backpack_nb.sampling import sample_text
 from backpack_nb.tokenizer import Tokenizer
 
-from benchmarks.common import seed_params, sync, write_json
+from benchmarks.common import seed_params, timed, write_json
 
 VOCAB = 13_034
 PROMPT_TOKENS = 16
@@ -100,14 +99,6 @@ def generation_flops(model: nn.Module, context: float, distinct_per_token: float
     return parts
 
 
-def _timed(fn: Callable[[], Any], device: str) -> tuple[float, Any]:
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn()
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
 def run_generate(*, rounds: int, uncached_rounds: int, batches: Sequence[int], new_tokens: int,
                  device: str, compile: bool = False,
                  log: Callable[[str], None] = print) -> dict[str, Any]:
@@ -162,7 +153,7 @@ def run_generate(*, rounds: int, uncached_rounds: int, batches: Sequence[int], n
             names = list(calls)
             names = names[r % len(names):] + names[: r % len(names)]  # rotate the order
             for name in names:
-                seconds, outputs[name] = _timed(calls[name], device)
+                seconds, outputs[name] = timed(calls[name], device)
                 if r:
                     times[name].append(seconds)
                 else:
@@ -172,7 +163,7 @@ def run_generate(*, rounds: int, uncached_rounds: int, batches: Sequence[int], n
         same = [tok.decode(row.tolist()) for row in outputs["transformers"]] == outputs["transformer"]
         for kind in ("transformer", "backpack"):
             for r in range(uncached_rounds):
-                seconds, _ = _timed(ours_call(kind, B, use_cache=False), device)
+                seconds, _ = timed(ours_call(kind, B, use_cache=False), device)
                 times.setdefault(f"{kind} uncached", []).append(seconds)
                 log(f"batch {B}, {kind} uncached: {seconds:.2f} s")
         # the tokens the Backpack met (prompt and generated), untimed

@@ -116,7 +116,7 @@ class _Runner(Trainee):
         self.compile_report: dict[str, Any] = {}  # its warm-up's, for a compiled variant
 
     def timed_step(self) -> float:
-        return timed(self.step, self.device)
+        return timed(self.step, self.device)[0]
 
     def peak_bytes(self) -> int | None:  # CUDA's allocator peak over a step (else None)
         if self.device.type != "cuda":

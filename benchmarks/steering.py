@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import time
 
 import numpy as np
 import torch
@@ -28,7 +27,7 @@ from backpack_nb.steering.gender import load_set, run_gender
 from backpack_nb.steering.topic import bands, sense_scores
 from backpack_nb.tokenizer import Tokenizer, build_compact_vocab, get_encoding
 
-from benchmarks.common import sync
+from benchmarks.common import timed
 
 RELEASED = dict(vocab_size=50_264, block_size=512, n_layer=12, n_head=12, n_embd=768,
                 n_senses=16, sense_source="network", dropout=0.0)
@@ -59,6 +58,21 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
+def measure(model, args: argparse.Namespace) -> str:
+    """Run the protocol ``args`` names on ``model``; what it did, in a line."""
+    if args.experiment == "gender":
+        result = run_gender(model, released_vocabulary(), "gender_en", sense=10,
+                            projection=not args.no_projection)
+        return (f"gender protocol, {len(result['nouns'])} nouns ({len(result['skipped'])} skipped), "
+                + ("Remove, Optimize" + ("" if args.no_projection else ", Project, Project-Optimize")))
+    scores = sense_scores(model, [100, 200, 300], chunk=args.chunk)
+    c = model.config
+    flop = 2 * c.vocab_size * c.n_senses * c.n_embd * c.vocab_size
+    thresholds, _ = bands(scores)
+    return (f"sense_scores {tuple(scores.shape)}, {flop / 1e12:.1f} TFLOP; thresholds "
+            + ", ".join(f"q{q:g} {v:.4f}" for q, v in thresholds.items()))
+
+
 @command
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
@@ -67,22 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     model = build_model("backpack", ModelConfig(**RELEASED)).to(args.device).eval()
     print(f"model built: peak RSS {peak_rss_mib():,.0f} MiB, {torch.get_num_threads()} threads")
-    sync(args.device)
-    t0 = time.perf_counter()
-    if args.experiment == "gender":
-        result = run_gender(model, released_vocabulary(), "gender_en", sense=10,
-                            projection=not args.no_projection)
-        what = (f"gender protocol, {len(result['nouns'])} nouns ({len(result['skipped'])} skipped), "
-                + ("Remove, Optimize" + ("" if args.no_projection else ", Project, Project-Optimize")))
-    else:
-        scores = sense_scores(model, [100, 200, 300], chunk=args.chunk)
-        c = model.config
-        flop = 2 * c.vocab_size * c.n_senses * c.n_embd * c.vocab_size
-        thresholds, _ = bands(scores)
-        what = (f"sense_scores {tuple(scores.shape)}, {flop / 1e12:.1f} TFLOP; thresholds "
-                + ", ".join(f"q{q:g} {v:.4f}" for q, v in thresholds.items()))
-    sync(args.device)
-    seconds = time.perf_counter() - t0
+    seconds, what = timed(lambda: measure(model, args), args.device)
     print(f"{what}: {seconds:,.1f} s; peak RSS {peak_rss_mib():,.0f} MiB")
 
 
